@@ -1,0 +1,240 @@
+"""pFedLA: personalized federated learning with layer-wise aggregation (and HeurpFedLA).
+
+Notation (see DESIGN.md): N clients, L layers, client i's model θ_i = {θ_i^l}.
+The server keeps every client's latest model in one [N, P_l] tensor per layer (Θ^l) and,
+per client, a hypernetwork HN_i that outputs α_i ∈ R^{L×N}: α_ij^l ≥ 0, Σ_j α_ij^l = 1.
+
+Round, for each participating client i:
+  1. θ̄_i^l = Σ_j α_ij^l θ_j^l                       (``aggregate_layers``)
+  2. the client trains from θ̄_i and returns Δ_i = θ_i' − θ̄_i
+  3. θ_i ← θ̄_i + Δ_i, and HN_i takes a *descent* step on the surrogate whose gradient is
+     (∂θ̄_i/∂ψ_i)ᵀ (θ̄_i − θ_i') = −(∂θ̄_i/∂ψ_i)ᵀ Δ_i   (``surrogate_alpha_grad``)
+
+All hypernetworks are evaluated as one batched computation, and each keeps its own Adam
+state so that clients outside the round are untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from pfedla.algorithms.base import FitInstruction, ModelStack, Strategy, checked_tensor
+from pfedla.client import ClientFailure, ClientUpdate
+
+ALPHA_FLOOR = 1e-12  # keeps α defined (uniform) if every head output is clipped to zero
+
+
+def normalize_heads(head_outputs: torch.Tensor) -> torch.Tensor:
+    """ReLU then normalise over source clients (last dim): α ≥ 0, Σ_j α_j = 1."""
+    positive = torch.relu(head_outputs) + ALPHA_FLOOR
+    return positive / positive.sum(dim=-1, keepdim=True)
+
+
+def aggregate_layers(alpha: torch.Tensor, stack: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """θ̄ for a batch of clients: alpha [S, L, N] and Θ^l [N, P_l] -> one [S, P_l] per layer."""
+    return [alpha[:, layer, :] @ rows for layer, rows in enumerate(stack)]
+
+
+def surrogate_alpha_grad(deltas: Sequence[torch.Tensor], stack: Sequence[torch.Tensor]) -> torch.Tensor:
+    """∂/∂α of Σ_l <θ̄^l, θ̄^l − θ'^l> with the second factor fixed: [S, L, N].
+
+    θ̄_i^l − θ_i'^l = −Δ_i^l and ∂θ̄_i^l/∂α_ij^l = θ_j^l, so the entry is −<Δ_i^l, θ_j^l>.
+    Back-propagating it through α is exactly grad(θ̄, ψ, grad_outputs=θ̄ − θ').
+    """
+    return torch.stack([-(delta @ rows.T) for delta, rows in zip(deltas, stack, strict=True)], dim=1)
+
+
+def heuristic_keep_mask(alpha: torch.Tensor, clients: torch.Tensor, k: int) -> torch.Tensor:
+    """HeurpFedLA: per client, the k layers with the largest self-weight α_ii^l. [S, L] bool."""
+    keep = torch.zeros(alpha.shape[:2], dtype=torch.bool, device=alpha.device)
+    if k <= 0:
+        return keep
+    self_weight = alpha[torch.arange(len(clients)), :, clients]  # [S, L]
+    top = self_weight.topk(min(k, alpha.shape[1]), dim=1).indices
+    return keep.scatter(1, top, True)
+
+
+def apply_keep_mask(alpha: torch.Tensor, keep: torch.Tensor, clients: torch.Tensor) -> torch.Tensor:
+    """Replace α by one-hot(i) on the layers client i keeps local."""
+    own = nn.functional.one_hot(clients, alpha.shape[2]).to(alpha.dtype)[:, None, :]
+    return torch.where(keep[:, :, None], own, alpha)
+
+
+class HyperNetworks(nn.Module):
+    """N hypernetworks evaluated together: embedding v_i -> MLP -> one head per layer -> α_i."""
+
+    def __init__(self, num_clients: int, num_layers: int, embedding_dim: int, hidden_dim: int,
+                 generator: torch.Generator):
+        super().__init__()
+
+        def normal(*shape: int, std: float) -> nn.Parameter:
+            return nn.Parameter(torch.randn(*shape, generator=generator) * std)
+
+        n, emb, hid = num_clients, embedding_dim, hidden_dim
+        self.embeddings = normal(n, emb, std=1.0)
+        self.w1 = normal(n, emb, hid, std=emb**-0.5)
+        self.b1 = nn.Parameter(torch.zeros(n, hid))
+        self.w2 = normal(n, hid, hid, std=hid**-0.5)
+        self.b2 = nn.Parameter(torch.zeros(n, hid))
+        # Small head weights and a constant bias: α starts close to uniform (FedAvg-like).
+        self.head_w = normal(n, num_layers, hid, n, std=0.01 * hid**-0.5)
+        self.head_b = nn.Parameter(torch.ones(n, num_layers, n))
+
+    def forward(self, clients: torch.Tensor) -> torch.Tensor:
+        """α for the given clients: [S, L, N]."""
+        hidden = torch.relu(torch.einsum("se,seh->sh", self.embeddings[clients], self.w1[clients])
+                            + self.b1[clients])
+        hidden = torch.relu(torch.einsum("sh,shk->sk", hidden, self.w2[clients]) + self.b2[clients])
+        heads = torch.einsum("sh,slhn->sln", hidden, self.head_w[clients]) + self.head_b[clients]
+        return normalize_heads(heads)
+
+
+class RowwiseAdam:
+    """Adam where row i of every parameter belongs to client i's hypernetwork.
+
+    Only the rows of the round's clients move, with their own step counts: a client that
+    sits a round out keeps its hypernetwork exactly (plain Adam would drift it by momentum).
+    """
+
+    def __init__(self, params: dict[str, nn.Parameter], num_clients: int, lr: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.exp_avg = {k: torch.zeros_like(p) for k, p in params.items()}
+        self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in params.items()}
+        device = next(iter(params.values())).device
+        self.steps = torch.zeros(num_clients, dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def step(self, grads: dict[str, torch.Tensor], clients: torch.Tensor) -> None:
+        beta1, beta2 = self.betas
+        self.steps[clients] += 1
+        steps = self.steps[clients]
+        for name, param in self.params.items():
+            shape = (-1,) + (1,) * (param.ndim - 1)
+            correction1 = (1 - beta1 ** steps).to(param.dtype).view(shape)
+            correction2 = (1 - beta2 ** steps).to(param.dtype).view(shape)
+            grad = grads[name][clients]
+            m = self.exp_avg[name][clients].mul_(beta1).add_(grad, alpha=1 - beta1)
+            v = self.exp_avg_sq[name][clients].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            self.exp_avg[name][clients] = m
+            self.exp_avg_sq[name][clients] = v
+            update = (m / correction1) / ((v / correction2).sqrt() + self.eps)
+            param[clients] -= self.lr * update
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"adam.m.{k}": t for k, t in self.exp_avg.items()}
+        state.update({f"adam.v.{k}": t for k, t in self.exp_avg_sq.items()})
+        state["adam.steps"] = self.steps
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name in self.params:
+            self.exp_avg[name].copy_(checked_tensor(state, f"adam.m.{name}", self.exp_avg[name]))
+            self.exp_avg_sq[name].copy_(checked_tensor(state, f"adam.v.{name}", self.exp_avg_sq[name]))
+        self.steps.copy_(checked_tensor(state, "adam.steps", self.steps))
+
+
+class PFedLAStrategy(Strategy):
+    """Server side of pFedLA; ``heur_k > 0`` gives HeurpFedLA, ``hn_lr = 0`` frozen α."""
+
+    name = "pfedla"
+
+    def __init__(self, init_layers: Sequence[torch.Tensor], num_clients: int, *, hn_lr: float,
+                 embedding_dim: int, hidden_dim: int, heur_k: int, generator: torch.Generator):
+        device = init_layers[0].device
+        self.models = ModelStack(init_layers, num_clients)
+        self.hypernetworks = HyperNetworks(
+            num_clients, len(init_layers), embedding_dim, hidden_dim, generator
+        ).to(device)
+        self.optimizer = RowwiseAdam(dict(self.hypernetworks.named_parameters()), num_clients, hn_lr)
+        self.hn_lr, self.heur_k, self.num_clients = hn_lr, heur_k, num_clients
+
+    def _alpha(self, clients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(α with HeurpFedLA's one-hot rows applied, keep mask), differentiable in ψ."""
+        alpha = self.hypernetworks(clients)
+        keep = heuristic_keep_mask(alpha.detach(), clients, self.heur_k)
+        return apply_keep_mask(alpha, keep, clients), keep
+
+    def _client_index(self, clients: Sequence[int]) -> torch.Tensor:
+        return torch.as_tensor(list(clients), dtype=torch.long, device=self.models.rows[0].device)
+
+    def configure_fit(self, round_idx: int, clients: Sequence[int]) -> dict[int, FitInstruction]:
+        index = self._client_index(clients)
+        with torch.no_grad():
+            alpha, keep = self._alpha(index)
+            personalized = aggregate_layers(alpha, self.models.rows)
+        return {
+            client: FitInstruction(
+                [layer[row] for layer in personalized],
+                kept_local=frozenset(torch.nonzero(keep[row]).flatten().tolist()),
+            )
+            for row, client in enumerate(clients)
+        }
+
+    def hypernetwork_gradients(
+        self, clients: torch.Tensor, deltas: Sequence[torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[torch.Tensor]]:
+        """Surrogate gradients of every HN parameter, plus (α, θ̄) they were taken at.
+
+        ``deltas`` holds one [S, P_l] tensor per layer (row s: client clients[s]).
+        Layers a client kept local (HeurpFedLA) contribute no gradient.
+        """
+        alpha, keep = self._alpha(clients)
+        personalized = aggregate_layers(alpha.detach(), self.models.rows)
+        grad_alpha = surrogate_alpha_grad(deltas, self.models.rows).masked_fill(keep[:, :, None], 0.0)
+        params = dict(self.hypernetworks.named_parameters())
+        grads = torch.autograd.grad(alpha, list(params.values()), grad_outputs=grad_alpha,
+                                    allow_unused=True)
+        named = {
+            name: torch.zeros_like(p) if g is None else g
+            for (name, p), g in zip(params.items(), grads, strict=True)
+        }
+        return named, alpha.detach(), personalized
+
+    def aggregate_fit(
+        self, round_idx: int, updates: Sequence[ClientUpdate], failures: Sequence[ClientFailure]
+    ) -> dict[str, float]:
+        if not updates:
+            return {}
+        clients = self._client_index([u.client_id for u in updates])
+        deltas = [torch.stack([u.delta[layer] for u in updates]) for layer in range(len(self.models.rows))]
+        grads, alpha, personalized = self.hypernetwork_gradients(clients, deltas)
+        # Θ must change only after the gradient: both use the Θ that formed θ̄ this round.
+        for rows, start, delta in zip(self.models.rows, personalized, deltas, strict=True):
+            rows[clients] = start + delta
+        if self.hn_lr > 0:
+            self.optimizer.step(grads, clients)
+        return alpha_metrics(alpha, clients)
+
+    def layer_weights(self) -> torch.Tensor:
+        """Current α for every client: [N, L, N] (client, layer, source client)."""
+        with torch.no_grad():
+            alpha, _ = self._alpha(self._client_index(range(self.num_clients)))
+        return alpha
+
+    def personalized_layers(self, client_id: int) -> list[torch.Tensor]:
+        """The client's latest trained model θ_i (what it holds after its last round)."""
+        return self.models.client(client_id)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = self.models.state_dict("models")
+        state.update({f"hn.{k}": p.detach() for k, p in self.hypernetworks.named_parameters()})
+        state.update(self.optimizer.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.models.load_state_dict(state, "models")
+        with torch.no_grad():
+            for name, param in self.hypernetworks.named_parameters():
+                param.copy_(checked_tensor(state, f"hn.{name}", param))
+        self.optimizer.load_state_dict(state)
+
+
+def alpha_metrics(alpha: torch.Tensor, clients: torch.Tensor) -> dict[str, float]:
+    """Mean entropy of α over sources and mean self-weight α_ii, over clients and layers."""
+    entropy = -(alpha * alpha.clamp_min(1e-12).log()).sum(-1)
+    self_weight = alpha[torch.arange(len(clients)), :, clients]
+    return {"alpha_entropy": float(entropy.mean()), "alpha_self_weight": float(self_weight.mean())}

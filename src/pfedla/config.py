@@ -1,0 +1,277 @@
+"""One typed experiment config: YAML file + ``key=value`` overrides, validated before any work."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pfedla.errors import ConfigError
+
+DATASETS = ("digits", "mnist", "fmnist", "emnist", "cifar10", "cifar100", "synthetic")
+PARTITIONS = ("iid", "dirichlet", "pathological")
+MODELS = ("cnn", "mlp")
+DEVICES = ("auto", "cpu", "cuda")
+ALGORITHMS = ("pfedla", "pfedla_frozen", "fedavg", "local")
+
+
+@dataclass
+class PartitionConfig:
+    """How the pooled dataset is split over clients."""
+
+    kind: str = "pathological"
+    classes_per_client: int = 2
+    alpha: float = 0.5
+
+
+@dataclass
+class SyntheticConfig:
+    """FedProx-style synthetic(alpha, beta) data: alpha varies models, beta varies inputs."""
+
+    alpha: float = 1.0
+    beta: float = 1.0
+    dimension: int = 60
+    num_classes: int = 10
+    samples_per_client: int = 200
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one experiment needs; see the README's config reference for each key."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    test_fraction: float = 0.25
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    clients: int = 20
+    participation: float = 1.0
+    rounds: int = 40
+    local_epochs: int = 2
+    batch_size: int = 32
+    lr: float = 0.05
+    hn_lr: float = 0.03
+    embedding_dim: int = 32
+    hidden_dim: int = 64
+    heur_k: int = 0
+    model: str = "cnn"
+    seed: int = 0
+    device: str = "auto"
+    algorithms: list[str] = field(default_factory=lambda: ["pfedla", "fedavg", "local"])
+    output_dir: str = "runs/default"
+    eval_every: int = 1
+    heatmap_every: int = 10
+    experiment_name: str = "pfedla"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat_params(self) -> dict[str, str]:
+        """The config as flat ``a.b -> str`` pairs, for MLflow params."""
+        return {key: str(value) for key, value in _flatten(self.to_dict()).items()}
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config (or the embedded defaults), apply ``key=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for override in overrides or []:
+        key, sep, text = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(override, "an override must look like key=value (e.g. rounds=10)")
+        _set_dotted(raw, key.strip(), _parse_value(key, text))
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
+    """Build and validate a config from plain data; unknown keys are errors."""
+    if not isinstance(raw, dict):
+        raise ConfigError("<root>", f"expected a mapping of keys to values, got {type(raw).__name__}")
+    config = _build(ExperimentConfig, raw, prefix="")
+    validate(config)
+    return config
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError("--config", f"file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError("--config", f"{path} is not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("--config", f"{path} must hold a mapping of keys to values")
+    return data
+
+
+def _parse_value(key: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(key, f"cannot parse value {text!r}") from None
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(dotted, f"'{part}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ConfigError(key, f"unknown key; known keys here: {', '.join(sorted(known))}")
+    values: dict[str, Any] = {}
+    defaults = cls()
+    for name, spec in known.items():
+        key = f"{prefix}{name}"
+        if name not in raw:
+            continue
+        value = raw[name]
+        default = getattr(defaults, name)
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ConfigError(key, "expected a section (mapping)")
+            values[name] = _build(type(default), value, prefix=f"{key}.")
+        else:
+            values[name] = _coerce(key, value, default, spec)
+    return cls(**values)
+
+
+def _coerce(key: str, value: Any, default: Any, spec: dataclasses.Field) -> Any:
+    allows_none = "None" in str(spec.type)
+    if value is None:
+        if allows_none:
+            return None
+        raise ConfigError(key, "a value is required")
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(key, f"expected a finite number, got {value!r}")
+        return float(value)
+    if isinstance(default, list):
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise ConfigError(key, f"expected a list of names, got {value!r}")
+        return list(items)
+    if isinstance(default, str) or allows_none:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    raise ConfigError(key, f"unsupported value {value!r}")
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(key, message)
+
+
+def _choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, key, f"got {value!r}; allowed: {', '.join(allowed)}")
+
+
+def num_classes_of(config: ExperimentConfig) -> int:
+    """Number of classes of the configured dataset (known before loading it)."""
+    known = {"digits": 10, "mnist": 10, "fmnist": 10, "emnist": 62, "cifar10": 10, "cifar100": 100}
+    if config.dataset == "synthetic":
+        return config.synthetic.num_classes
+    return known[config.dataset]
+
+
+def validate(config: ExperimentConfig) -> None:
+    """Check every value; raise ConfigError naming the first bad key and what is allowed."""
+    _choice(config.dataset, "dataset", DATASETS)
+    _choice(config.partition.kind, "partition.kind", PARTITIONS)
+    _choice(config.model, "model", MODELS)
+    _choice(config.device, "device", DEVICES)
+    _require(config.clients >= 2, "clients", f"need at least 2 clients, got {config.clients}")
+    _require(
+        0.0 < config.participation <= 1.0,
+        "participation",
+        f"must be in (0, 1], got {config.participation}",
+    )
+    _require(config.rounds >= 1, "rounds", f"must be >= 1, got {config.rounds}")
+    _require(config.local_epochs >= 1, "local_epochs", f"must be >= 1, got {config.local_epochs}")
+    _require(config.batch_size >= 1, "batch_size", f"must be >= 1, got {config.batch_size}")
+    _require(config.lr > 0, "lr", f"must be > 0, got {config.lr}")
+    _require(config.hn_lr >= 0, "hn_lr", f"must be >= 0 (0 freezes the hypernetworks), got {config.hn_lr}")
+    _require(config.embedding_dim >= 1, "embedding_dim", f"must be >= 1, got {config.embedding_dim}")
+    _require(config.hidden_dim >= 1, "hidden_dim", f"must be >= 1, got {config.hidden_dim}")
+    _require(config.heur_k >= 0, "heur_k", f"must be >= 0 (0 disables HeurpFedLA), got {config.heur_k}")
+    _require(
+        0.0 < config.test_fraction < 1.0,
+        "test_fraction",
+        f"must be in (0, 1), got {config.test_fraction}",
+    )
+    _require(config.eval_every >= 1, "eval_every", f"must be >= 1, got {config.eval_every}")
+    _require(config.heatmap_every >= 1, "heatmap_every", f"must be >= 1, got {config.heatmap_every}")
+    _require(bool(config.output_dir), "output_dir", "must not be empty")
+    _require(bool(config.experiment_name), "experiment_name", "must not be empty")
+    _require(bool(config.algorithms), "algorithms", f"list at least one of: {', '.join(ALGORITHMS)}")
+    for name in config.algorithms:
+        _choice(name, "algorithms", ALGORITHMS)
+    _require(
+        len(set(config.algorithms)) == len(config.algorithms),
+        "algorithms",
+        f"each algorithm at most once, got {config.algorithms}",
+    )
+    part = config.partition
+    _require(part.alpha > 0, "partition.alpha", f"must be > 0, got {part.alpha}")
+    classes = num_classes_of(config)
+    _require(
+        1 <= part.classes_per_client <= classes,
+        "partition.classes_per_client",
+        f"must be between 1 and the dataset's {classes} classes, got {part.classes_per_client}",
+    )
+    syn = config.synthetic
+    _require(syn.alpha >= 0, "synthetic.alpha", f"must be >= 0, got {syn.alpha}")
+    _require(syn.beta >= 0, "synthetic.beta", f"must be >= 0, got {syn.beta}")
+    _require(syn.dimension >= 1, "synthetic.dimension", f"must be >= 1, got {syn.dimension}")
+    _require(syn.num_classes >= 2, "synthetic.num_classes", f"must be >= 2, got {syn.num_classes}")
+    _require(
+        syn.samples_per_client >= 4,
+        "synthetic.samples_per_client",
+        f"must be >= 4 (each client needs train and test samples), got {syn.samples_per_client}",
+    )
+    if config.dataset in ("mnist", "fmnist", "emnist", "cifar10", "cifar100"):
+        _require(
+            config.data_dir is not None,
+            "data_dir",
+            f"dataset {config.dataset!r} needs data_dir (a local directory or s3:// prefix)",
+        )
+    if config.dataset == "synthetic":
+        _require(config.model == "mlp", "model", "the synthetic dataset is a vector task: use model: mlp")

@@ -1,0 +1,153 @@
+"""Dataset sources, each returning whole tensors (no per-sample Python later on)."""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pfedla.errors import DataError
+
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+@dataclass
+class PooledDataset:
+    """All samples of a dataset in one place, before partitioning."""
+
+    features: torch.Tensor  # float32 [n, channels, height, width] or [n, dim]
+    labels: torch.Tensor  # int64 [n]
+    num_classes: int
+
+
+def standardize(images: np.ndarray) -> torch.Tensor:
+    """uint8/float images -> float32 tensor with zero mean and unit variance over the dataset."""
+    values = torch.from_numpy(np.ascontiguousarray(images)).float()
+    return (values - values.mean()) / values.std().clamp_min(1e-8)
+
+
+def load_digits() -> PooledDataset:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images): offline, the default."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    images = bunch.images.reshape(-1, 1, 8, 8)
+    return PooledDataset(standardize(images), torch.from_numpy(bunch.target).long(), 10)
+
+
+def _open_maybe_gz(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes()
+        return gzip.decompress(raw) if path.suffix == ".gz" else raw
+    except (OSError, EOFError, gzip.BadGzipFile) as error:
+        raise DataError(f"cannot read {path}: {error}") from None
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Parse an IDX file (the MNIST format), checking its header against its size."""
+    data = _open_maybe_gz(path)
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(data) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(shape))
+    if len(data) - header != expected:
+        raise DataError(f"{path}: header promises {expected} values, file holds {len(data) - header}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    for folder in (directory, directory / "MNIST" / "raw"):
+        for name in (stem, stem + ".gz"):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def load_mnist_idx(directory: Path, download: bool) -> PooledDataset:
+    """MNIST from IDX(.gz) files; the train pair, the test pair or both may be present."""
+    if not any(_find_idx(directory, images) for images, _ in IDX_FILES.values()) and download:
+        import torchvision
+
+        torchvision.datasets.MNIST(str(directory), train=True, download=True)
+        torchvision.datasets.MNIST(str(directory), train=False, download=True)
+    images, labels = [], []
+    for split, (image_stem, label_stem) in IDX_FILES.items():
+        image_path, label_path = _find_idx(directory, image_stem), _find_idx(directory, label_stem)
+        if image_path is None and label_path is None:
+            continue
+        if image_path is None or label_path is None:
+            raise DataError(f"{directory}: MNIST {split} images and labels must come as a pair")
+        split_images, split_labels = read_idx(image_path), read_idx(label_path)
+        if len(split_images) != len(split_labels):
+            raise DataError(f"{image_path}: {len(split_images)} images but {len(split_labels)} labels")
+        images.append(split_images)
+        labels.append(split_labels)
+    if not images:
+        raise DataError(
+            f"no MNIST IDX files in {directory} (expected e.g. t10k-images-idx3-ubyte.gz and "
+            "t10k-labels-idx1-ubyte.gz); set download: true to fetch them"
+        )
+    pixels = np.concatenate(images)[:, None, :, :]
+    return PooledDataset(standardize(pixels), torch.from_numpy(np.concatenate(labels)).long(), 10)
+
+
+def load_torchvision(name: str, directory: Path, download: bool) -> PooledDataset:
+    """FashionMNIST, EMNIST (byclass), CIFAR-10/100 through torchvision, train and test pooled."""
+    import torchvision.datasets as tvd
+
+    makers = {
+        "fmnist": (lambda train: tvd.FashionMNIST(str(directory), train=train, download=download), 10),
+        "emnist": (
+            lambda train: tvd.EMNIST(str(directory), "byclass", train=train, download=download),
+            62,
+        ),
+        "cifar10": (lambda train: tvd.CIFAR10(str(directory), train=train, download=download), 10),
+        "cifar100": (lambda train: tvd.CIFAR100(str(directory), train=train, download=download), 100),
+    }
+    make, num_classes = makers[name]
+    try:
+        parts = [make(True), make(False)]
+    except RuntimeError as error:  # torchvision's "Dataset not found" when download is off
+        raise DataError(f"{name} not found in {directory}: {error} (set download: true)") from None
+    pixels = [np.asarray(p.data) for p in parts]
+    labels = np.concatenate([np.asarray(p.targets) for p in parts])
+    images = np.concatenate(pixels)
+    images = images.transpose(0, 3, 1, 2) if images.ndim == 4 else images[:, None, :, :]
+    return PooledDataset(standardize(images), torch.from_numpy(labels).long(), num_classes)
+
+
+def synthetic_clients(
+    num_clients: int,
+    alpha: float,
+    beta: float,
+    dimension: int,
+    num_classes: int,
+    samples_per_client: int,
+    rng: np.random.Generator,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """FedProx-style synthetic(alpha, beta): each client has its own softmax model and inputs.
+
+    alpha controls how much the clients' models differ, beta how much their inputs differ.
+    """
+    covariance = np.arange(1, dimension + 1, dtype=np.float64) ** -1.2
+    clients = []
+    for _ in range(num_clients):
+        model_mean = rng.normal(0.0, np.sqrt(alpha)) if alpha > 0 else 0.0
+        input_mean = rng.normal(0.0, np.sqrt(beta)) if beta > 0 else 0.0
+        weights = rng.normal(model_mean, 1.0, size=(dimension, num_classes))
+        bias = rng.normal(model_mean, 1.0, size=num_classes)
+        centre = rng.normal(input_mean, 1.0, size=dimension)
+        inputs = rng.normal(centre, np.sqrt(covariance), size=(samples_per_client, dimension))
+        labels = np.argmax(inputs @ weights + bias, axis=1)
+        clients.append((torch.from_numpy(inputs).float(), torch.from_numpy(labels).long()))
+    return clients

@@ -1,0 +1,133 @@
+"""Model zoo and the definition of a *layer*.
+
+A layer is one module that owns parameters directly (Conv, Linear, a norm's affine
+weight and bias): its weight and bias move together and get one aggregation weight.
+Buffers (e.g. normalization running statistics) are not part of any layer: they never
+leave the client.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pfedla.seeding import derive_seed
+
+
+class CNN(nn.Module):
+    """The pFedLA paper-style CNN: two 5x5 conv+pool blocks, then two fully connected layers."""
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int, width: int = 32,
+                 hidden: int = 256):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 5, padding=2)
+        self.conv2 = nn.Conv2d(width, 2 * width, 5, padding=2)
+        side = image_size // 4
+        self.fc1 = nn.Linear(2 * width * side * side, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+class MLP(nn.Module):
+    """A small fully connected network for vectors or flattened images."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 200):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.fc1(x.flatten(1)))
+        return self.fc3(torch.relu(self.fc2(x)))
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
+    """A freshly initialised model; the same seed gives the same weights everywhere."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "model-init"))
+        if name == "cnn":
+            if len(input_shape) != 3:
+                raise ValueError(f"model 'cnn' needs image inputs, got shape {input_shape}")
+            channels, height, _ = input_shape
+            width, hidden = (16, 128) if height <= 8 else (32, 512)
+            return CNN(channels, height, num_classes, width=width, hidden=hidden)
+        return MLP(math.prod(input_shape), num_classes)
+
+
+@dataclass(frozen=True)
+class ParamSlot:
+    """Where one named parameter lives inside its layer's flat vector."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """The model's layers in order; each layer is a flat vector of its parameters."""
+
+    names: tuple[str, ...]
+    slots: tuple[tuple[ParamSlot, ...], ...]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> LayerLayout:
+        names, slots = [], []
+        for module_name, module in model.named_modules():
+            own = list(module.named_parameters(recurse=False))
+            if not own:
+                continue
+            offset, layer_slots = 0, []
+            for param_name, param in own:
+                full = f"{module_name}.{param_name}" if module_name else param_name
+                layer_slots.append(ParamSlot(full, tuple(param.shape), offset))
+                offset += param.numel()
+            names.append(module_name or "<root>")
+            slots.append(tuple(layer_slots))
+        return cls(tuple(names), tuple(slots))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.names)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(sum(s.numel for s in layer) for layer in self.slots)
+
+    def flatten(self, params: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Named parameters -> one flat vector per layer."""
+        return [torch.cat([params[s.name].reshape(-1) for s in layer]) for layer in self.slots]
+
+    def unflatten(self, layers: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One flat vector per layer -> named parameters (views, no copies)."""
+        params = {}
+        for flat, layer in zip(layers, self.slots, strict=True):
+            for s in layer:
+                params[s.name] = flat[s.offset : s.offset + s.numel].view(s.shape)
+        return params
+
+    def check(self, layers: list[torch.Tensor]) -> None:
+        """Raise ValueError unless ``layers`` fits this layout."""
+        if len(layers) != self.num_layers:
+            raise ValueError(f"expected {self.num_layers} layers, got {len(layers)}")
+        for name, size, flat in zip(self.names, self.sizes, layers, strict=True):
+            if flat.ndim != 1 or flat.numel() != size:
+                raise ValueError(f"layer {name}: expected {size} values, got shape {tuple(flat.shape)}")
+
+
+def initial_layers(model: nn.Module) -> list[torch.Tensor]:
+    """The model's current parameters as detached flat layer vectors."""
+    layout = LayerLayout.of(model)
+    return [t.detach().clone() for t in layout.flatten(dict(model.named_parameters()))]

@@ -1,0 +1,254 @@
+"""The in-process round loop: every listed algorithm on the same partition, seed and clients."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pfedla import storage
+from pfedla.algorithms import FitInstruction, Strategy, make_strategy
+from pfedla.algorithms.pfedla import PFedLAStrategy
+from pfedla.client import (
+    ClientUpdate,
+    EvalResult,
+    TrainSettings,
+    evaluate_client,
+    select_device,
+    train_client,
+)
+from pfedla.config import ExperimentConfig
+from pfedla.data import ClientShard, FederatedData, build_federated_data
+from pfedla.models import LayerLayout, build_model, initial_layers
+from pfedla.seeding import numpy_rng, torch_generator
+from pfedla.tracking import Tracker, default_tracking_uri
+
+
+def participants(config: ExperimentConfig, round_idx: int) -> list[int]:
+    """The round's clients: a seeded draw, identical for every algorithm and orchestration."""
+    count = max(1, round(config.participation * config.clients))
+    if count >= config.clients:
+        return list(range(config.clients))
+    rng = numpy_rng(config.seed, "participants", round_idx)
+    return sorted(int(c) for c in rng.choice(config.clients, size=count, replace=False))
+
+
+def train_settings(config: ExperimentConfig) -> TrainSettings:
+    return TrainSettings(epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr)
+
+
+def fit_client(
+    model: nn.Module,
+    layout: LayerLayout,
+    instruction: FitInstruction,
+    shard: ClientShard,
+    config: ExperimentConfig,
+    round_idx: int,
+    client_id: int,
+) -> ClientUpdate:
+    """One client's local training this round, returning Δ = θ' − θ̄.
+
+    The batch order is a pure function of (seed, round, client), so both orchestrations
+    and all algorithms see the same batches.
+    """
+    generator = torch_generator(config.seed, "train", round_idx, client_id)
+    trained, loss = train_client(
+        model, layout, instruction.layers, shard.train_x, shard.train_y, train_settings(config), generator
+    )
+    delta = [after - before for after, before in zip(trained, instruction.layers, strict=True)]
+    return ClientUpdate(client_id, shard.num_train, delta, loss)
+
+
+def evaluate_strategy(
+    strategy: Strategy, model: nn.Module, layout: LayerLayout, shards: Sequence[ClientShard]
+) -> list[EvalResult]:
+    """Each client's personalized model on that client's own test split."""
+    return [
+        evaluate_client(model, layout, strategy.personalized_layers(i), s.test_x, s.test_y)
+        for i, s in enumerate(shards)
+    ]
+
+
+def accuracy_metrics(results: Sequence[EvalResult]) -> dict[str, float]:
+    """Sample-weighted mean accuracy and loss, plus the worst and best client."""
+    accuracies = [r.accuracy for r in results]
+    total = sum(r.count for r in results)
+    return {
+        "accuracy_mean": sum(r.correct for r in results) / total,
+        "accuracy_min": min(accuracies),
+        "accuracy_max": max(accuracies),
+        "loss_mean": sum(r.loss_sum for r in results) / total,
+    }
+
+
+@dataclass
+class AlgorithmResult:
+    """Outcome of one algorithm: final personalized accuracies and what it cost."""
+
+    name: str
+    client_accuracies: list[float]
+    mean_accuracy: float
+    rounds: int
+    wall_seconds: float
+    run_id: str | None = None
+    layer_weights: np.ndarray | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {
+            "mean_accuracy": self.mean_accuracy,
+            "min_accuracy": min(self.client_accuracies),
+            "max_accuracy": max(self.client_accuracies),
+            "client_accuracies": self.client_accuracies,
+            "rounds": self.rounds,
+            "wall_seconds": self.wall_seconds,
+            "mlflow_run_id": self.run_id,
+        }
+
+
+@dataclass
+class ExperimentResult:
+    """All algorithms of one experiment, and where their outputs are."""
+
+    results: dict[str, AlgorithmResult]
+    output_dir: Path
+    tracking_uri: str
+
+
+class Simulation:
+    """Runs strategies round by round over one fixed federated dataset."""
+
+    def __init__(self, config: ExperimentConfig, data: FederatedData, device: torch.device,
+                 tracker: Tracker | None, progress: bool = True):
+        self.config, self.device, self.tracker, self.progress = config, device, tracker, progress
+        self.shards = [shard.to(device) for shard in data.shards]
+        self.model = build_model(config.model, data.input_shape, data.num_classes, config.seed).to(device)
+        self.layout = LayerLayout.of(self.model)
+        self.output_dir = Path(config.output_dir)
+
+    def run(self, name: str, group: str) -> AlgorithmResult:
+        config = self.config
+        strategy = make_strategy(name, config, initial_layers(self.model))
+        if self.tracker:
+            self.tracker.start_run(name, config.flat_params(), {"pfedla.group": group,
+                                                                "pfedla.algorithm": name})
+        started = time.perf_counter()
+        history: list[dict[str, float]] = []
+        bar = tqdm(range(config.rounds), desc=f"{name:>13}", unit="round", disable=not self.progress,
+                   file=sys.stderr, dynamic_ncols=True)
+        evaluation: list[EvalResult] = []
+        for round_idx in bar:
+            metrics = self.run_round(strategy, round_idx)
+            last = round_idx == config.rounds - 1
+            if last or (round_idx + 1) % config.eval_every == 0:
+                evaluation = evaluate_strategy(strategy, self.model, self.layout, self.shards)
+                metrics.update(accuracy_metrics(evaluation))
+                bar.set_postfix(acc=f"{metrics['accuracy_mean']:.3f}")
+            history.append(metrics)
+            self.track_round(strategy, round_idx, metrics, last)
+        bar.close()
+        result = AlgorithmResult(
+            name=name,
+            client_accuracies=[r.accuracy for r in evaluation],
+            mean_accuracy=accuracy_metrics(evaluation)["accuracy_mean"],
+            rounds=config.rounds,
+            wall_seconds=time.perf_counter() - started,
+            run_id=self.tracker.run_id if self.tracker else None,
+            history=history,
+        )
+        if isinstance(strategy, PFedLAStrategy):
+            result.layer_weights = strategy.layer_weights().cpu().numpy()
+        self.save_outputs(strategy, result)
+        if self.tracker:
+            self.tracker.log_metrics(config.rounds, {"final_accuracy_mean": result.mean_accuracy,
+                                                     "wall_seconds": result.wall_seconds})
+            self.tracker.end_run()
+        return result
+
+    def track_round(self, strategy: Strategy, round_idx: int, metrics: dict[str, float], last: bool) -> None:
+        """Queue the round's metrics; α arrays and heatmaps every ``heatmap_every`` rounds and at the end."""
+        if not self.tracker:
+            return
+        self.tracker.log_metrics(round_idx, metrics)
+        heatmap_due = last or (round_idx + 1) % self.config.heatmap_every == 0
+        if isinstance(strategy, PFedLAStrategy) and heatmap_due:
+            self.tracker.log_layer_weights(strategy.layer_weights().cpu().numpy(), self.layout.names,
+                                           f"round_{round_idx + 1:04d}")
+
+    def run_round(self, strategy: Strategy, round_idx: int) -> dict[str, float]:
+        """Configure, train every selected client, aggregate; returns the round's metrics."""
+        started = time.perf_counter()
+        clients = participants(self.config, round_idx)
+        instructions = strategy.configure_fit(round_idx, clients)
+        updates = [
+            fit_client(self.model, self.layout, instructions[c], self.shards[c], self.config, round_idx, c)
+            for c in clients
+        ]
+        metrics = strategy.aggregate_fit(round_idx, updates, failures=[])
+        metrics.update({
+            "clients": float(len(clients)),
+            "failed_clients": 0.0,
+            "train_loss": float(np.mean([u.train_loss for u in updates])),
+            "bytes_down": float(sum(i.bytes_sent() for i in instructions.values())),
+            "bytes_up": float(sum(sum(d.numel() * d.element_size() for d in u.delta) for u in updates)),
+            "round_seconds": time.perf_counter() - started,
+        })
+        return metrics
+
+    def save_outputs(self, strategy: Strategy, result: AlgorithmResult) -> None:
+        """Personalized models and server state as safetensors; α as .npy for pFedLA."""
+        models = {
+            f"client{i}.{name}": tensor
+            for i in range(self.config.clients)
+            for name, tensor in self.layout.unflatten(strategy.personalized_layers(i)).items()
+        }
+        model_path = self.output_dir / "models" / f"{result.name}.safetensors"
+        storage.save_tensors(model_path, models, {"algorithm": result.name, "model": self.config.model,
+                                                  "clients": self.config.clients})
+        state_path = self.output_dir / "checkpoints" / f"{result.name}.safetensors"
+        storage.save_tensors(state_path, strategy.state_dict(),
+                             {"algorithm": result.name, "rounds": result.rounds})
+        if result.layer_weights is not None:
+            suffix = "" if result.name == "pfedla" else f"_{result.name}"
+            np.save(self.output_dir / f"layer_weights{suffix}.npy", result.layer_weights)
+        if self.tracker:
+            self.tracker.log_file(model_path, "models")
+            self.tracker.log_file(state_path, "checkpoint")
+
+
+def format_table(results: dict[str, AlgorithmResult]) -> str:
+    """The closing table: one row per algorithm."""
+    header = f"{'algorithm':<14}{'mean acc':>10}{'min acc':>10}{'max acc':>10}{'rounds':>8}{'wall s':>9}"
+    rows = [header, "-" * len(header)]
+    for r in results.values():
+        rows.append(
+            f"{r.name:<14}{r.mean_accuracy:>10.4f}{min(r.client_accuracies):>10.4f}"
+            f"{max(r.client_accuracies):>10.4f}{r.rounds:>8d}{r.wall_seconds:>9.1f}"
+        )
+    return "\n".join(rows)
+
+
+def run_experiment(config: ExperimentConfig, progress: bool = True, track: bool = True) -> ExperimentResult:
+    """Run every algorithm of ``config`` and write summary.json and partition.json."""
+    device = select_device(config.device)
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    data = build_federated_data(config)
+    storage.write_json(output_dir / "partition.json", {"clients": data.class_counts()})
+    tracking_uri = default_tracking_uri(output_dir)
+    tracker = Tracker(tracking_uri, config.experiment_name, output_dir / "mlartifacts") if track else None
+    simulation = Simulation(config, data, device, tracker, progress)
+    group = uuid.uuid4().hex[:12]
+    results = {name: simulation.run(name, group) for name in config.algorithms}
+    summary = {name: r.summary() for name, r in results.items()}
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return ExperimentResult(results, output_dir, tracking_uri)

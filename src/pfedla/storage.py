@@ -1,0 +1,136 @@
+"""Local paths and s3:// URIs behind one small API; tensors travel as safetensors only.
+
+S3 endpoint and credentials come from the environment (AWS_ENDPOINT_URL or
+MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), never from configs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from pfedla.errors import ArtifactError, PfedlaError
+
+
+class StorageError(PfedlaError):
+    """The object store or file system refused or failed an operation."""
+
+
+def is_s3(location: str | Path) -> bool:
+    return str(location).startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise StorageError(f"{uri}: an s3:// URI needs a bucket name")
+    return bucket, key
+
+
+def s3_client() -> Any:
+    """A boto3 S3 client for the configured endpoint, retrying transient faults with backoff."""
+    import boto3
+    from botocore.config import Config
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    config = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=30)
+    return boto3.client("s3", endpoint_url=endpoint, config=config)
+
+
+def _s3_call(action: str, uri: str, call: Any) -> Any:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return call()
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "?")
+        hint = " (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)" if code in (
+            "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch") else ""
+        raise StorageError(f"cannot {action} {uri}: {code}{hint}") from None
+    except BotoCoreError as error:
+        raise StorageError(f"cannot {action} {uri}: object store unreachable ({error})") from None
+
+
+def write_bytes(location: str | Path, data: bytes) -> None:
+    """Write atomically: a local file via write-then-rename, an S3 object in one PUT."""
+    if is_s3(location):
+        bucket, key = split_s3(str(location))
+        _s3_call("write", str(location), lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data))
+        return
+    path = Path(location)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def read_bytes(location: str | Path) -> bytes:
+    if is_s3(location):
+        bucket, key = split_s3(str(location))
+        response = _s3_call("read", str(location), lambda: s3_client().get_object(Bucket=bucket, Key=key))
+        return response["Body"].read()
+    try:
+        return Path(location).read_bytes()
+    except OSError as error:
+        raise StorageError(f"cannot read {location}: {error.strerror}") from None
+
+
+def save_tensors(location: str | Path, tensors: dict[str, torch.Tensor],
+                 metadata: dict[str, Any] | None = None) -> None:
+    """Store named tensors as safetensors; ``metadata`` (JSON-able) rides in the header."""
+    header = {"pfedla": json.dumps(metadata or {}, sort_keys=True)}
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    write_bytes(location, save_safetensors_bytes(contiguous, metadata=header))
+
+
+def load_tensors(location: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read safetensors written by ``save_tensors``; damage gives an ArtifactError naming the file."""
+    data = read_bytes(location)
+    try:
+        tensors = load_safetensors_bytes(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+        metadata = json.loads(header.get("__metadata__", {}).get("pfedla", "{}"))
+    except (SafetensorError, ValueError, UnicodeDecodeError, OverflowError) as error:
+        raise ArtifactError(f"{location} is not a valid safetensors file: {error}") from None
+    if not isinstance(metadata, dict):
+        raise ArtifactError(f"{location}: metadata is not a JSON object")
+    return tensors, metadata
+
+
+def write_json(location: str | Path, payload: Any) -> None:
+    write_bytes(location, json.dumps(payload, indent=2, sort_keys=True).encode())
+
+
+def read_json(location: str | Path) -> Any:
+    data = read_bytes(location)
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ArtifactError(f"{location} is not valid JSON: {error}") from None
+
+
+def download_prefix(prefix: str, destination: Path) -> Path:
+    """Copy every object under an s3:// prefix into ``destination`` (skipping unchanged sizes)."""
+    bucket, key_prefix = split_s3(prefix.rstrip("/") + "/")
+    client = s3_client()
+    pages = _s3_call("list", prefix, lambda: list(
+        client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix)))
+    found = False
+    for page in pages:
+        for item in page.get("Contents", []):
+            found = True
+            target = destination / item["Key"][len(key_prefix) :]
+            if target.is_file() and target.stat().st_size == item["Size"]:
+                continue
+            write_bytes(target, read_bytes(f"s3://{bucket}/{item['Key']}"))
+    if not found:
+        raise StorageError(f"no objects under {prefix}")
+    return destination

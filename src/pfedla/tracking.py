@@ -1,0 +1,109 @@
+"""MLflow tracking: params once, per-round metrics in batches, α arrays and heatmaps, models.
+
+The default store is a sqlite file inside the run's output directory; ``MLFLOW_TRACKING_URI``
+wins when set (e.g. a remote ``mlflow server`` whose artifacts are proxied to S3).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+METRIC_FLUSH_ROUNDS = 10  # one log_batch call per this many rounds (and at the end)
+
+
+def default_tracking_uri(output_dir: str | Path) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else a sqlite file in ``output_dir``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output_dir).resolve()}/mlflow.db"
+
+
+def heatmap_png(alpha_layer: np.ndarray, title: str, path: Path) -> None:
+    """Save an [N, N] (client x source client) weight matrix as a heatmap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    image = ax.imshow(alpha_layer, vmin=0.0, vmax=max(float(alpha_layer.max()), 1e-6), cmap="viridis")
+    ax.set_xlabel("source client j")
+    ax.set_ylabel("client i")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+class Tracker:
+    """One MLflow run at a time; metrics are buffered and sent with ``log_batch``."""
+
+    def __init__(self, tracking_uri: str, experiment_name: str, artifact_root: Path | None = None):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self._metric_type = mlflow.entities.Metric
+        self._param_type = mlflow.entities.Param
+        self._tag_type = mlflow.entities.RunTag
+        experiment = self.client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            location = artifact_root.resolve().as_uri() if artifact_root else None
+            self.experiment_id = self.client.create_experiment(experiment_name, artifact_location=location)
+        else:
+            self.experiment_id = experiment.experiment_id
+        self.run_id: str | None = None
+        self._pending: list = []
+
+    def start_run(self, name: str, params: dict[str, str], tags: dict[str, str]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        self.run_id = run.info.run_id
+        self.client.log_batch(
+            self.run_id, params=[self._param_type(k, v[:6000]) for k, v in sorted(params.items())]
+        )
+        return self.run_id
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Queue one round's metrics; they are sent every few rounds in one batch."""
+        stamp = int(time.time() * 1000)
+        self._pending.extend(self._metric_type(k, float(v), stamp, step) for k, v in metrics.items())
+        if len({m.step for m in self._pending}) >= METRIC_FLUSH_ROUNDS:
+            self.flush()
+
+    def flush(self) -> None:
+        # MLflow caps one batch at 1000 metrics.
+        for start in range(0, len(self._pending), 1000):
+            self.client.log_batch(self._run(), metrics=self._pending[start : start + 1000])
+        self._pending = []
+
+    def log_file(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self._run(), str(path), artifact_path)
+
+    def log_dir(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self._run(), str(path), artifact_path)
+
+    def log_layer_weights(self, alpha: np.ndarray, layer_names: Sequence[str], label: str) -> None:
+        """α [N, L, N] as an .npy plus one heatmap per layer, under layer_weights/<label>/."""
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            np.save(folder / "layer_weights.npy", alpha)
+            for index, name in enumerate(layer_names):
+                heatmap_png(alpha[:, index, :], f"α, layer {name} ({label})",
+                            folder / f"layer{index:02d}_{name}.png")
+            self.log_dir(folder, f"layer_weights/{label}")
+
+    def end_run(self, status: str = "FINISHED") -> None:
+        self.flush()
+        self.client.set_terminated(self._run(), status=status)
+        self.run_id = None
+
+    def _run(self) -> str:
+        if self.run_id is None:
+            raise RuntimeError("no MLflow run is active")
+        return self.run_id

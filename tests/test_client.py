@@ -1,0 +1,57 @@
+"""Local training and evaluation on tensors, and device selection."""
+
+import pytest
+import torch
+
+from pfedla.client import TrainSettings, evaluate_client, select_device, train_client
+from pfedla.errors import ConfigError
+from pfedla.models import LayerLayout, build_model, initial_layers
+
+
+def toy_problem():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 5, generator=gen)
+    y = (x[:, 0] > 0).long()
+    model = build_model("mlp", (5,), 2, seed=0)
+    return model, LayerLayout.of(model), x, y
+
+
+def test_training_starts_from_the_given_layers_and_learns():
+    model, layout, x, y = toy_problem()
+    start = initial_layers(model)
+    before = evaluate_client(model, layout, start, x, y)
+    settings = TrainSettings(epochs=20, batch_size=16, lr=0.1)
+    trained, loss = train_client(model, layout, start, x, y, settings, torch.Generator().manual_seed(1))
+    after = evaluate_client(model, layout, trained, x, y)
+    assert after.accuracy > max(before.accuracy, 0.9)
+    assert after.loss_sum < before.loss_sum and loss > 0
+    # The start is not modified, and the module's own weights are not used or touched.
+    assert all(torch.equal(a, b) for a, b in zip(start, initial_layers(model)))
+    shifted = [t + 1.0 for t in start]
+    trained_shifted, _ = train_client(model, layout, shifted, x, y, TrainSettings(1, 64, 0.0),
+                                      torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(trained_shifted, shifted))
+
+
+def test_same_generator_seed_same_result():
+    model, layout, x, y = toy_problem()
+    settings = TrainSettings(epochs=2, batch_size=8, lr=0.1)
+    runs = [train_client(model, layout, initial_layers(model), x, y, settings,
+                         torch.Generator().manual_seed(5))[0] for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_evaluation_counts():
+    model, layout, x, y = toy_problem()
+    result = evaluate_client(model, layout, initial_layers(model), x, y, batch_size=10)
+    assert result.count == 64 and 0 <= result.correct <= 64
+    assert result.accuracy == result.correct / 64
+
+
+def test_device_selection():
+    assert select_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert select_device("auto").type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device"):
+            select_device("cuda")

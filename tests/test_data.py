@@ -1,0 +1,131 @@
+"""Sources and partitioners: seeded, computed once, disjoint train/test, the promised classes."""
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pfedla.config import config_from_dict
+from pfedla.data import build_federated_data
+from pfedla.data import partition as part
+from pfedla.data.federated import class_overlap
+from pfedla.data.sources import load_digits, read_idx
+from pfedla.errors import DataError
+
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+def fingerprint(data):
+    return [(s.train_y.tolist(), s.test_y.tolist(), float(s.train_x.sum())) for s in data.shards]
+
+
+@pytest.mark.parametrize("kind", ["iid", "dirichlet", "pathological"])
+def test_splits_are_pure_functions_of_the_seed(kind):
+    config = config_from_dict({"partition": {"kind": kind}, "clients": 7})
+    first, second = build_federated_data(config), build_federated_data(config)
+    assert fingerprint(first) == fingerprint(second)
+    other = build_federated_data(config_from_dict({"partition": {"kind": kind}, "clients": 7, "seed": 1}))
+    assert fingerprint(first) != fingerprint(other)
+
+
+@pytest.mark.parametrize("kind", ["iid", "dirichlet", "pathological"])
+def test_every_sample_used_at_most_once_and_train_test_disjoint(kind):
+    labels = load_digits().labels.numpy()
+    rng = np.random.default_rng(0)
+    if kind == "iid":
+        parts = part.iid(labels, 9, rng)
+    elif kind == "dirichlet":
+        parts = part.dirichlet(labels, 9, 0.3, rng)
+    else:
+        parts = part.pathological(labels, 9, 3, rng)
+    merged = np.concatenate(parts)
+    assert len(merged) == len(np.unique(merged))
+    if kind != "pathological":
+        assert len(merged) == len(labels)
+    for indices in parts:
+        train, test = part.split_train_test(indices, labels, 0.25, rng)
+        assert set(train).isdisjoint(test)
+        assert set(train) | set(test) == set(indices)
+        assert set(labels[test]) <= set(labels[train])
+
+
+def test_pathological_gives_exactly_k_classes_and_balanced_usage():
+    config = config_from_dict({"clients": 10, "partition": {"kind": "pathological", "classes_per_client": 2}})
+    counts = build_federated_data(config).class_counts()
+    held = np.array([[c > 0 for c in client["train"]] for client in counts])
+    assert (held.sum(1) == 2).all()
+    assert (held.sum(0) == 2).all()  # 10 clients x 2 classes over 10 classes
+    for client in counts:  # test classes follow train classes
+        assert all(t == 0 or r > 0 for r, t in zip(client["train"], client["test"]))
+    overlap = class_overlap(counts)
+    assert overlap.diagonal().all()
+    assert not overlap.all()  # some pairs share no class
+
+
+def test_dirichlet_small_alpha_is_skewed_and_impossible_request_errors():
+    labels = load_digits().labels.numpy()
+    parts = part.dirichlet(labels, 5, 0.05, np.random.default_rng(0))
+    dominant = [np.bincount(labels[p], minlength=10).max() / len(p) for p in parts]
+    assert np.mean(dominant) > 0.4
+    with pytest.raises(DataError, match="partition.alpha"):
+        part.dirichlet(labels[:30], 10, 0.01, np.random.default_rng(0), attempts=3)
+
+
+def test_synthetic_any_number_of_clients():
+    config = config_from_dict({"dataset": "synthetic", "model": "mlp", "clients": 37,
+                               "synthetic": {"samples_per_client": 20, "dimension": 12}})
+    data = build_federated_data(config)
+    assert data.num_clients == 37 and data.input_shape == (12,)
+    assert all(s.num_train + s.num_test == 20 for s in data.shards)
+    assert fingerprint(data) == fingerprint(build_federated_data(config))
+
+
+def write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def test_mnist_from_a_directory_with_only_the_test_files(tmp_path):
+    rng = np.random.default_rng(0)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 255, (200, 28, 28)))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(200) % 10)
+    config = config_from_dict({"dataset": "mnist", "data_dir": str(tmp_path), "clients": 4,
+                               "partition": {"kind": "iid"}})
+    data = build_federated_data(config)
+    assert data.input_shape == (1, 28, 28)
+    assert sum(s.num_train + s.num_test for s in data.shards) == 200
+
+
+@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="the shared MNIST test set is only beside the repo")
+def test_shared_mnist_test_set_reads(tmp_path):
+    shutil.copy(SHARED_MNIST / "t10k-labels-idx1-ubyte.gz", tmp_path)
+    labels = read_idx(tmp_path / "t10k-labels-idx1-ubyte.gz")
+    assert labels.shape == (10000,) and set(np.unique(labels)) == set(range(10))
+
+
+def test_corrupt_or_missing_mnist_gives_data_errors(tmp_path):
+    config = config_from_dict({"dataset": "mnist", "data_dir": str(tmp_path)})
+    with pytest.raises(DataError, match="no MNIST IDX files"):
+        build_federated_data(config)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((10, 28, 28)))
+    with pytest.raises(DataError, match="as a pair"):
+        build_federated_data(config)
+    header_says_100 = b"\x00\x00\x08\x01\x00\x00\x00\x64"
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(header_says_100 + b"abc"))
+    with pytest.raises(DataError, match="header promises 100"):
+        build_federated_data(config)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match="cannot read"):
+        build_federated_data(config)
+    missing = config_from_dict({"dataset": "mnist", "data_dir": str(tmp_path / "nope")})
+    with pytest.raises(DataError, match="does not exist"):
+        build_federated_data(missing)
+
+
+def test_digits_are_standardized_tensors():
+    pooled = load_digits()
+    assert pooled.features.shape == (1797, 1, 8, 8) and pooled.features.dtype == torch.float32
+    assert abs(float(pooled.features.mean())) < 1e-4

@@ -1,0 +1,49 @@
+"""The model zoo and the layer definition."""
+
+import pytest
+import torch
+from torch import nn
+
+from pfedla.models import LayerLayout, build_model, initial_layers
+
+
+@pytest.mark.parametrize(("shape", "classes"), [((1, 8, 8), 10), ((1, 28, 28), 10), ((3, 32, 32), 100)])
+def test_cnn_fits_the_dataset_shape(shape, classes):
+    model = build_model("cnn", shape, classes, seed=0)
+    assert model(torch.zeros(2, *shape)).shape == (2, classes)
+
+
+def test_same_seed_same_weights_and_no_global_rng_side_effect():
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a = initial_layers(build_model("mlp", (60,), 10, seed=4))
+    assert torch.equal(torch.rand(1), expected_next)
+    b = initial_layers(build_model("mlp", (60,), 10, seed=4))
+    c = initial_layers(build_model("mlp", (60,), 10, seed=5))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_a_layer_is_a_module_with_its_weight_and_bias_and_buffers_stay_out():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 3))
+    layout = LayerLayout.of(model)
+    assert layout.names == ("0", "1", "3")
+    assert [s.name for s in layout.slots[1]] == ["1.weight", "1.bias"]
+    assert layout.sizes == (2 * 9 + 2, 2 + 2, 8 * 3 + 3)
+    names = {s.name for layer in layout.slots for s in layer}
+    assert not any("running" in n for n in names)
+
+
+def test_flatten_unflatten_round_trip_and_check():
+    model = build_model("cnn", (1, 8, 8), 10, seed=0)
+    layout = LayerLayout.of(model)
+    params = dict(model.named_parameters())
+    layers = layout.flatten(params)
+    layout.check(layers)
+    back = layout.unflatten(layers)
+    assert all(torch.equal(back[k], params[k]) for k in params)
+    with pytest.raises(ValueError, match="expected 4 layers"):
+        layout.check(layers[:-1])
+    with pytest.raises(ValueError, match="conv1"):
+        layout.check([layers[0][:-1], *layers[1:]])

@@ -1,0 +1,227 @@
+"""The pFedLA math: simplex weights, θ̄, the surrogate gradient and its sign, HeurpFedLA."""
+
+import numpy as np
+import pytest
+import torch
+
+from pfedla.algorithms import make_strategy
+from pfedla.algorithms import pfedla as pf
+from pfedla.algorithms.fedavg import FedAvgStrategy
+from pfedla.client import ClientUpdate
+from pfedla.config import config_from_dict
+from pfedla.data import ClientShard, FederatedData
+from pfedla.data.sources import load_digits
+from pfedla.models import initial_layers
+from pfedla.simulation import Simulation
+
+torch.set_default_dtype(torch.float32)
+
+
+def strategy_for(num_clients=5, sizes=(7, 3, 11), heur_k=0, hn_lr=0.01, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    init = [torch.randn(s, generator=gen, dtype=dtype) for s in sizes]
+    strategy = pf.PFedLAStrategy(init, num_clients, hn_lr=hn_lr, embedding_dim=4, hidden_dim=6,
+                                 heur_k=heur_k, generator=torch.Generator().manual_seed(seed + 1))
+    # Distinct client models, as after some training.
+    for rows in strategy.models.rows:
+        rows.copy_(torch.randn(rows.shape, generator=gen, dtype=dtype))
+    if dtype != torch.float32:
+        strategy.hypernetworks.to(dtype)
+    return strategy
+
+
+def test_alpha_is_on_the_simplex_even_when_heads_are_clipped():
+    heads = torch.randn(6, 4, 5) * 3
+    heads[0, 0] = -1.0  # every output clipped by the ReLU
+    alpha = pf.normalize_heads(heads)
+    assert (alpha >= 0).all()
+    torch.testing.assert_close(alpha.sum(-1), torch.ones(6, 4))
+    torch.testing.assert_close(alpha[0, 0], torch.full((5,), 0.2))
+
+
+def test_hypernetwork_outputs_are_on_the_simplex():
+    strategy = strategy_for()
+    alpha = strategy.layer_weights()
+    assert alpha.shape == (5, 3, 5)
+    assert (alpha >= 0).all()
+    torch.testing.assert_close(alpha.sum(-1), torch.ones(5, 3))
+
+
+def test_aggregate_layers_matches_a_naive_per_client_loop():
+    strategy = strategy_for()
+    clients = torch.tensor([3, 0, 4])
+    alpha = strategy.hypernetworks(clients).detach()
+    batched = pf.aggregate_layers(alpha, strategy.models.rows)
+    for s in range(len(clients)):
+        for layer, rows in enumerate(strategy.models.rows):
+            naive = sum(alpha[s, layer, j] * rows[j] for j in range(rows.shape[0]))
+            torch.testing.assert_close(batched[layer][s], naive)
+    instructions = strategy.configure_fit(0, [3, 0, 4])
+    torch.testing.assert_close(instructions[0].layers[1], batched[1][1])
+
+
+def test_hypernetwork_gradient_matches_finite_differences_of_the_surrogate():
+    strategy = strategy_for(dtype=torch.float64)
+    clients = torch.tensor([1, 2, 4])
+    gen = torch.Generator().manual_seed(7)
+    deltas = [torch.randn(3, rows.shape[1], generator=gen, dtype=torch.float64)
+              for rows in strategy.models.rows]
+    grads, _, personalized = strategy.hypernetwork_gradients(clients, deltas)
+    # The surrogate: f(ψ) = Σ <θ̄(ψ), d> with d = θ̄(ψ0) − θ'(ψ0) = −Δ held fixed.
+    fixed = [-d for d in deltas]
+    params = dict(strategy.hypernetworks.named_parameters())
+
+    def surrogate() -> float:
+        with torch.no_grad():
+            bar = pf.aggregate_layers(strategy.hypernetworks(clients), strategy.models.rows)
+            return float(sum((b * d).sum() for b, d in zip(bar, fixed)))
+
+    eps = 1e-6
+    for name in ("head_w", "head_b", "w1", "embeddings"):
+        direction = torch.randn(params[name].shape, generator=gen, dtype=torch.float64)
+        with torch.no_grad():
+            params[name] += eps * direction
+            up = surrogate()
+            params[name] -= 2 * eps * direction
+            down = surrogate()
+            params[name] += eps * direction
+        numeric = (up - down) / (2 * eps)
+        analytic = float((grads[name] * direction).sum())
+        assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-9), name
+    assert any(grads[name].abs().sum() > 0 for name in grads)
+    # Rows of clients outside the batch get no gradient.
+    assert grads["head_w"][0].abs().sum() == 0 and grads["head_w"][3].abs().sum() == 0
+
+
+def test_frozen_uniform_alpha_with_full_participation_equals_fedavg():
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(s, generator=gen) for s in (6, 4)]
+    n = 4
+    pfedla = pf.PFedLAStrategy(init, n, hn_lr=0.0, embedding_dim=3, hidden_dim=5, heur_k=0,
+                               generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # uniform α: zero head weights, equal biases
+        pfedla.hypernetworks.head_w.zero_()
+        pfedla.hypernetworks.head_b.fill_(1.0)
+    fedavg = FedAvgStrategy(init)
+    clients = list(range(n))
+    sent_p = pfedla.configure_fit(0, clients)
+    sent_f = fedavg.configure_fit(0, clients)
+    updates = []
+    for c in clients:
+        for a, b in zip(sent_p[c].layers, sent_f[c].layers):
+            torch.testing.assert_close(a, b)
+        # Equal sample counts: FedAvg's weighted mean is then the plain mean.
+        updates.append(ClientUpdate(c, 10, [torch.randn(s, generator=gen) for s in (6, 4)], 0.0))
+    pfedla.aggregate_fit(0, updates, [])
+    fedavg.aggregate_fit(0, updates, [])
+    next_p = pfedla.configure_fit(1, clients)
+    for c in clients:
+        for a, b in zip(next_p[c].layers, fedavg.personalized_layers(c)):
+            torch.testing.assert_close(a, b)
+
+
+def test_server_model_becomes_personalized_start_plus_delta():
+    strategy = strategy_for(hn_lr=0.0)
+    sent = strategy.configure_fit(0, [2])
+    delta = [torch.full_like(t, 0.5) for t in sent[2].layers]
+    strategy.aggregate_fit(0, [ClientUpdate(2, 5, delta, 0.0)], [])
+    for layer, start, d in zip(strategy.models.client(2), sent[2].layers, delta):
+        torch.testing.assert_close(layer, start + d)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_heurpfedla_keeps_exactly_k_layers_local(k):
+    strategy = strategy_for(heur_k=k)
+    clients = [0, 3]
+    alpha = strategy.layer_weights()
+    instructions = strategy.configure_fit(0, clients)
+    for c in clients:
+        kept = instructions[c].kept_local
+        assert len(kept) == k
+        # The kept layers are the ones with the largest self-weight.
+        expected = set(torch.topk(alpha[c, :, c], k).indices.tolist())
+        assert kept == expected
+        for layer in kept:  # a kept layer is the client's own model, untouched by others
+            torch.testing.assert_close(instructions[c].layers[layer], strategy.models.rows[layer][c])
+        full = sum(t.numel() * 4 for t in instructions[c].layers)
+        assert instructions[c].bytes_sent() == full - sum(
+            instructions[c].layers[i].numel() * 4 for i in kept)
+    deltas = [torch.randn(2, rows.shape[1]) for rows in strategy.models.rows]
+    _, kept_alpha, _ = strategy.hypernetwork_gradients(torch.tensor(clients), deltas)
+    # Kept layers are excluded from the gradient: perturbing their deltas changes nothing.
+    keep = pf.heuristic_keep_mask(kept_alpha, torch.tensor(clients), k)
+    changed = [d.clone() for d in deltas]
+    for s in range(2):
+        for layer in torch.nonzero(keep[s]).flatten().tolist():
+            changed[layer][s] += 100.0
+    g1, _, _ = strategy.hypernetwork_gradients(torch.tensor(clients), deltas)
+    g2, _, _ = strategy.hypernetwork_gradients(torch.tensor(clients), changed)
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name])
+
+
+def test_clients_outside_the_round_keep_their_hypernetwork_exactly():
+    strategy = strategy_for(hn_lr=0.05)
+    before = {k: p.detach().clone() for k, p in strategy.hypernetworks.named_parameters()}
+    sent = strategy.configure_fit(0, [1, 2])
+    updates = [ClientUpdate(c, 5, [torch.randn_like(t) for t in sent[c].layers], 0.0) for c in (1, 2)]
+    strategy.aggregate_fit(0, updates, [])
+    for name, param in strategy.hypernetworks.named_parameters():
+        torch.testing.assert_close(param[0], before[name][0])
+        torch.testing.assert_close(param[3], before[name][3])
+    assert not torch.equal(strategy.hypernetworks.head_w[1], before["head_w"][1])
+
+
+def test_state_dict_round_trip_restores_the_server():
+    strategy = strategy_for()
+    sent = strategy.configure_fit(0, [0, 1])
+    strategy.aggregate_fit(0, [ClientUpdate(c, 5, [torch.randn_like(t) for t in sent[c].layers], 0.0)
+                               for c in (0, 1)], [])
+    restored = strategy_for(seed=9)
+    restored.load_state_dict(strategy.state_dict())
+    torch.testing.assert_close(restored.layer_weights(), strategy.layer_weights())
+    for a, b in zip(restored.models.rows, strategy.models.rows):
+        torch.testing.assert_close(a, b)
+
+
+def clustered_data(num_clients=8, seed=0) -> FederatedData:
+    """Digits split iid; the second half of the clients sees labels shifted by 5 (another task)."""
+    pooled = load_digits()
+    rng = np.random.default_rng(seed)
+    order = torch.from_numpy(rng.permutation(len(pooled.labels)))
+    shards = []
+    for client, part in enumerate(torch.tensor_split(order, num_clients)):
+        x, y = pooled.features[part], pooled.labels[part]
+        if client >= num_clients // 2:
+            y = (y + 5) % 10
+        cut = len(y) * 3 // 4
+        shards.append(ClientShard(x[:cut], y[:cut], x[cut:], y[cut:]))
+    return FederatedData(shards, 10, (1, 8, 8))
+
+
+def same_group_mass(alpha: np.ndarray) -> float:
+    n = alpha.shape[0]
+    group = np.arange(n) >= n // 2
+    same = group[:, None] == group[None, :]
+    return float((alpha * same[:, None, :]).sum(-1).mean())
+
+
+def run_clustered(rounds=12) -> float:
+    config = config_from_dict({"clients": 8, "rounds": rounds, "algorithms": ["pfedla"],
+                               "local_epochs": 1, "device": "cpu"})
+    simulation = Simulation(config, clustered_data(), torch.device("cpu"), tracker=None, progress=False)
+    strategy = make_strategy("pfedla", config, initial_layers(simulation.model))
+    for round_idx in range(rounds):
+        simulation.run_round(strategy, round_idx)
+    return same_group_mass(strategy.layer_weights().numpy())
+
+
+def test_descent_sign_puts_weight_on_the_same_group():
+    assert run_clustered() > 0.8
+
+
+def test_flipped_sign_is_caught(monkeypatch):
+    """The public bug: ascent (grad_outputs = θ' − θ̄). The same check must then fail."""
+    original = pf.surrogate_alpha_grad
+    monkeypatch.setattr(pf, "surrogate_alpha_grad", lambda deltas, stack: -original(deltas, stack))
+    assert run_clustered() < 0.8
