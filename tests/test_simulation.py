@@ -99,3 +99,136 @@ def test_default_experiment_pfedla_beats_baselines_and_trusts_class_sharing_clie
     preferred = [alpha[:, layer][share & others].mean() > alpha[:, layer][~share].mean()
                  for layer in range(alpha.shape[1])]
     assert sum(preferred) > len(preferred) / 2
+
+
+def comparable(summary: dict) -> dict:
+    """summary.json without what legitimately differs between runs (time, MLflow ids)."""
+    return {name: {k: v for k, v in entry.items() if k not in ("wall_seconds", "mlflow_run_id")}
+            for name, entry in summary.items()}
+
+
+def wait_for(path_glob, root, timeout=240):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if list(root.glob(path_glob)):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{path_glob} never appeared under {root}")
+
+
+@pytest.mark.integration
+def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_summary(tmp_path, monkeypatch):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    raw = {"clients": 4, "rounds": 6, "algorithms": ["pfedla", "local"], "device": "cpu", "heur_k": 1,
+           "participation": 0.75}
+    reference = run_experiment(config_from_dict({**raw, "output_dir": str(tmp_path / "ref")}),
+                               progress=False, track=False)
+    out = tmp_path / "killed"
+    config_file = tmp_path / "exp.yaml"
+    config_file.write_text(yaml.safe_dump({**raw, "output_dir": str(out)}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "pfedla.cli", "run", "--quiet"]
+    rounds_dir = out / "checkpoints" / "rounds"
+    # Kill points: mid-pfedla, again early in the resumed pfedla, then mid-local.
+    for args, kill_after in ((["--config", str(config_file)], "pfedla/round_00002.safetensors"),
+                             (["--resume", str(out)], "pfedla/round_00004.safetensors"),
+                             (["--resume", str(out)], "local/round_00003.safetensors")):
+        process = subprocess.Popen(command + args, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        wait_for(kill_after, rounds_dir)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        assert not (out / "summary.json").exists()
+    # What a kill during a non-atomic write would leave: a torn newest file and a partial one.
+    newest = sorted((rounds_dir / "local").glob("round_*.safetensors"))[-1]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    (rounds_dir / "local" / "round_00009.safetensors.partial").write_bytes(b"torn")
+    finished = subprocess.run(command + ["--resume", str(out)], env=env, capture_output=True, text=True,
+                              timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    assert "is unusable" in finished.stderr and "falling back" in finished.stderr
+    resumed = json.loads((out / "summary.json").read_text())
+    expected = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    assert comparable(resumed) == comparable(expected)
+    np.testing.assert_array_equal(np.load(out / "layer_weights.npy"),
+                                  reference.results["pfedla"].layer_weights)
+    # The MLflow runs continued: every round logged exactly once.
+    client = MlflowClient(f"sqlite:///{out.resolve()}/mlflow.db")
+    for name in ("pfedla", "local"):
+        steps = [m.step for m in client.get_metric_history(resumed[name]["mlflow_run_id"], "round_seconds")]
+        assert sorted(steps) == list(range(6)), name
+
+
+def test_failing_and_hostile_clients_are_left_out_without_touching_honest_ones(tmp_path, monkeypatch, caplog):
+    """Fault injection: a wrapper around the real client training misbehaves for chosen clients."""
+    import logging
+
+    from pfedla import simulation
+
+    real_fit = simulation.fit_client
+
+    def misbehaving(kinds):
+        def fit(model, layout, instruction, shard, config, round_idx, client_id):
+            update = real_fit(model, layout, instruction, shard, config, round_idx, client_id)
+            kind = kinds.get(client_id)
+            if kind == "raise":
+                raise RuntimeError("client 1 lost its GPU")
+            if kind == "nan":
+                update.delta[0][0] = float("nan")
+            if kind == "huge":
+                update.delta = [d * 1e6 for d in update.delta]
+            return update
+        return fit
+
+    raw = {"clients": 6, "rounds": 3, "device": "cpu", "algorithms": ["pfedla", "fedavg"],
+           "max_update_norm": 1000.0, "output_dir": str(tmp_path / "out")}
+    monkeypatch.setattr(simulation, "fit_client", misbehaving({1: "raise", 2: "nan", 3: "huge"}))
+    with caplog.at_level(logging.WARNING, logger="pfedla"):
+        hostile = run_experiment(config_from_dict(raw), progress=False, track=False)
+    assert "client 1 left out: training raised RuntimeError: client 1 lost its GPU" in caplog.text
+    assert "client 2 left out: update has NaN or Inf values" in caplog.text
+    assert "client 3 left out: update L2 norm" in caplog.text and "exceeds max_update_norm" in caplog.text
+    for result in hostile.results.values():
+        assert [h["failed_clients"] for h in result.history] == [3.0, 3.0, 3.0]
+        assert all(np.isfinite(result.client_accuracies))
+    # The same clients simply absent (every attempt raises): honest clients see exactly the same.
+    monkeypatch.setattr(simulation, "fit_client", misbehaving({1: "raise", 2: "raise", 3: "raise"}))
+    absent = run_experiment(config_from_dict(raw), progress=False, track=False)
+    honest = [0, 4, 5]
+    for name in raw["algorithms"]:  # tolerance: exact equality
+        assert [hostile.results[name].client_accuracies[i] for i in honest] == \
+            [absent.results[name].client_accuracies[i] for i in honest]
+    # Without the norm limit the huge update gets through and poisons every client's next round.
+    monkeypatch.setattr(simulation, "fit_client", misbehaving({3: "huge"}))
+    unguarded = config_from_dict({**raw, "max_update_norm": None, "algorithms": ["fedavg"]})
+    with pytest.raises(simulation.RunAborted, match="round 1: 6 of 6 clients failed.*NaN or Inf"):
+        run_experiment(unguarded, progress=False, track=False)
+
+
+def test_too_many_failures_abort_with_a_clear_error_and_keep_the_last_checkpoint(tmp_path, monkeypatch):
+    from pfedla import simulation
+    from pfedla.checkpoint import CheckpointStore
+
+    real_fit = simulation.fit_client
+
+    def fails_from_round_two(model, layout, instruction, shard, config, round_idx, client_id):
+        if round_idx >= 2 and client_id != 0:
+            raise ValueError("disk full")
+        return real_fit(model, layout, instruction, shard, config, round_idx, client_id)
+
+    monkeypatch.setattr(simulation, "fit_client", fails_from_round_two)
+    config = config_from_dict({"clients": 4, "rounds": 4, "device": "cpu", "algorithms": ["pfedla"],
+                               "output_dir": str(tmp_path / "out")})
+    with pytest.raises(simulation.RunAborted, match="round 2: 3 of 4 clients failed.*disk full"):
+        run_experiment(config, progress=False, track=False)
+    latest = CheckpointStore(tmp_path / "out" / "checkpoints" / "rounds", keep=3).latest("pfedla")
+    assert latest.rounds_done == 2

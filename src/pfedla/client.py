@@ -111,3 +111,14 @@ def select_device(setting: str) -> torch.device:
     if setting in ("cuda", "auto") and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def update_problem(update: ClientUpdate, max_norm: float | None) -> str | None:
+    """Why an update must be rejected (non-finite values, norm over the limit), or None."""
+    if not all(bool(torch.isfinite(d).all()) for d in update.delta):
+        return "update has NaN or Inf values"
+    if max_norm is not None:
+        norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in update.delta)))
+        if norm > max_norm:
+            return f"update L2 norm {norm:.4g} exceeds max_update_norm {max_norm:.4g}"
+    return None

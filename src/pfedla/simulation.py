@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 import uuid
@@ -18,19 +19,25 @@ from tqdm import tqdm
 from pfedla import storage
 from pfedla.algorithms import FitInstruction, Strategy, make_strategy
 from pfedla.algorithms.pfedla import PFedLAStrategy
+from pfedla.checkpoint import CheckpointStore
 from pfedla.client import (
+    ClientFailure,
     ClientUpdate,
     EvalResult,
     TrainSettings,
     evaluate_client,
     select_device,
     train_client,
+    update_problem,
 )
-from pfedla.config import ExperimentConfig
+from pfedla.config import ExperimentConfig, config_from_dict
 from pfedla.data import ClientShard, FederatedData, build_federated_data
+from pfedla.errors import PfedlaError
 from pfedla.models import LayerLayout, build_model, initial_layers
 from pfedla.seeding import numpy_rng, torch_generator
 from pfedla.tracking import Tracker, default_tracking_uri
+
+log = logging.getLogger(__name__)
 
 
 def participants(config: ExperimentConfig, round_idx: int) -> list[int]:
@@ -124,27 +131,39 @@ class ExperimentResult:
     tracking_uri: str
 
 
+class RunAborted(PfedlaError):
+    """Too many clients failed in one round to trust its aggregate."""
+
+
 class Simulation:
     """Runs strategies round by round over one fixed federated dataset."""
 
     def __init__(self, config: ExperimentConfig, data: FederatedData, device: torch.device,
-                 tracker: Tracker | None, progress: bool = True):
+                 tracker: Tracker | None, progress: bool = True, checkpoints: CheckpointStore | None = None):
         self.config, self.device, self.tracker, self.progress = config, device, tracker, progress
+        self.checkpoints = checkpoints
         self.shards = [shard.to(device) for shard in data.shards]
         self.model = build_model(config.model, data.input_shape, data.num_classes, config.seed).to(device)
         self.layout = LayerLayout.of(self.model)
         self.output_dir = Path(config.output_dir)
 
-    def run(self, name: str, group: str) -> AlgorithmResult:
+    def run(self, name: str, group: str, resume: bool = False) -> AlgorithmResult:
+        """Run all rounds of one algorithm, or continue it from its newest good checkpoint."""
         config = self.config
         strategy = make_strategy(name, config, initial_layers(self.model))
-        if self.tracker:
-            self.tracker.start_run(name, config.flat_params(), {"pfedla.group": group,
-                                                                "pfedla.algorithm": name})
+        first_round, history, earlier_seconds, run_id = 0, [], 0.0, None
+        checkpoint = self.checkpoints.latest(name) if (resume and self.checkpoints) else None
+        if checkpoint is not None:
+            strategy.load_state_dict(checkpoint.tensors)
+            first_round, history = checkpoint.rounds_done, list(checkpoint.meta["history"])
+            earlier_seconds, run_id = checkpoint.meta["seconds"], checkpoint.meta.get("run_id")
+            log.info("%s: resuming after round %d from %s", name, first_round, checkpoint.location)
+        elif self.checkpoints:
+            self.checkpoints.clear(name)
+        self.start_tracking(name, group, run_id, history)
         started = time.perf_counter()
-        history: list[dict[str, float]] = []
-        bar = tqdm(range(config.rounds), desc=f"{name:>13}", unit="round", disable=not self.progress,
-                   file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(range(first_round, config.rounds), desc=f"{name:>13}", unit="round", initial=first_round,
+                   total=config.rounds, disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
         evaluation: list[EvalResult] = []
         for round_idx in bar:
             metrics = self.run_round(strategy, round_idx)
@@ -155,13 +174,19 @@ class Simulation:
                 bar.set_postfix(acc=f"{metrics['accuracy_mean']:.3f}")
             history.append(metrics)
             self.track_round(strategy, round_idx, metrics, last)
+            if self.checkpoints:
+                self.checkpoints.save(name, round_idx + 1, strategy.state_dict(), {
+                    "history": history, "run_id": self.tracker.run_id if self.tracker else None,
+                    "seconds": earlier_seconds + time.perf_counter() - started})
         bar.close()
+        if not evaluation:  # resumed after the last round had been checkpointed
+            evaluation = evaluate_strategy(strategy, self.model, self.layout, self.shards)
         result = AlgorithmResult(
             name=name,
             client_accuracies=[r.accuracy for r in evaluation],
             mean_accuracy=accuracy_metrics(evaluation)["accuracy_mean"],
             rounds=config.rounds,
-            wall_seconds=time.perf_counter() - started,
+            wall_seconds=earlier_seconds + time.perf_counter() - started,
             run_id=self.tracker.run_id if self.tracker else None,
             history=history,
         )
@@ -174,6 +199,20 @@ class Simulation:
             self.tracker.end_run()
         return result
 
+    def start_tracking(self, name: str, group: str, run_id: str | None,
+                       history: list[dict[str, float]]) -> None:
+        """Open the algorithm's MLflow run, or reopen it and send the rounds it is missing."""
+        if not self.tracker:
+            return
+        if run_id is None:
+            self.tracker.start_run(name, self.config.flat_params(),
+                                   {"pfedla.group": group, "pfedla.algorithm": name})
+            return
+        logged_through = self.tracker.resume_run(run_id)
+        for round_idx, metrics in enumerate(history):
+            if round_idx > logged_through:
+                self.tracker.log_metrics(round_idx, metrics)
+
     def track_round(self, strategy: Strategy, round_idx: int, metrics: dict[str, float], last: bool) -> None:
         """Queue the round's metrics; α arrays and heatmaps every ``heatmap_every`` rounds and at the end."""
         if not self.tracker:
@@ -184,20 +223,42 @@ class Simulation:
             self.tracker.log_layer_weights(strategy.layer_weights().cpu().numpy(), self.layout.names,
                                            f"round_{round_idx + 1:04d}")
 
+    def train_round_clients(self, instructions: dict[int, FitInstruction], round_idx: int
+                            ) -> tuple[list[ClientUpdate], list[ClientFailure]]:
+        """Every selected client's update; a client that raises or sends a bad update is left out."""
+        updates, failures = [], []
+        for client, instruction in instructions.items():
+            try:
+                update = fit_client(self.model, self.layout, instruction, self.shards[client], self.config,
+                                    round_idx, client)
+            except Exception as error:  # one client's crash must not take the round down
+                failures.append(ClientFailure(client, f"training raised {type(error).__name__}: {error}"))
+                continue
+            problem = update_problem(update, self.config.max_update_norm)
+            if problem:
+                failures.append(ClientFailure(client, problem))
+            else:
+                updates.append(update)
+        for failure in failures:
+            log.warning("round %d: client %d left out: %s", round_idx, failure.client_id, failure.reason)
+        if len(failures) > self.config.max_failed_fraction * len(instructions):
+            raise RunAborted(
+                f"round {round_idx}: {len(failures)} of {len(instructions)} clients failed, more than "
+                f"max_failed_fraction={self.config.max_failed_fraction}; first reason: {failures[0].reason}"
+            )
+        return updates, failures
+
     def run_round(self, strategy: Strategy, round_idx: int) -> dict[str, float]:
         """Configure, train every selected client, aggregate; returns the round's metrics."""
         started = time.perf_counter()
         clients = participants(self.config, round_idx)
         instructions = strategy.configure_fit(round_idx, clients)
-        updates = [
-            fit_client(self.model, self.layout, instructions[c], self.shards[c], self.config, round_idx, c)
-            for c in clients
-        ]
-        metrics = strategy.aggregate_fit(round_idx, updates, failures=[])
+        updates, failures = self.train_round_clients(instructions, round_idx)
+        metrics = strategy.aggregate_fit(round_idx, updates, failures)
         metrics.update({
             "clients": float(len(clients)),
-            "failed_clients": 0.0,
-            "train_loss": float(np.mean([u.train_loss for u in updates])),
+            "failed_clients": float(len(failures)),
+            "train_loss": float(np.mean([u.train_loss for u in updates])) if updates else float("nan"),
             "bytes_down": float(sum(i.bytes_sent() for i in instructions.values())),
             "bytes_up": float(sum(sum(d.numel() * d.element_size() for d in u.delta) for u in updates)),
             "round_seconds": time.perf_counter() - started,
@@ -205,7 +266,7 @@ class Simulation:
         return metrics
 
     def save_outputs(self, strategy: Strategy, result: AlgorithmResult) -> None:
-        """Personalized models and server state as safetensors; α as .npy for pFedLA."""
+        """Personalized models and server state as safetensors; α as .npy for pFedLA; the result."""
         models = {
             f"client{i}.{name}": tensor
             for i in range(self.config.clients)
@@ -220,6 +281,8 @@ class Simulation:
         if result.layer_weights is not None:
             suffix = "" if result.name == "pfedla" else f"_{result.name}"
             np.save(self.output_dir / f"layer_weights{suffix}.npy", result.layer_weights)
+        storage.write_json(self.output_dir / "results" / f"{result.name}.json",
+                           {**result.summary(), "history": result.history})
         if self.tracker:
             self.tracker.log_file(model_path, "models")
             self.tracker.log_file(state_path, "checkpoint")
@@ -237,18 +300,59 @@ def format_table(results: dict[str, AlgorithmResult]) -> str:
     return "\n".join(rows)
 
 
-def run_experiment(config: ExperimentConfig, progress: bool = True, track: bool = True) -> ExperimentResult:
-    """Run every algorithm of ``config`` and write summary.json and partition.json."""
+RUN_FILE = "run.json"
+
+
+def load_run_config(output_dir: str | Path) -> ExperimentConfig:
+    """The config an earlier ``pfedla run`` recorded in ``output_dir`` (for --resume)."""
+    path = Path(output_dir) / RUN_FILE
+    if not path.is_file():
+        raise PfedlaError(f"cannot resume: {path} does not exist (was {output_dir} written by pfedla run?)")
+    recorded = storage.read_json(path)
+    return config_from_dict(recorded["config"])
+
+
+def _finished_result(output_dir: Path, name: str) -> AlgorithmResult | None:
+    path = output_dir / "results" / f"{name}.json"
+    if not path.is_file():
+        return None
+    saved = storage.read_json(path)
+    weights_file = output_dir / ("layer_weights.npy" if name == "pfedla" else f"layer_weights_{name}.npy")
+    return AlgorithmResult(
+        name=name, client_accuracies=saved["client_accuracies"], mean_accuracy=saved["mean_accuracy"],
+        rounds=saved["rounds"], wall_seconds=saved["wall_seconds"], run_id=saved["mlflow_run_id"],
+        layer_weights=np.load(weights_file) if weights_file.is_file() else None, history=saved["history"],
+    )
+
+
+def run_experiment(config: ExperimentConfig, progress: bool = True, track: bool = True,
+                   resume: bool = False) -> ExperimentResult:
+    """Run every algorithm of ``config`` and write summary.json and partition.json.
+
+    With ``resume``, finished algorithms are read back and the unfinished one continues
+    from its newest good checkpoint (its MLflow run continues too).
+    """
     device = select_device(config.device)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    group = uuid.uuid4().hex[:12]
+    if resume:
+        group = storage.read_json(output_dir / RUN_FILE)["group"]
+    else:
+        storage.write_json(output_dir / RUN_FILE, {"config": config.to_dict(), "group": group})
+        for stale in (output_dir / "results").glob("*.json"):
+            stale.unlink()
     data = build_federated_data(config)
     storage.write_json(output_dir / "partition.json", {"clients": data.class_counts()})
     tracking_uri = default_tracking_uri(output_dir)
     tracker = Tracker(tracking_uri, config.experiment_name, output_dir / "mlartifacts") if track else None
-    simulation = Simulation(config, data, device, tracker, progress)
-    group = uuid.uuid4().hex[:12]
-    results = {name: simulation.run(name, group) for name in config.algorithms}
+    checkpoints = CheckpointStore(config.checkpoint_dir or output_dir / "checkpoints" / "rounds",
+                                  config.keep_checkpoints, fallback=output_dir / "checkpoints" / "fallback")
+    simulation = Simulation(config, data, device, tracker, progress, checkpoints)
+    results = {}
+    for name in config.algorithms:
+        finished = _finished_result(output_dir, name) if resume else None
+        results[name] = finished or simulation.run(name, group, resume)
     summary = {name: r.summary() for name, r in results.items()}
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return ExperimentResult(results, output_dir, tracking_uri)

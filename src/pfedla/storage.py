@@ -40,7 +40,10 @@ def s3_client() -> Any:
     from botocore.config import Config
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
-    config = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=30)
+    # Transient faults are retried with exponential backoff; PFEDLA_S3_RETRIES tunes how long.
+    attempts = int(os.environ.get("PFEDLA_S3_RETRIES", "5"))
+    config = Config(retries={"max_attempts": attempts, "mode": "standard"}, connect_timeout=5,
+                    read_timeout=30)
     return boto3.client("s3", endpoint_url=endpoint, config=config)
 
 
@@ -80,6 +83,27 @@ def read_bytes(location: str | Path) -> bytes:
         return Path(location).read_bytes()
     except OSError as error:
         raise StorageError(f"cannot read {location}: {error.strerror}") from None
+
+
+def list_names(folder: str | Path) -> list[str]:
+    """Names of the objects/files directly inside ``folder`` (empty if it does not exist)."""
+    if is_s3(folder):
+        bucket, prefix = split_s3(str(folder).rstrip("/") + "/")
+        client = s3_client()
+        pages = _s3_call("list", str(folder), lambda: list(
+            client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")))
+        return sorted(item["Key"][len(prefix):] for page in pages for item in page.get("Contents", []))
+    path = Path(folder)
+    return sorted(p.name for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+
+
+def delete(location: str | Path) -> None:
+    """Remove one object or file; missing is fine."""
+    if is_s3(location):
+        bucket, key = split_s3(str(location))
+        _s3_call("delete", str(location), lambda: s3_client().delete_object(Bucket=bucket, Key=key))
+        return
+    Path(location).unlink(missing_ok=True)
 
 
 def save_tensors(location: str | Path, tensors: dict[str, torch.Tensor],

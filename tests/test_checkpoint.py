@@ -1,0 +1,67 @@
+"""Checkpoint store: atomic writes, keep-last-K, fallback past damaged checkpoints."""
+
+import logging
+
+import pytest
+import torch
+
+from pfedla import storage
+from pfedla.checkpoint import CheckpointStore
+
+
+def state(value: float) -> dict[str, torch.Tensor]:
+    return {"models.0": torch.full((3, 4), value), "hn.w": torch.arange(5.0) * value}
+
+
+def test_save_keeps_the_last_k_and_writes_a_pointer(tmp_path):
+    store = CheckpointStore(tmp_path / "ckpt", keep=2)
+    for rounds in (1, 2, 3):
+        store.save("pfedla", rounds, state(rounds), {"history": [rounds]})
+    files = sorted(p.name for p in (tmp_path / "ckpt" / "pfedla").iterdir())
+    assert files == ["LATEST", "round_00002.safetensors", "round_00003.safetensors"]
+    assert (tmp_path / "ckpt" / "pfedla" / "LATEST").read_text() == "round_00003.safetensors"
+    latest = store.latest("pfedla")
+    assert latest.rounds_done == 3 and latest.meta["history"] == [3]
+    assert torch.equal(latest.tensors["hn.w"], state(3)["hn.w"])
+    assert store.latest("fedavg") is None
+
+
+def test_corrupt_newest_falls_back_to_the_previous_good_one(tmp_path, caplog):
+    store = CheckpointStore(tmp_path, keep=3)
+    for rounds in (1, 2):
+        store.save("local", rounds, state(rounds), {})
+    newest = tmp_path / "local" / "round_00002.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-7])  # a torn write
+    (tmp_path / "local" / "round_00003.safetensors.partial").write_bytes(b"half")
+    with caplog.at_level(logging.WARNING):
+        latest = store.latest("local")
+    assert latest.rounds_done == 1
+    assert "round_00002.safetensors is unusable" in caplog.text and "falling back" in caplog.text
+
+
+def test_clear_forgets_an_earlier_run(tmp_path):
+    store = CheckpointStore(tmp_path, keep=3)
+    store.save("pfedla", 7, state(1), {})
+    store.clear("pfedla")
+    assert store.latest("pfedla") is None
+
+
+def test_s3_outage_saves_locally_and_says_so(tmp_path, monkeypatch):
+    """A refused loopback port stands in for an object store that is down."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("PFEDLA_S3_RETRIES", "1")
+    store = CheckpointStore("s3://bucket/ckpt", keep=2, fallback=tmp_path / "fallback")
+    with pytest.raises(storage.StorageError) as caught:
+        store.save("pfedla", 4, state(4), {})
+    message = str(caught.value)
+    assert "checkpoint after round 4 could not be stored" in message
+    assert "object store unreachable" in message and str(tmp_path / "fallback") in message
+    local = CheckpointStore(tmp_path / "fallback", keep=2)
+    assert local.latest("pfedla").rounds_done == 4
