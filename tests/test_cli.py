@@ -34,3 +34,22 @@ def test_bad_config_fails_before_any_work(tmp_path):
 def test_missing_config_file(tmp_path, capsys):
     assert main(["run", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "file not found" in capsys.readouterr().err
+
+
+def test_deploy_without_a_cluster_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    """No Kubernetes API server can run here: this checks the error path of `pfedla deploy`."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    code = main(["deploy", "--overlay", "kind", "--kubeconfig", str(tmp_path / "missing"),
+                 "--wait-timeout", "0"])
+    assert code == 2
+    assert "no Kubernetes cluster reachable" in capsys.readouterr().err
+
+
+def test_pipeline_compile_reports_size_and_how_to_continue(tmp_path, capsys):
+    output = tmp_path / "p.yaml"
+    code = main(["pipeline", "compile", "--set", "rounds=5", "--set", "pipeline.rounds_per_run=2",
+                 "-o", str(output)])
+    printed = capsys.readouterr().out
+    assert code == 0 and output.is_file()
+    assert "rounds 0..1 of 5" in printed
+    assert "--set pipeline.start_round=2" in printed

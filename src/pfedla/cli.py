@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
 
 from pfedla.errors import PfedlaError
 
@@ -16,15 +18,65 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     from pfedla.config import load_config
-    from pfedla.simulation import format_table, run_experiment
+    from pfedla.simulation import format_table, load_run_config, run_experiment
 
-    config = load_config(args.config, args.overrides)
-    outcome = run_experiment(config, progress=not args.quiet)
+    if args.resume:
+        if args.config or args.overrides:
+            raise PfedlaError("--resume continues a run with its recorded config: drop --config/--set")
+        config = load_run_config(args.resume)
+    else:
+        config = load_config(args.config, args.overrides)
+    outcome = run_experiment(config, progress=not args.quiet, resume=bool(args.resume))
     print(format_table(outcome.results))
     print(f"\noutputs:  {outcome.output_dir}/ (summary.json, partition.json, layer_weights.npy, models/)")
     print(f"tracking: {outcome.tracking_uri}")
     if outcome.tracking_uri.startswith("sqlite:"):
         print(f"view:     mlflow ui --backend-store-uri {outcome.tracking_uri}")
+
+
+def _pipeline_compile(args: argparse.Namespace) -> None:
+    from pfedla.config import load_config
+    from pfedla_pipelines.fl_pipeline import compile_pipeline
+
+    config = load_config(args.config, args.overrides)
+    rounds = compile_pipeline(config, args.output)
+    size = Path(args.output).stat().st_size
+    print(f"wrote {args.output} ({size / 1024:.0f} KiB): rounds {rounds.first}..{rounds.stop - 1} "
+          f"of {rounds.total}")
+    if not rounds.finishes:
+        print(f"continue with --set pipeline.start_round={rounds.stop} "
+              "--set pipeline.resume_from=<this run's pipeline.checkpoint_to>")
+
+
+def _pipeline_run_local(args: argparse.Namespace) -> None:
+    from pfedla.config import load_config
+    from pfedla_pipelines.fl_pipeline import run_local
+
+    config = load_config(args.config, args.overrides)
+    summary = run_local(config, args.pipeline_root)
+    for name, entry in summary.items():
+        print(f"{name}: mean accuracy {entry['mean_accuracy']:.4f} after {entry['rounds']} rounds "
+              f"(min {entry['min_accuracy']:.4f}, max {entry['max_accuracy']:.4f})")
+    print(f"outputs: {config.output_dir}/summary.json")
+
+
+def _pipeline_submit(args: argparse.Namespace) -> None:
+    from pfedla.config import load_config
+    from pfedla_pipelines.fl_pipeline import submit
+
+    config = load_config(args.config, args.overrides)
+    run_id = submit(config, args.host, args.experiment)
+    print(f"submitted run {run_id} to {args.host}")
+
+
+def _deploy(args: argparse.Namespace) -> None:
+    from pfedla.deploy import deploy
+
+    applied = deploy(args.overlay, namespace=args.namespace, kubeconfig=args.kubeconfig,
+                     context=args.context, wait_timeout=args.wait_timeout, secrets_env=args.secrets_env)
+    print(f"applied {len(applied)} objects:")
+    for ref in applied:
+        print(f"  {ref}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,12 +85,43 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the in-process simulation of every listed algorithm")
     _add_config_args(run)
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--resume", metavar="OUTPUT_DIR",
+                     help="continue an interrupted run from its last complete round")
     run.set_defaults(handler=_run)
+
+    pipeline = commands.add_parser("pipeline", help="the Kubeflow pipeline: compile, run locally, submit")
+    actions = pipeline.add_subparsers(dest="action", required=True)
+    compile_cmd = actions.add_parser("compile", help="write the pipeline YAML")
+    _add_config_args(compile_cmd)
+    compile_cmd.add_argument("-o", "--output", default="pipeline.yaml", help="YAML file to write")
+    compile_cmd.set_defaults(handler=_pipeline_compile)
+    local_cmd = actions.add_parser("run-local", help="run the pipeline here with kfp.local (no cluster)")
+    _add_config_args(local_cmd)
+    local_cmd.add_argument("--pipeline-root", help="where step outputs go (default: a temp directory)")
+    local_cmd.set_defaults(handler=_pipeline_run_local)
+    submit_cmd = actions.add_parser("submit", help="submit to a Kubeflow Pipelines API server")
+    _add_config_args(submit_cmd)
+    submit_cmd.add_argument("--host", required=True, help="KFP API URL, e.g. http://localhost:8080")
+    submit_cmd.add_argument("--experiment", help="KFP experiment (default: experiment_name)")
+    submit_cmd.set_defaults(handler=_pipeline_submit)
+
+    deploy_cmd = commands.add_parser("deploy", help="apply a kustomization (S3, MLflow, RBAC) to a cluster")
+    deploy_cmd.add_argument("--overlay", required=True, help="kind, gpu, or a kustomization directory")
+    deploy_cmd.add_argument("--namespace", help="namespace for pfedla's services (default: pfedla)")
+    deploy_cmd.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+    deploy_cmd.add_argument("--context", help="kubeconfig context")
+    deploy_cmd.add_argument("--wait-timeout", type=float, default=300,
+                            help="seconds to wait for rollouts (0: do not wait)")
+    deploy_cmd.add_argument("--secrets-env",
+                            help="env file with real credentials (default: k8s/base/secrets.env)")
+    deploy_cmd.set_defaults(handler=_deploy)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pfedla").setLevel(logging.INFO)
     try:
         args.handler(args)
     except PfedlaError as error:

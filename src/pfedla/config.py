@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,33 @@ class SyntheticConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """How ``pfedla pipeline`` turns the experiment into a Kubeflow pipeline run."""
+
+    algorithm: str = "pfedla"
+    image: str = ""  # empty: the step image built from images/ (pfedla.images.step_image)
+    parallelism: int = 10
+    rounds_per_run: int = 15  # ~12 KiB of YAML per round; Argo caps a workflow near 256 KiB
+    start_round: int = 0
+    resume_from: str | None = None
+    checkpoint_to: str | None = None
+    eval_every: int = 0  # 0: evaluate only at the end of the run
+    gpus_per_client: int = 0
+    gpu_resource: str = "nvidia.com/gpu"
+    gpu_node_selector: str | None = None  # "label=value"
+    cpu_request: str = "1"
+    memory_request: str = "2Gi"
+    client_retries: int = 2
+    caching: bool = True
+    mlflow_tracking_uri: str | None = None  # else MLFLOW_TRACKING_URI from the endpoints ConfigMap
+    endpoints_config_map: str = "pfedla-endpoints"
+    s3_secret: str = "pfedla-s3-credentials"
+    mlflow_secret: str | None = None
+    registered_model: str = "pfedla-personalized"
+    service_account: str = "pfedla-pipeline-runner"  # least-privilege account from k8s/base
+
+
+@dataclass
 class ExperimentConfig:
     """Everything one experiment needs; see the README's config reference for each key."""
 
@@ -67,6 +95,11 @@ class ExperimentConfig:
     eval_every: int = 1
     heatmap_every: int = 10
     experiment_name: str = "pfedla"
+    checkpoint_dir: str | None = None  # default: <output_dir>/checkpoints/rounds; may be s3://
+    keep_checkpoints: int = 3
+    max_failed_fraction: float = 0.5
+    max_update_norm: float | None = None  # reject updates with a larger L2 norm (off by default)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -159,40 +192,39 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
                 raise ConfigError(key, "expected a section (mapping)")
             values[name] = _build(type(default), value, prefix=f"{key}.")
         else:
-            values[name] = _coerce(key, value, default, spec)
+            values[name] = _coerce(key, value, spec)
     return cls(**values)
 
 
-def _coerce(key: str, value: Any, default: Any, spec: dataclasses.Field) -> Any:
-    allows_none = "None" in str(spec.type)
+def _coerce(key: str, value: Any, spec: dataclasses.Field) -> Any:
+    """Check ``value`` against the field's annotation (``int``, ``float | None``, ``list[str]``...)."""
+    kind = str(spec.type).replace(" | None", "").strip()
     if value is None:
-        if allows_none:
+        if "None" in str(spec.type):
             return None
         raise ConfigError(key, "a value is required")
-    if isinstance(default, bool):
+    if kind == "bool":
         if not isinstance(value, bool):
             raise ConfigError(key, f"expected true or false, got {value!r}")
         return value
-    if isinstance(default, int):
+    if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(key, f"expected an integer, got {value!r}")
         return value
-    if isinstance(default, float):
+    if kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number, got {value!r}")
         if not math.isfinite(value):
             raise ConfigError(key, f"expected a finite number, got {value!r}")
         return float(value)
-    if isinstance(default, list):
+    if kind == "list[str]":
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
             raise ConfigError(key, f"expected a list of names, got {value!r}")
         return list(items)
-    if isinstance(default, str) or allows_none:
-        if not isinstance(value, str):
-            raise ConfigError(key, f"expected a string, got {value!r}")
-        return value
-    raise ConfigError(key, f"unsupported value {value!r}")
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    return value
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -273,5 +305,46 @@ def validate(config: ExperimentConfig) -> None:
             "data_dir",
             f"dataset {config.dataset!r} needs data_dir (a local directory or s3:// prefix)",
         )
+    _require(config.keep_checkpoints >= 1, "keep_checkpoints",
+             f"must be >= 1, got {config.keep_checkpoints}")
+    _require(0.0 <= config.max_failed_fraction <= 1.0, "max_failed_fraction",
+             f"must be in [0, 1], got {config.max_failed_fraction}")
+    if config.max_update_norm is not None:
+        _require(config.max_update_norm > 0, "max_update_norm",
+                 f"must be > 0 (or null for no limit), got {config.max_update_norm}")
+    _validate_pipeline(config)
     if config.dataset == "synthetic":
         _require(config.model == "mlp", "model", "the synthetic dataset is a vector task: use model: mlp")
+
+
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
+_LABEL = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?=[-A-Za-z0-9_.]*$")
+
+
+def _validate_pipeline(config: ExperimentConfig) -> None:
+    pipe = config.pipeline
+    _choice(pipe.algorithm, "pipeline.algorithm", ALGORITHMS)
+    for key in ("parallelism", "rounds_per_run"):
+        value = getattr(pipe, key)
+        _require(value >= 1, f"pipeline.{key}", f"must be >= 1, got {value}")
+    for key in ("start_round", "eval_every", "gpus_per_client", "client_retries"):
+        value = getattr(pipe, key)
+        _require(value >= 0, f"pipeline.{key}", f"must be >= 0, got {value}")
+    _require(
+        pipe.start_round < config.rounds,
+        "pipeline.start_round",
+        f"must be below rounds ({config.rounds}), got {pipe.start_round}",
+    )
+    _require(
+        pipe.start_round == 0 or pipe.resume_from is not None,
+        "pipeline.resume_from",
+        "a run that starts after round 0 needs the checkpoint to resume from",
+    )
+    for key in ("cpu_request", "memory_request"):
+        value = getattr(pipe, key)
+        _require(bool(_QUANTITY.match(value)), f"pipeline.{key}",
+                 f"not a Kubernetes quantity: {value!r} (e.g. 500m, 2, 4Gi)")
+    if pipe.gpu_node_selector is not None:
+        _require(bool(_LABEL.match(pipe.gpu_node_selector)), "pipeline.gpu_node_selector",
+                 f"expected label=value, got {pipe.gpu_node_selector!r}")
+    _require(bool(pipe.registered_model), "pipeline.registered_model", "must not be empty")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 METRIC_FLUSH_ROUNDS = 10  # one log_batch call per this many rounds (and at the end)
+SENTINEL_METRIC = "round_seconds"  # logged every round: tells how far a run got
 
 
 def default_tracking_uri(output_dir: str | Path) -> str:
@@ -60,6 +61,7 @@ class Tracker:
             self.experiment_id = experiment.experiment_id
         self.run_id: str | None = None
         self._pending: list = []
+        self._stored_through = -1  # steps at or below this are already in a resumed run
 
     def start_run(self, name: str, params: dict[str, str], tags: dict[str, str]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
@@ -69,8 +71,21 @@ class Tracker:
         )
         return self.run_id
 
+    def resume_run(self, run_id: str) -> int:
+        """Continue an existing run; returns the last round it already holds (-1 for none).
+
+        Rounds up to that one are not sent again, so a resumed run has no duplicate steps.
+        """
+        self.run_id = run_id
+        self.client.update_run(run_id, status="RUNNING")
+        stored = self.client.get_metric_history(run_id, SENTINEL_METRIC)
+        self._stored_through = max((m.step for m in stored), default=-1)
+        return self._stored_through
+
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """Queue one round's metrics; they are sent every few rounds in one batch."""
+        if step <= self._stored_through:
+            return
         stamp = int(time.time() * 1000)
         self._pending.extend(self._metric_type(k, float(v), stamp, step) for k, v in metrics.items())
         if len({m.step for m in self._pending}) >= METRIC_FLUSH_ROUNDS:
@@ -98,10 +113,24 @@ class Tracker:
                             folder / f"layer{index:02d}_{name}.png")
             self.log_dir(folder, f"layer_weights/{label}")
 
+    def register_models(self, name: str, artifact_path: str) -> str:
+        """Register the run's ``artifact_path`` as a new version of model ``name``; returns it."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        run = self.client.get_run(self._run())
+        source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
+        return self.client.create_model_version(name, source, run_id=self._run()).version
+
     def end_run(self, status: str = "FINISHED") -> None:
         self.flush()
         self.client.set_terminated(self._run(), status=status)
         self.run_id = None
+        self._stored_through = -1
 
     def _run(self) -> str:
         if self.run_id is None:

@@ -1,0 +1,101 @@
+"""The pipeline's steps called directly: same numbers as the simulation, clear artifact errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pfedla import steps, storage
+from pfedla.config import config_from_dict
+from pfedla.errors import ArtifactError
+from pfedla.simulation import run_experiment
+
+
+def config_json(tmp_path, **extra):
+    raw = {"clients": 3, "rounds": 2, "device": "cpu", "output_dir": str(tmp_path / "sim"),
+           "algorithms": ["pfedla"], "heur_k": 1, "participation": 0.67}
+    raw.update(extra)
+    return json.dumps(config_from_dict(raw).to_dict())
+
+
+def run_steps(tmp_path, cfg):
+    shards, state = tmp_path / "shards", tmp_path / "state0"
+    steps.partition(cfg, shards)
+    steps.server_init(cfg, shards, state)
+    for round_idx in range(2):
+        models = tmp_path / f"models{round_idx}"
+        clients = steps.server_configure(cfg, round_idx, shards, state, models)
+        updates = []
+        for client in clients:
+            updates.append(tmp_path / f"update{round_idx}_{client}")
+            steps.client_train(cfg, round_idx, client, shards, models, updates[-1])
+        new_state = tmp_path / f"state{round_idx + 1}"
+        steps.server_aggregate(cfg, round_idx, shards, state, list(reversed(updates)), new_state)
+        state = new_state
+    evaluation = tmp_path / "evaluation"
+    steps.evaluate(cfg, shards, state, tmp_path / "final", evaluation)
+    return shards, tmp_path / "final", evaluation
+
+
+def test_steps_reproduce_the_simulation_exactly(tmp_path):
+    cfg = config_json(tmp_path)
+    _, state, evaluation = run_steps(tmp_path, cfg)
+    result = json.loads((evaluation / "evaluation.json").read_text())
+    simulated = run_experiment(steps.parse_config(cfg), progress=False, track=False).results["pfedla"]
+    assert result["client_accuracies"] == simulated.client_accuracies
+    np.testing.assert_array_equal(np.load(evaluation / "layer_weights.npy"), simulated.layer_weights)
+    history = json.loads((state / "history.json").read_text())
+    assert [h["round"] for h in history] == [0, 1]
+    assert history[-1]["accuracy_mean"] == pytest.approx(result["mean_accuracy"])
+    assert all(h["clients"] == 2.0 for h in history)  # 0.67 of 3 clients
+    models, _ = storage.load_tensors(evaluation / "models.safetensors")
+    assert "client2.fc2.weight" in models
+
+
+def test_partition_writes_one_shard_per_client_and_stats(tmp_path):
+    meta = steps.partition(config_json(tmp_path), tmp_path / "shards")
+    assert meta == {"num_classes": 10, "input_shape": [1, 8, 8], "num_clients": 3}
+    shard = steps.load_shard(tmp_path / "shards", 2)
+    assert shard.num_train > 0 and shard.num_test > 0
+    stats = json.loads((tmp_path / "shards" / "partition.json").read_text())
+    assert len(stats["clients"]) == 3
+
+
+def test_updates_that_do_not_fit_are_rejected_before_touching_state(tmp_path):
+    cfg = config_json(tmp_path, heur_k=0, participation=1.0)
+    shards, state, models = tmp_path / "shards", tmp_path / "state", tmp_path / "models"
+    steps.partition(cfg, shards)
+    steps.server_init(cfg, shards, state)
+    steps.server_configure(cfg, 0, shards, state, models)
+    steps.client_train(cfg, 0, 1, shards, models, tmp_path / "u1")
+    with pytest.raises(ArtifactError, match="for round 0, not 1"):
+        steps.server_aggregate(cfg, 1, shards, state, [tmp_path / "u1"], tmp_path / "bad")
+    tensors, meta = storage.load_tensors(tmp_path / "u1" / "update.safetensors")
+    tensors["delta.0"] = tensors["delta.0"][:-1]
+    storage.save_tensors(tmp_path / "u2" / "update.safetensors", tensors, meta)
+    with pytest.raises(ArtifactError, match="does not fit the configured model"):
+        steps.server_aggregate(cfg, 0, shards, state, [tmp_path / "u2"], tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_resume_checks_algorithm_and_round(tmp_path):
+    cfg = config_json(tmp_path)
+    shards, _, _ = run_steps(tmp_path, cfg)
+    final = tmp_path / "final"
+    resumed = config_json(tmp_path, rounds=4, pipeline={"resume_from": str(final), "start_round": 2})
+    assert steps.server_init(resumed, shards, tmp_path / "resumed") == 2
+    restored, _ = storage.load_tensors(tmp_path / "resumed" / "state.safetensors")
+    original, _ = storage.load_tensors(final / "state.safetensors")
+    assert all(torch.equal(restored[k], original[k]) for k in original)
+    wrong_round = config_json(tmp_path, rounds=4, pipeline={"resume_from": str(final), "start_round": 1})
+    with pytest.raises(ArtifactError, match="continues at round 2"):
+        steps.server_init(wrong_round, shards, tmp_path / "r2")
+    wrong_algorithm = config_json(tmp_path, rounds=4, pipeline={"resume_from": str(final), "start_round": 2,
+                                                                "algorithm": "local"})
+    with pytest.raises(ArtifactError, match="holds 'pfedla' state"):
+        steps.server_init(wrong_algorithm, shards, tmp_path / "r3")
+    other_model = config_json(tmp_path, rounds=4, model="mlp",
+                              pipeline={"resume_from": str(final), "start_round": 2})
+    with pytest.raises(ArtifactError, match="shape"):
+        steps.server_init(other_model, shards, tmp_path / "r4")

@@ -1,0 +1,67 @@
+"""MLflow tracking against a real `mlflow server` (artifacts proxied to a real S3 server)."""
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pfedla.config import config_from_dict
+from pfedla.simulation import run_experiment
+from pfedla.tracking import METRIC_FLUSH_ROUNDS, Tracker, default_tracking_uri
+
+
+def test_default_uri_is_sqlite_in_the_output_dir_unless_the_environment_says_otherwise(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert default_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert default_tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+
+
+@pytest.mark.integration
+def test_short_experiment_on_a_real_mlflow_server(tmp_path, mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.tracking_uri)
+    rounds = METRIC_FLUSH_ROUNDS + 2  # one full batch plus a partial one at the end
+    config = config_from_dict({"clients": 3, "rounds": rounds, "heatmap_every": 5, "device": "cpu",
+                               "algorithms": ["pfedla", "local"], "output_dir": str(tmp_path / "out"),
+                               "experiment_name": f"tracking-{tmp_path.name}"})
+    outcome = run_experiment(config, progress=False)
+    assert outcome.tracking_uri == mlflow_server.tracking_uri
+    assert not (tmp_path / "out" / "mlflow.db").exists()
+
+    client = MlflowClient(mlflow_server.tracking_uri)
+    experiment = client.get_experiment_by_name(config.experiment_name)
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"pfedla", "local"}
+    run = runs["pfedla"]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["rounds"] == str(rounds) and run.data.tags["pfedla.algorithm"] == "pfedla"
+    history = client.get_metric_history(run.info.run_id, "accuracy_mean")
+    assert [m.step for m in history] == list(range(rounds))
+    assert history[-1].value == pytest.approx(outcome.results["pfedla"].mean_accuracy)
+    assert len(client.get_metric_history(run.info.run_id, "alpha_self_weight")) == rounds
+    labels = {a.path for a in client.list_artifacts(run.info.run_id, "layer_weights")}
+    assert labels == {"layer_weights/round_0005", "layer_weights/round_0010", "layer_weights/round_0012"}
+    alpha_path = client.download_artifacts(run.info.run_id, "layer_weights/round_0012/layer_weights.npy",
+                                           str(tmp_path))
+    np.testing.assert_array_equal(np.load(alpha_path), outcome.results["pfedla"].layer_weights)
+    pngs = [a.path for a in client.list_artifacts(run.info.run_id, "layer_weights/round_0012")
+            if a.path.endswith(".png")]
+    assert len(pngs) == 4
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "models")} == {"models/pfedla.safetensors"}
+    stored = mlflow_server.s3.client().list_objects_v2(Bucket=mlflow_server.bucket, Prefix="mlflow/")
+    assert any(o["Key"].endswith("models/pfedla.safetensors") for o in stored["Contents"])
+
+
+@pytest.mark.integration
+def test_metrics_are_sent_in_batches(tmp_path, mlflow_server, monkeypatch):
+    tracker = Tracker(mlflow_server.tracking_uri, f"batches-{tmp_path.name}")
+    run_id = tracker.start_run("batch", {"a": "1"}, {})
+    calls = []
+    original = tracker.client.log_batch
+    monkeypatch.setattr(tracker.client, "log_batch", lambda *a, **k: (calls.append(k), original(*a, **k)))
+    steps = METRIC_FLUSH_ROUNDS * 2 + 1
+    for step in range(steps):
+        tracker.log_metrics(step, {"x": float(step), "y": 1.0})
+    tracker.end_run()
+    assert len(calls) == 3  # two full batches and the rest at the end: not one call per value
+    history = tracker.client.get_metric_history(run_id, "x")
+    assert sorted(m.value for m in history) == [float(s) for s in range(steps)]
