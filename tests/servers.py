@@ -360,10 +360,13 @@ class S3Server:
             self.stop()
             raise
 
-    def stop(self) -> None:
-        """Terminate, wait briefly, then kill the whole process group (by PID). Idempotent."""
+    def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Terminate, wait up to ``grace`` s, then kill the process group (by PID). Idempotent.
+
+        ``grace=0`` is a sudden outage: SIGKILL at once.
+        """
         if self._proc is not None:
-            self._proc.stop()
+            self._proc.stop(grace)
             self._cleanup_sockets()
 
     # -- internals -----------------------------------------------------------------------

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pfedla.client import TrainSettings, evaluate_client, select_device, train_client
+from pfedla.client import LocalTrainer, TrainSettings, evaluate_client, select_device
 from pfedla.errors import ConfigError
 from pfedla.models import LayerLayout, build_model, initial_layers
 
@@ -21,14 +21,15 @@ def test_training_starts_from_the_given_layers_and_learns():
     start = initial_layers(model)
     before = evaluate_client(model, layout, start, x, y)
     settings = TrainSettings(epochs=20, batch_size=16, lr=0.1)
-    trained, loss = train_client(model, layout, start, x, y, settings, torch.Generator().manual_seed(1))
+    trainer = LocalTrainer(model, layout)
+    trained, loss = trainer.train(start, x, y, settings, torch.Generator().manual_seed(1))
     after = evaluate_client(model, layout, trained, x, y)
     assert after.accuracy > max(before.accuracy, 0.9)
     assert after.loss_sum < before.loss_sum and loss > 0
     # The start is not modified, and the module's own weights are not used or touched.
     assert all(torch.equal(a, b) for a, b in zip(start, initial_layers(model)))
     shifted = [t + 1.0 for t in start]
-    trained_shifted, _ = train_client(model, layout, shifted, x, y, TrainSettings(1, 64, 0.0),
+    trained_shifted, _ = trainer.train(shifted, x, y, TrainSettings(1, 64, 0.0),
                                       torch.Generator().manual_seed(1))
     assert all(torch.equal(a, b) for a, b in zip(trained_shifted, shifted))
 
@@ -36,7 +37,7 @@ def test_training_starts_from_the_given_layers_and_learns():
 def test_same_generator_seed_same_result():
     model, layout, x, y = toy_problem()
     settings = TrainSettings(epochs=2, batch_size=8, lr=0.1)
-    runs = [train_client(model, layout, initial_layers(model), x, y, settings,
+    runs = [LocalTrainer(model, layout).train(initial_layers(model), x, y, settings,
                          torch.Generator().manual_seed(5))[0] for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 

@@ -1,5 +1,7 @@
 """Config loading, overrides and validation errors that name the key and what is allowed."""
 
+import contextlib
+
 import pytest
 
 from pfedla.config import ExperimentConfig, config_from_dict, load_config
@@ -88,3 +90,38 @@ def test_shipped_example_configs_are_valid():
     assert configs
     for path in configs:
         load_config(path)
+
+
+# Property-based: whatever a user writes, the answer is a config or a ConfigError, nothing else.
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from pfedla.config import PartitionConfig  # noqa: E402
+
+_KEYS = [f.name for f in __import__("dataclasses").fields(ExperimentConfig)]
+_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True)
+    | st.text(max_size=12) | st.sampled_from(["digits", "iid", "pfedla", "cnn", "cpu", "s3://x/y"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6,
+)
+_CONFIGS = st.dictionaries(
+    st.sampled_from(_KEYS + ["partition.kind", "bogus"]) | st.text(max_size=10), _VALUES, max_size=8)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_CONFIGS)
+def test_random_configs_are_accepted_or_rejected_with_a_config_error(raw):
+    try:
+        config = config_from_dict(raw)
+    except ConfigError as error:
+        assert str(error).startswith(f"config key '{error.key}': ")
+    else:
+        assert isinstance(config.partition, PartitionConfig) and config.clients >= 2
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(max_size=20), max_size=4))
+def test_random_overrides_are_accepted_or_rejected_with_a_config_error(overrides):
+    with contextlib.suppress(ConfigError):
+        load_config(None, overrides)

@@ -173,8 +173,10 @@ def test_run_local_logs_to_mlflow_on_s3_matches_simulation_and_resumes_from_s3(
     versions = client.search_model_versions("name='pfedla-test-model'")
     assert [v.run_id for v in versions] == [run.info.run_id]
     s3 = s3_server.client()
-    stored = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_server.bucket, Prefix="mlflow/")["Contents"]]
-    assert any(k.endswith("models/models.safetensors") for k in stored)
+    # mlflow-artifacts:/<path> is proxied to s3://<bucket>/mlflow/<path>
+    prefix = "mlflow/" + run.info.artifact_uri.split(":", 1)[1].strip("/") + "/models/"
+    stored = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_server.bucket, Prefix=prefix)["Contents"]]
+    assert stored == [f"{prefix}models.safetensors"]
     ckpt = s3.list_objects_v2(Bucket=s3_server.bucket, Prefix=f"checkpoints/{tmp_path.name}/")["Contents"]
     assert {o["Key"].rsplit("/", 1)[1] for o in ckpt} == {"state.safetensors", "history.json"}
 

@@ -66,7 +66,7 @@ def test_hypernetwork_gradient_matches_finite_differences_of_the_surrogate():
     gen = torch.Generator().manual_seed(7)
     deltas = [torch.randn(3, rows.shape[1], generator=gen, dtype=torch.float64)
               for rows in strategy.models.rows]
-    grads, _, personalized = strategy.hypernetwork_gradients(clients, deltas)
+    grads, _ = strategy.hypernetwork_gradients(clients, deltas)
     # The surrogate: f(ψ) = Σ <θ̄(ψ), d> with d = θ̄(ψ0) − θ'(ψ0) = −Δ held fixed.
     fixed = [-d for d in deltas]
     params = dict(strategy.hypernetworks.named_parameters())
@@ -147,15 +147,15 @@ def test_heurpfedla_keeps_exactly_k_layers_local(k):
         assert instructions[c].bytes_sent() == full - sum(
             instructions[c].layers[i].numel() * 4 for i in kept)
     deltas = [torch.randn(2, rows.shape[1]) for rows in strategy.models.rows]
-    _, kept_alpha, _ = strategy.hypernetwork_gradients(torch.tensor(clients), deltas)
+    _, kept_alpha = strategy.hypernetwork_gradients(torch.tensor(clients), deltas)
     # Kept layers are excluded from the gradient: perturbing their deltas changes nothing.
     keep = pf.heuristic_keep_mask(kept_alpha, torch.tensor(clients), k)
     changed = [d.clone() for d in deltas]
     for s in range(2):
         for layer in torch.nonzero(keep[s]).flatten().tolist():
             changed[layer][s] += 100.0
-    g1, _, _ = strategy.hypernetwork_gradients(torch.tensor(clients), deltas)
-    g2, _, _ = strategy.hypernetwork_gradients(torch.tensor(clients), changed)
+    g1, _ = strategy.hypernetwork_gradients(torch.tensor(clients), deltas)
+    g2, _ = strategy.hypernetwork_gradients(torch.tensor(clients), changed)
     for name in g1:
         torch.testing.assert_close(g1[name], g2[name])
 

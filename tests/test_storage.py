@@ -37,3 +37,42 @@ def test_s3_uri_parsing():
     assert storage.split_s3("s3://bucket/a/b.json") == ("bucket", "a/b.json")
     with pytest.raises(storage.StorageError, match="bucket"):
         storage.split_s3("s3:///key")
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _valid_bytes() -> bytes:
+    from safetensors.torch import save
+
+    return save({"models.0": torch.arange(12.0).view(3, 4), "hn.w": torch.ones(5)},
+                metadata={"pfedla": '{"algorithm": "pfedla"}'})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=256))
+def test_random_bytes_are_rejected_with_an_artifact_error(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("rand") / "x.safetensors"
+    path.write_bytes(data)
+    try:
+        storage.load_tensors(path)
+    except ArtifactError as error:
+        assert "x.safetensors" in str(error)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_tampered_safetensors_load_cleanly_or_fail_with_an_artifact_error(tmp_path_factory, data):
+    valid = bytearray(_valid_bytes())
+    for _ in range(data.draw(st.integers(1, 4))):
+        position = data.draw(st.integers(0, len(valid) - 1))
+        valid[position] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(valid)))
+    path = tmp_path_factory.mktemp("tamper") / "t.safetensors"
+    path.write_bytes(bytes(valid[:cut]))
+    try:
+        tensors, meta = storage.load_tensors(path)
+    except ArtifactError:
+        return
+    assert isinstance(tensors, dict) and isinstance(meta, dict)

@@ -47,8 +47,10 @@ def test_short_experiment_on_a_real_mlflow_server(tmp_path, mlflow_server, monke
             if a.path.endswith(".png")]
     assert len(pngs) == 4
     assert {a.path for a in client.list_artifacts(run.info.run_id, "models")} == {"models/pfedla.safetensors"}
-    stored = mlflow_server.s3.client().list_objects_v2(Bucket=mlflow_server.bucket, Prefix="mlflow/")
-    assert any(o["Key"].endswith("models/pfedla.safetensors") for o in stored["Contents"])
+    # mlflow-artifacts:/<path> is proxied to s3://<bucket>/mlflow/<path>
+    prefix = "mlflow/" + run.info.artifact_uri.split(":", 1)[1].strip("/") + "/models/"
+    stored = mlflow_server.s3.client().list_objects_v2(Bucket=mlflow_server.bucket, Prefix=prefix)
+    assert [o["Key"] for o in stored.get("Contents", [])] == [f"{prefix}pfedla.safetensors"]
 
 
 @pytest.mark.integration
@@ -65,3 +67,41 @@ def test_metrics_are_sent_in_batches(tmp_path, mlflow_server, monkeypatch):
     assert len(calls) == 3  # two full batches and the rest at the end: not one call per value
     history = tracker.client.get_metric_history(run_id, "x")
     assert sorted(m.value for m in history) == [float(s) for s in range(steps)]
+
+
+@pytest.mark.integration
+def test_credentials_never_reach_mlflow_logs_or_outputs(tmp_path, mlflow_server, s3_server):
+    """A run that uses S3 credentials and MLflow auth variables; none of their values may leak."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    password = "pfedla-TEST-password-7d41c0"
+    secrets = [s3_server.secret_key, s3_server.access_key, password]
+    env = {**os.environ, **s3_server.env(), "MLFLOW_TRACKING_URI": mlflow_server.tracking_uri,
+           "MLFLOW_TRACKING_USERNAME": "pfedla", "MLFLOW_TRACKING_PASSWORD": password}
+    out = tmp_path / "out"
+    config = {"clients": 3, "rounds": 2, "device": "cpu", "algorithms": ["pfedla"], "output_dir": str(out),
+              "experiment_name": f"secrets-{tmp_path.name}",
+              "checkpoint_dir": f"s3://{s3_server.bucket}/secrets-{tmp_path.name}"}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "pfedla.cli", "run", "--config", str(tmp_path / "exp.yaml")]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    client = MlflowClient(mlflow_server.tracking_uri)
+    experiment = client.get_experiment_by_name(config["experiment_name"])
+    (run,) = client.search_runs([experiment.experiment_id])
+    texts = [finished.stdout, finished.stderr, *run.data.params, *run.data.params.values(),
+             *run.data.tags, *run.data.tags.values(), *run.data.metrics]
+    downloaded = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts")))
+    files = [p for p in downloaded.rglob("*") if p.is_file()] + [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) > 5
+    for secret in secrets:
+        assert not any(secret in text for text in texts), "a credential reached MLflow or the logs"
+        for path in files:
+            assert secret.encode() not in path.read_bytes(), f"a credential reached {path}"
+    listed = s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix=f"secrets-{tmp_path.name}/")
+    assert listed["KeyCount"] > 0  # the credentials were really used

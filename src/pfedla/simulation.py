@@ -24,10 +24,10 @@ from pfedla.client import (
     ClientFailure,
     ClientUpdate,
     EvalResult,
+    LocalTrainer,
     TrainSettings,
     evaluate_client,
     select_device,
-    train_client,
     update_problem,
 )
 from pfedla.config import ExperimentConfig, config_from_dict
@@ -54,8 +54,7 @@ def train_settings(config: ExperimentConfig) -> TrainSettings:
 
 
 def fit_client(
-    model: nn.Module,
-    layout: LayerLayout,
+    trainer: LocalTrainer,
     instruction: FitInstruction,
     shard: ClientShard,
     config: ExperimentConfig,
@@ -68,9 +67,8 @@ def fit_client(
     and all algorithms see the same batches.
     """
     generator = torch_generator(config.seed, "train", round_idx, client_id)
-    trained, loss = train_client(
-        model, layout, instruction.layers, shard.train_x, shard.train_y, train_settings(config), generator
-    )
+    trained, loss = trainer.train(instruction.layers, shard.train_x, shard.train_y, train_settings(config),
+                                  generator)
     delta = [after - before for after, before in zip(trained, instruction.layers, strict=True)]
     return ClientUpdate(client_id, shard.num_train, delta, loss)
 
@@ -145,6 +143,7 @@ class Simulation:
         self.shards = [shard.to(device) for shard in data.shards]
         self.model = build_model(config.model, data.input_shape, data.num_classes, config.seed).to(device)
         self.layout = LayerLayout.of(self.model)
+        self.trainer = LocalTrainer(self.model, self.layout)
         self.output_dir = Path(config.output_dir)
 
     def run(self, name: str, group: str, resume: bool = False) -> AlgorithmResult:
@@ -229,8 +228,8 @@ class Simulation:
         updates, failures = [], []
         for client, instruction in instructions.items():
             try:
-                update = fit_client(self.model, self.layout, instruction, self.shards[client], self.config,
-                                    round_idx, client)
+                update = fit_client(self.trainer, instruction, self.shards[client], self.config, round_idx,
+                                    client)
             except Exception as error:  # one client's crash must not take the round down
                 failures.append(ClientFailure(client, f"training raised {type(error).__name__}: {error}"))
                 continue
@@ -345,7 +344,10 @@ def run_experiment(config: ExperimentConfig, progress: bool = True, track: bool 
     data = build_federated_data(config)
     storage.write_json(output_dir / "partition.json", {"clients": data.class_counts()})
     tracking_uri = default_tracking_uri(output_dir)
-    tracker = Tracker(tracking_uri, config.experiment_name, output_dir / "mlartifacts") if track else None
+    # A tracking server stores artifacts itself (e.g. proxied to S3); a file store keeps them beside us.
+    served = tracking_uri.startswith(("http://", "https://", "databricks"))
+    artifact_root = None if served else output_dir / "mlartifacts"
+    tracker = Tracker(tracking_uri, config.experiment_name, artifact_root) if track else None
     checkpoints = CheckpointStore(config.checkpoint_dir or output_dir / "checkpoints" / "rounds",
                                   config.keep_checkpoints, fallback=output_dir / "checkpoints" / "fallback")
     simulation = Simulation(config, data, device, tracker, progress, checkpoints)

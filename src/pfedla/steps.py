@@ -14,6 +14,7 @@ Artifacts are directories of safetensors and JSON files:
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import torch
 from pfedla import storage
 from pfedla.algorithms import FitInstruction, Strategy, make_strategy
 from pfedla.algorithms.pfedla import PFedLAStrategy
-from pfedla.client import ClientUpdate, select_device
+from pfedla.client import ClientFailure, ClientUpdate, LocalTrainer, select_device, update_problem
 from pfedla.config import ExperimentConfig, config_from_dict
 from pfedla.data import ClientShard, build_federated_data
 from pfedla.errors import ArtifactError
@@ -34,6 +35,7 @@ from pfedla.models import LayerLayout, build_model, initial_layers
 from pfedla.simulation import accuracy_metrics, evaluate_strategy, fit_client, participants
 
 SHARD_KEYS = ("train_x", "train_y", "test_x", "test_y")
+log = logging.getLogger(__name__)
 
 
 def parse_config(config_json: str) -> ExperimentConfig:
@@ -155,8 +157,8 @@ def client_train(config_json: str, round_idx: int, client_id: int, shards_dir: s
     device = select_device(config.device)
     model = context.model.to(device)
     instruction = FitInstruction([t.to(device) for t in start], frozenset(meta.get("kept_local", [])))
-    update = fit_client(model, context.layout, instruction, load_shard(shards_dir, client_id).to(device),
-                        config, round_idx, client_id)
+    update = fit_client(LocalTrainer(model, context.layout), instruction,
+                        load_shard(shards_dir, client_id).to(device), config, round_idx, client_id)
     storage.save_tensors(
         Path(update_dir) / "update.safetensors",
         {f"delta.{i}": d for i, d in enumerate(update.delta)},
@@ -173,21 +175,27 @@ def server_aggregate(config_json: str, round_idx: int, shards_dir: str | Path, s
     config = parse_config(config_json)
     context = ModelContext.load(config, shards_dir)
     strategy, _, history = load_state(config, context, state_dir)
-    updates, bytes_down = [], 0.0
+    updates, failures, bytes_down = [], [], 0.0
     for folder in update_dirs:
         source = Path(folder) / "update.safetensors"
         tensors, meta = storage.load_tensors(source)
         if meta.get("round") != round_idx:
             raise ArtifactError(f"{source} is an update for round {meta.get('round')}, not {round_idx}")
         delta = _layers(tensors, "delta", context.layout, str(source))
-        updates.append(ClientUpdate(int(meta["client_id"]), int(meta["num_samples"]), delta,
-                                    float(meta["train_loss"])))
+        update = ClientUpdate(int(meta["client_id"]), int(meta["num_samples"]), delta,
+                              float(meta["train_loss"]))
         bytes_down += float(meta.get("bytes_down", 0))
+        problem = update_problem(update, config.max_update_norm)
+        if problem:  # hostile or broken: it never reaches another client's model
+            log.warning("round %d: client %d left out: %s", round_idx, update.client_id, problem)
+            failures.append(ClientFailure(update.client_id, problem))
+        else:
+            updates.append(update)
     updates.sort(key=lambda u: u.client_id)  # the collected order is not guaranteed
-    metrics = strategy.aggregate_fit(round_idx, updates, failures=[])
+    metrics = strategy.aggregate_fit(round_idx, updates, failures)
     metrics.update({
-        "clients": float(len(updates)),
-        "failed_clients": 0.0,
+        "clients": float(len(updates) + len(failures)),
+        "failed_clients": float(len(failures)),
         "train_loss": float(np.mean([u.train_loss for u in updates])) if updates else float("nan"),
         "bytes_down": bytes_down,
         "bytes_up": float(sum(sum(d.numel() * d.element_size() for d in u.delta) for u in updates)),

@@ -176,14 +176,13 @@ class PFedLAStrategy(Strategy):
 
     def hypernetwork_gradients(
         self, clients: torch.Tensor, deltas: Sequence[torch.Tensor]
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[torch.Tensor]]:
-        """Surrogate gradients of every HN parameter, plus (α, θ̄) they were taken at.
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Surrogate gradients of every HN parameter, plus the α they were taken at.
 
         ``deltas`` holds one [S, P_l] tensor per layer (row s: client clients[s]).
         Layers a client kept local (HeurpFedLA) contribute no gradient.
         """
         alpha, keep = self._alpha(clients)
-        personalized = aggregate_layers(alpha.detach(), self.models.rows)
         grad_alpha = surrogate_alpha_grad(deltas, self.models.rows).masked_fill(keep[:, :, None], 0.0)
         params = dict(self.hypernetworks.named_parameters())
         grads = torch.autograd.grad(alpha, list(params.values()), grad_outputs=grad_alpha,
@@ -192,7 +191,7 @@ class PFedLAStrategy(Strategy):
             name: torch.zeros_like(p) if g is None else g
             for (name, p), g in zip(params.items(), grads, strict=True)
         }
-        return named, alpha.detach(), personalized
+        return named, alpha.detach()
 
     def aggregate_fit(
         self, round_idx: int, updates: Sequence[ClientUpdate], failures: Sequence[ClientFailure]
@@ -201,10 +200,11 @@ class PFedLAStrategy(Strategy):
             return {}
         clients = self._client_index([u.client_id for u in updates])
         deltas = [torch.stack([u.delta[layer] for u in updates]) for layer in range(len(self.models.rows))]
-        grads, alpha, personalized = self.hypernetwork_gradients(clients, deltas)
+        grads, alpha = self.hypernetwork_gradients(clients, deltas)
         # Θ must change only after the gradient: both use the Θ that formed θ̄ this round.
-        for rows, start, delta in zip(self.models.rows, personalized, deltas, strict=True):
-            rows[clients] = start + delta
+        # θ' = θ̄ + Δ = αΘ + Δ is formed inside the stacked deltas: no [S, P_l] temporaries.
+        for layer, (rows, delta) in enumerate(zip(self.models.rows, deltas, strict=True)):
+            rows[clients] = delta.addmm_(alpha[:, layer], rows)
         if self.hn_lr > 0:
             self.optimizer.step(grads, clients)
         return alpha_metrics(alpha, clients)
