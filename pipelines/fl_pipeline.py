@@ -12,6 +12,7 @@ import builtins
 import json
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from kfp import compiler, dsl, kubernetes
 from pfedla.config import ExperimentConfig
 from pfedla.errors import PfedlaError
 from pfedla.images import step_image
+from pfedla.simulation import AlgorithmResult
 from pfedla_components import Components, build_components
 
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -172,6 +174,7 @@ def run_local(config: ExperimentConfig, pipeline_root: str | Path | None = None)
     local_config = _local_variant(config)
     # kfp.local patches print while it runs ParallelFor; restore it whatever happens.
     original_print = builtins.print
+    started = time.perf_counter()
     try:
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                    raise_on_error=True)
@@ -182,17 +185,12 @@ def run_local(config: ExperimentConfig, pipeline_root: str | Path | None = None)
         builtins.print = original_print
     evaluation_dir = Path(task.output.path)
     evaluation = json.loads((evaluation_dir / "evaluation.json").read_text())
-    accuracies = evaluation["client_accuracies"]
-    summary = {
-        config.pipeline.algorithm: {
-            "mean_accuracy": evaluation["mean_accuracy"],
-            "min_accuracy": min(accuracies),
-            "max_accuracy": max(accuracies),
-            "client_accuracies": accuracies,
-            "rounds": evaluation["rounds"],
-            "orchestration": "kfp.local",
-        }
-    }
+    result = AlgorithmResult(
+        name=config.pipeline.algorithm, client_accuracies=evaluation["client_accuracies"],
+        mean_accuracy=evaluation["mean_accuracy"], rounds=evaluation["rounds"],
+        wall_seconds=time.perf_counter() - started,
+    )
+    summary = {result.name: {**result.summary(), "orchestration": "kfp.local"}}
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if (evaluation_dir / "layer_weights.npy").is_file():
         shutil.copy(evaluation_dir / "layer_weights.npy", output_dir / "layer_weights.npy")

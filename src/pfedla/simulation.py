@@ -83,6 +83,15 @@ def evaluate_strategy(
     ]
 
 
+def personalized_models(strategy: Strategy, layout: LayerLayout, num_clients: int) -> dict[str, torch.Tensor]:
+    """Every client's personalized model as named tensors ``client<i>.<parameter>``."""
+    return {
+        f"client{i}.{name}": tensor
+        for i in range(num_clients)
+        for name, tensor in layout.unflatten(strategy.personalized_layers(i)).items()
+    }
+
+
 def accuracy_metrics(results: Sequence[EvalResult]) -> dict[str, float]:
     """Sample-weighted mean accuracy and loss, plus the worst and best client."""
     accuracies = [r.accuracy for r in results]
@@ -266,11 +275,7 @@ class Simulation:
 
     def save_outputs(self, strategy: Strategy, result: AlgorithmResult) -> None:
         """Personalized models and server state as safetensors; α as .npy for pFedLA; the result."""
-        models = {
-            f"client{i}.{name}": tensor
-            for i in range(self.config.clients)
-            for name, tensor in self.layout.unflatten(strategy.personalized_layers(i)).items()
-        }
+        models = personalized_models(strategy, self.layout, self.config.clients)
         model_path = self.output_dir / "models" / f"{result.name}.safetensors"
         storage.save_tensors(model_path, models, {"algorithm": result.name, "model": self.config.model,
                                                   "clients": self.config.clients})

@@ -32,7 +32,13 @@ from pfedla.config import ExperimentConfig, config_from_dict
 from pfedla.data import ClientShard, build_federated_data
 from pfedla.errors import ArtifactError
 from pfedla.models import LayerLayout, build_model, initial_layers
-from pfedla.simulation import accuracy_metrics, evaluate_strategy, fit_client, participants
+from pfedla.simulation import (
+    accuracy_metrics,
+    evaluate_strategy,
+    fit_client,
+    participants,
+    personalized_models,
+)
 
 SHARD_KEYS = ("train_x", "train_y", "test_x", "test_y")
 log = logging.getLogger(__name__)
@@ -235,11 +241,9 @@ def evaluate(config_json: str, shards_dir: str | Path, state_dir: str | Path,
         })
         if isinstance(strategy, PFedLAStrategy):
             np.save(out / "layer_weights.npy", strategy.layer_weights().numpy())
-        storage.save_tensors(out / "models.safetensors", {
-            f"client{i}.{name}": tensor
-            for i in range(len(shards))
-            for name, tensor in context.layout.unflatten(strategy.personalized_layers(i)).items()
-        }, {"algorithm": strategy.name, "model": config.model})
+        storage.save_tensors(out / "models.safetensors",
+                             personalized_models(strategy, context.layout, len(shards)),
+                             {"algorithm": strategy.name, "model": config.model})
     return metrics
 
 
