@@ -88,9 +88,8 @@ def _sgd_epochs(model: nn.Module, params: list[nn.Parameter], train_x: torch.Ten
             batch = order[start : start + settings.batch_size]
             loss = nn.functional.cross_entropy(model(train_x[batch]), train_y[batch])
             grads = torch.autograd.grad(loss, params)
-            with torch.no_grad():
-                for param, grad in zip(params, grads, strict=True):
-                    param.sub_(grad, alpha=settings.lr)
+            with torch.no_grad():  # θ ← θ − lr·∇, all parameters in one fused call
+                torch._foreach_add_(params, grads, alpha=-settings.lr)
             loss_total += loss.detach()  # summed on-device: no sync per batch
             batches += 1
     return float(loss_total) / max(batches, 1)
