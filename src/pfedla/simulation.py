@@ -83,6 +83,18 @@ def evaluate_strategy(
     ]
 
 
+def round_metrics(updates: Sequence[ClientUpdate], failures: Sequence[ClientFailure],
+                  bytes_down: float) -> dict[str, float]:
+    """What a round's client phase looked like: participation, failures, loss, bytes sent."""
+    return {
+        "clients": float(len(updates) + len(failures)),
+        "failed_clients": float(len(failures)),
+        "train_loss": float(np.mean([u.train_loss for u in updates])) if updates else float("nan"),
+        "bytes_down": float(bytes_down),
+        "bytes_up": float(sum(sum(d.numel() * d.element_size() for d in u.delta) for u in updates)),
+    }
+
+
 def personalized_models(strategy: Strategy, layout: LayerLayout, num_clients: int) -> dict[str, torch.Tensor]:
     """Every client's personalized model as named tensors ``client<i>.<parameter>``."""
     return {
@@ -263,14 +275,9 @@ class Simulation:
         instructions = strategy.configure_fit(round_idx, clients)
         updates, failures = self.train_round_clients(instructions, round_idx)
         metrics = strategy.aggregate_fit(round_idx, updates, failures)
-        metrics.update({
-            "clients": float(len(clients)),
-            "failed_clients": float(len(failures)),
-            "train_loss": float(np.mean([u.train_loss for u in updates])) if updates else float("nan"),
-            "bytes_down": float(sum(i.bytes_sent() for i in instructions.values())),
-            "bytes_up": float(sum(sum(d.numel() * d.element_size() for d in u.delta) for u in updates)),
-            "round_seconds": time.perf_counter() - started,
-        })
+        bytes_down = sum(i.bytes_sent() for i in instructions.values())
+        metrics.update(round_metrics(updates, failures, bytes_down))
+        metrics["round_seconds"] = time.perf_counter() - started
         return metrics
 
     def save_outputs(self, strategy: Strategy, result: AlgorithmResult) -> None:

@@ -38,6 +38,7 @@ from pfedla.simulation import (
     fit_client,
     participants,
     personalized_models,
+    round_metrics,
 )
 
 SHARD_KEYS = ("train_x", "train_y", "test_x", "test_y")
@@ -199,14 +200,8 @@ def server_aggregate(config_json: str, round_idx: int, shards_dir: str | Path, s
             updates.append(update)
     updates.sort(key=lambda u: u.client_id)  # the collected order is not guaranteed
     metrics = strategy.aggregate_fit(round_idx, updates, failures)
-    metrics.update({
-        "clients": float(len(updates) + len(failures)),
-        "failed_clients": float(len(failures)),
-        "train_loss": float(np.mean([u.train_loss for u in updates])) if updates else float("nan"),
-        "bytes_down": bytes_down,
-        "bytes_up": float(sum(sum(d.numel() * d.element_size() for d in u.delta) for u in updates)),
-        "server_seconds": time.perf_counter() - started,
-    })
+    metrics.update(round_metrics(updates, failures, bytes_down))
+    metrics["server_seconds"] = time.perf_counter() - started
     history = [*history, {"round": round_idx, **metrics}]
     save_state(new_state_dir, strategy, round_idx + 1, history)
     return metrics
