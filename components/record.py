@@ -6,9 +6,6 @@ from kfp.dsl import Artifact, Dataset, Input
 def record(config_json: str, tracking_uri: str, shards: Input[Dataset], state: Input[Artifact],
            evaluation: Input[Artifact]) -> str:
     """Log to MLflow (``tracking_uri``, else MLFLOW_TRACKING_URI from the environment); returns the run id."""
-    import os
-
     from pfedla import steps
 
-    return steps.record(config_json, shards.path, state.path, evaluation.path,
-                        tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    return steps.record(config_json, shards.path, state.path, evaluation.path, tracking_uri or None)

@@ -279,8 +279,22 @@ def _require_mlflow() -> None:
 # --------------------------------------------------------------------------------------------
 
 
+class _ServerProcess:
+    """What both servers expose about their process (``_proc``, set by ``start``)."""
+
+    _proc: _Proc | None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.alive()
+
+
 @dataclass
-class S3Server:
+class S3Server(_ServerProcess):
     """A SeaweedFS ``weed server`` (master+volume+filer+S3) with an authenticated S3 gateway."""
 
     endpoint_url: str
@@ -296,14 +310,6 @@ class S3Server:
     _proc: _Proc | None = field(default=None, repr=False)
 
     # -- public API ----------------------------------------------------------------------
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.alive()
 
     def env(self) -> dict[str, str]:
         """Environment variables that point an AWS/MLflow client (subprocess) at this store."""
@@ -507,7 +513,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 
 @dataclass
-class MlflowServer:
+class MlflowServer(_ServerProcess):
     """``mlflow server`` (sqlite backend) proxying artifacts to ``s3://<bucket>/mlflow``."""
 
     tracking_uri: str
@@ -519,14 +525,6 @@ class MlflowServer:
     port: int
     log_path: Path = field(repr=False)
     _proc: _Proc | None = field(default=None, repr=False)
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.alive()
 
     def command(self) -> list[str]:
         return [

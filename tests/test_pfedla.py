@@ -14,8 +14,6 @@ from pfedla.data.sources import load_digits
 from pfedla.models import initial_layers
 from pfedla.simulation import Simulation
 
-torch.set_default_dtype(torch.float32)
-
 
 def strategy_for(num_clients=5, sizes=(7, 3, 11), heur_k=0, hn_lr=0.01, seed=0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
