@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from pfedla.client import LocalTrainer, TrainSettings, evaluate_client, select_device
+from pfedla.client import (
+    ClientTimeout,
+    LocalTrainer,
+    TrainSettings,
+    evaluate_client,
+    failure_reason,
+    select_device,
+)
 from pfedla.errors import ConfigError
 from pfedla.models import LayerLayout, build_model, initial_layers
 
@@ -40,6 +47,23 @@ def test_same_generator_seed_same_result():
     runs = [LocalTrainer(model, layout).train(initial_layers(model), x, y, settings,
                          torch.Generator().manual_seed(5))[0] for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_client_timeout_stops_between_batches_and_a_generous_one_changes_nothing():
+    model, layout, x, y = toy_problem()
+    trainer = LocalTrainer(model, layout)
+
+    def train(timeout):
+        settings = TrainSettings(epochs=2, batch_size=8, lr=0.1, timeout=timeout)
+        return trainer.train(initial_layers(model), x, y, settings, torch.Generator().manual_seed(5))
+
+    expected = r"0 of 16 batches done when client_timeout=1e-09 s ran out"
+    with pytest.raises(ClientTimeout, match=expected) as caught:
+        train(1e-9)
+    assert failure_reason(caught.value).startswith("timed out: 0 of 16 batches")
+    assert failure_reason(ValueError("disk full")) == "training raised ValueError: disk full"
+    unlimited, generous = train(None), train(3600.0)
+    assert all(torch.equal(a, b) for a, b in zip(unlimited[0], generous[0]))
 
 
 def test_evaluation_counts():

@@ -189,3 +189,57 @@ def test_run_local_logs_to_mlflow_on_s3_matches_simulation_and_resumes_from_s3(
                                progress=False, track=False).results["pfedla"]
     assert resumed["client_accuracies"] == simulated.client_accuracies
     np.testing.assert_array_equal(np.load(tmp_path / "second" / "layer_weights.npy"), simulated.layer_weights)
+
+
+FAULT_INJECTION = '''
+# Loaded by every Python process of the test's kfp.local run (PYTHONPATH): client 1 always fails.
+import pfedla.simulation as simulation
+
+_real_fit = simulation.fit_client
+
+
+def _fit_client(trainer, instruction, shard, config, round_idx, client_id):
+    if client_id == 1:
+        raise RuntimeError("injected: client 1 lost its GPU")
+    return _real_fit(trainer, instruction, shard, config, round_idx, client_id)
+
+
+simulation.fit_client = _fit_client
+'''
+
+
+@pytest.mark.integration
+def test_run_local_goes_on_without_a_client_whose_training_fails(tmp_path, monkeypatch, restore_print):
+    """A real kfp.local run in which client 1's step fails every round. The fault is injected
+    through a sitecustomize module on PYTHONPATH (each step runs in its own Python process);
+    everything else is the real pipeline. It must finish and equal the simulation with the
+    same fault."""
+    from pfedla import simulation
+    from pfedla_pipelines.fl_pipeline import run_local
+
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(FAULT_INJECTION)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "inject"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    base = {"clients": 3, "rounds": 1, "device": "cpu", "algorithms": ["pfedla"],
+            "experiment_name": f"faulty-{tmp_path.name}"}
+    config = config_from_dict({**base, "output_dir": str(tmp_path / "pipe")})
+    summary = run_local(config, tmp_path / "root")["pfedla"]
+
+    client = MlflowClient(f"sqlite:///{(tmp_path / 'pipe').resolve()}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name(base["experiment_name"]).experiment_id])
+    failed = client.get_metric_history(run.info.run_id, "failed_clients")
+    assert [(m.step, m.value) for m in failed] == [(0, 1.0)]
+
+    real_fit = simulation.fit_client
+
+    def fit_client(trainer, instruction, shard, config, round_idx, client_id):
+        if client_id == 1:
+            raise RuntimeError("injected")
+        return real_fit(trainer, instruction, shard, config, round_idx, client_id)
+
+    monkeypatch.setattr(simulation, "fit_client", fit_client)
+    simulated = run_experiment(config_from_dict({**base, "output_dir": str(tmp_path / "sim")}),
+                               progress=False, track=False).results["pfedla"]
+    assert summary["client_accuracies"] == simulated.client_accuracies
+    np.testing.assert_array_equal(np.load(tmp_path / "pipe" / "layer_weights.npy"), simulated.layer_weights)

@@ -2,6 +2,7 @@
 and the default experiment's headline result."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -234,3 +235,38 @@ def test_too_many_failures_abort_with_a_clear_error_and_keep_the_last_checkpoint
         run_experiment(config, progress=False, track=False)
     latest = CheckpointStore(tmp_path / "out" / "checkpoints" / "rounds", keep=3).latest("pfedla")
     assert latest.rounds_done == 2
+
+
+def test_a_client_past_client_timeout_is_left_out_like_an_absent_one(tmp_path, monkeypatch, caplog):
+    """Fault injection: a forward hook makes every batch of client 2 take 0.4 s; the limit is 1 s."""
+    import logging
+    import time
+
+    from pfedla import simulation
+
+    real_fit = simulation.fit_client
+
+    def fit(slow_or_absent):
+        def fit_client(trainer, instruction, shard, config, round_idx, client_id):
+            if client_id != 2:
+                return real_fit(trainer, instruction, shard, config, round_idx, client_id)
+            if slow_or_absent == "absent":
+                raise RuntimeError("absent")
+            hook = trainer.model.register_forward_pre_hook(lambda *_: time.sleep(0.4))
+            try:
+                return real_fit(trainer, instruction, shard, config, round_idx, client_id)
+            finally:
+                hook.remove()
+        return fit_client
+
+    raw = {"clients": 4, "rounds": 2, "device": "cpu", "algorithms": ["pfedla"], "client_timeout": 1.0,
+           "output_dir": str(tmp_path / "out")}
+    monkeypatch.setattr(simulation, "fit_client", fit("slow"))
+    with caplog.at_level(logging.WARNING, logger="pfedla"):
+        slow = run_experiment(config_from_dict(raw), progress=False, track=False).results["pfedla"]
+    assert re.search(r"client 2 left out: timed out: \d of 18 batches done when client_timeout=1 s ran out",
+                     caplog.text)
+    assert [h["failed_clients"] for h in slow.history] == [1.0, 1.0]
+    monkeypatch.setattr(simulation, "fit_client", fit("absent"))
+    absent = run_experiment(config_from_dict(raw), progress=False, track=False).results["pfedla"]
+    assert slow.client_accuracies == absent.client_accuracies  # tolerance: exact equality

@@ -134,7 +134,8 @@ def test_tampered_server_state_is_loaded_or_rejected_with_the_project_error(tmp_
 
 
 def test_server_step_rejects_hostile_updates(tmp_path):
-    cfg = config_json(tmp_path, heur_k=0, participation=1.0, max_update_norm=100.0)
+    cfg = config_json(tmp_path, heur_k=0, participation=1.0, max_update_norm=100.0,
+                      max_failed_fraction=0.7)
     shards, state, models = tmp_path / "shards", tmp_path / "state", tmp_path / "models"
     steps.partition(cfg, shards)
     steps.server_init(cfg, shards, state)
@@ -154,3 +155,47 @@ def test_server_step_rejects_hostile_updates(tmp_path):
     for layer in range(4):  # the rejected clients' models are untouched, the honest one moved
         assert torch.equal(after[f"models.{layer}"][1:], before[f"models.{layer}"][1:])
     assert not torch.equal(after["models.0"][0], before["models.0"][0])
+
+
+def test_a_failing_client_step_reports_instead_of_failing_and_the_round_goes_on(tmp_path):
+    cfg = config_json(tmp_path, heur_k=0, participation=1.0)
+    shards, state, models = tmp_path / "shards", tmp_path / "state", tmp_path / "models"
+    steps.partition(cfg, shards)
+    steps.server_init(cfg, shards, state)
+    steps.server_configure(cfg, 0, shards, state, models)
+    damaged = models / "client_1.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])  # the model the server sent arrives torn
+    losses = [steps.client_train(cfg, 0, c, shards, models, tmp_path / f"u{c}") for c in range(3)]
+    assert losses[1] is None and losses[0] > 0 and losses[2] > 0
+    report, meta = storage.load_tensors(tmp_path / "u1" / "update.safetensors")
+    assert report == {} and "client_1.safetensors is not a valid safetensors file" in meta["failed"]
+    dirs = [tmp_path / f"u{c}" for c in range(3)]
+    metrics = steps.server_aggregate(cfg, 0, shards, state, dirs, tmp_path / "next")
+    assert metrics["failed_clients"] == 1.0 and metrics["clients"] == 3.0
+    after, _ = storage.load_tensors(tmp_path / "next" / "state.safetensors")
+    before, _ = storage.load_tensors(state / "state.safetensors")
+    assert torch.equal(after["models.0"][1], before["models.0"][1])  # the failed client is untouched
+    assert not torch.equal(after["models.0"][0], before["models.0"][0])
+    with pytest.raises(ArtifactError, match=r"updates came from clients \[0, 2\], but the round selected"):
+        steps.server_aggregate(cfg, 0, shards, state, [dirs[0], dirs[2]], tmp_path / "missing")
+    with pytest.raises(ArtifactError, match=r"updates came from clients \[0, 0, 1, 2\]"):
+        steps.server_aggregate(cfg, 0, shards, state, [dirs[0], *dirs], tmp_path / "twice")
+    storage.save_tensors(tmp_path / "u9" / "update.safetensors", {}, {"round": 0, "client_id": "x"})
+    with pytest.raises(ArtifactError, match="u9/update.safetensors has damaged metadata"):
+        steps.server_aggregate(cfg, 0, shards, state, [tmp_path / "u9"], tmp_path / "bad")
+    assert not any((tmp_path / name).exists() for name in ("missing", "twice", "bad"))
+
+
+def test_client_timeouts_in_the_pipeline_steps_are_failures_and_too_many_abort(tmp_path):
+    from pfedla.simulation import RunAborted
+
+    cfg = config_json(tmp_path, participation=1.0, client_timeout=1e-9)
+    shards, state, models = tmp_path / "shards", tmp_path / "state", tmp_path / "models"
+    steps.partition(cfg, shards)
+    steps.server_init(cfg, shards, state)
+    steps.server_configure(cfg, 0, shards, state, models)
+    dirs = [tmp_path / f"u{c}" for c in range(3)]
+    assert [steps.client_train(cfg, 0, c, shards, models, dirs[c]) for c in range(3)] == [None] * 3
+    with pytest.raises(RunAborted, match=r"round 0: 3 of 3 clients failed.*timed out: 0 of \d+ batches"):
+        steps.server_aggregate(cfg, 0, shards, state, dirs, tmp_path / "next")
+    assert not (tmp_path / "next").exists()

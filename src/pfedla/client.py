@@ -3,22 +3,33 @@
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from pfedla.errors import PfedlaError
 from pfedla.models import LayerLayout
+
+
+class ClientTimeout(PfedlaError):
+    """A client's local training ran past its deadline (``client_timeout``)."""
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """What a client needs to know to train: plain SGD for a number of local epochs."""
+    """What a client needs to know to train: plain SGD for a number of local epochs.
+
+    ``timeout`` (seconds, None: unlimited) is checked between batches: past it the client
+    gives up with ``ClientTimeout``; a batch already running is not interrupted.
+    """
 
     epochs: int
     batch_size: int
     lr: float
+    timeout: float | None = None
 
 
 @dataclass
@@ -37,6 +48,13 @@ class ClientFailure:
 
     client_id: int
     reason: str
+
+
+def failure_reason(error: Exception) -> str:
+    """One line saying why a client's training produced no update."""
+    if isinstance(error, ClientTimeout):
+        return str(error)
+    return f"training raised {type(error).__name__}: {error}"
 
 
 @dataclass
@@ -81,10 +99,15 @@ class LocalTrainer:
 def _sgd_epochs(model: nn.Module, params: list[nn.Parameter], train_x: torch.Tensor, train_y: torch.Tensor,
                 settings: TrainSettings, generator: torch.Generator) -> float:
     n = len(train_y)
+    deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
     loss_total, batches = torch.zeros((), device=train_x.device), 0
     for _ in range(settings.epochs):
         order = torch.randperm(n, generator=generator).to(train_x.device)
         for start in range(0, n, settings.batch_size):
+            if deadline is not None and time.monotonic() > deadline:
+                total = settings.epochs * -(-n // settings.batch_size)
+                raise ClientTimeout(f"timed out: {batches} of {total} batches done when "
+                                    f"client_timeout={settings.timeout:g} s ran out")
             batch = order[start : start + settings.batch_size]
             loss = nn.functional.cross_entropy(model(train_x[batch]), train_y[batch])
             grads = torch.autograd.grad(loss, params)

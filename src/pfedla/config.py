@@ -99,6 +99,7 @@ class ExperimentConfig:
     keep_checkpoints: int = 3
     max_failed_fraction: float = 0.5
     max_update_norm: float | None = None  # reject updates with a larger L2 norm (off by default)
+    client_timeout: float | None = None  # seconds of local training per client and round (no limit)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -309,6 +310,9 @@ def validate(config: ExperimentConfig) -> None:
              f"must be >= 1, got {config.keep_checkpoints}")
     _require(0.0 <= config.max_failed_fraction <= 1.0, "max_failed_fraction",
              f"must be in [0, 1], got {config.max_failed_fraction}")
+    if config.client_timeout is not None:
+        _require(config.client_timeout > 0, "client_timeout",
+                 f"must be > 0 seconds (or null for no limit), got {config.client_timeout}")
     if config.max_update_norm is not None:
         _require(config.max_update_norm > 0, "max_update_norm",
                  f"must be > 0 (or null for no limit), got {config.max_update_norm}")

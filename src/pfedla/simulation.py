@@ -27,6 +27,7 @@ from pfedla.client import (
     LocalTrainer,
     TrainSettings,
     evaluate_client,
+    failure_reason,
     select_device,
     update_problem,
 )
@@ -50,7 +51,8 @@ def participants(config: ExperimentConfig, round_idx: int) -> list[int]:
 
 
 def train_settings(config: ExperimentConfig) -> TrainSettings:
-    return TrainSettings(epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr)
+    return TrainSettings(epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
+                         timeout=config.client_timeout)
 
 
 def fit_client(
@@ -93,6 +95,22 @@ def round_metrics(updates: Sequence[ClientUpdate], failures: Sequence[ClientFail
         "bytes_down": float(bytes_down),
         "bytes_up": float(sum(sum(d.numel() * d.element_size() for d in u.delta) for u in updates)),
     }
+
+
+class RunAborted(PfedlaError):
+    """Too many clients failed in one round to trust its aggregate."""
+
+
+def report_failures(round_idx: int, failures: Sequence[ClientFailure], selected: int,
+                    max_failed_fraction: float) -> None:
+    """Log each left-out client; abort when more than ``max_failed_fraction`` of the round failed."""
+    for failure in failures:
+        log.warning("round %d: client %d left out: %s", round_idx, failure.client_id, failure.reason)
+    if len(failures) > max_failed_fraction * selected:
+        raise RunAborted(
+            f"round {round_idx}: {len(failures)} of {selected} clients failed, more than "
+            f"max_failed_fraction={max_failed_fraction}; first reason: {failures[0].reason}"
+        )
 
 
 def personalized_models(strategy: Strategy, layout: LayerLayout, num_clients: int) -> dict[str, torch.Tensor]:
@@ -148,10 +166,6 @@ class ExperimentResult:
     results: dict[str, AlgorithmResult]
     output_dir: Path
     tracking_uri: str
-
-
-class RunAborted(PfedlaError):
-    """Too many clients failed in one round to trust its aggregate."""
 
 
 class Simulation:
@@ -245,27 +259,21 @@ class Simulation:
 
     def train_round_clients(self, instructions: dict[int, FitInstruction], round_idx: int
                             ) -> tuple[list[ClientUpdate], list[ClientFailure]]:
-        """Every selected client's update; a client that raises or sends a bad update is left out."""
+        """Every selected client's update; one that raises, times out or sends a bad update is left out."""
         updates, failures = [], []
         for client, instruction in instructions.items():
             try:
                 update = fit_client(self.trainer, instruction, self.shards[client], self.config, round_idx,
                                     client)
             except Exception as error:  # one client's crash must not take the round down
-                failures.append(ClientFailure(client, f"training raised {type(error).__name__}: {error}"))
+                failures.append(ClientFailure(client, failure_reason(error)))
                 continue
             problem = update_problem(update, self.config.max_update_norm)
             if problem:
                 failures.append(ClientFailure(client, problem))
             else:
                 updates.append(update)
-        for failure in failures:
-            log.warning("round %d: client %d left out: %s", round_idx, failure.client_id, failure.reason)
-        if len(failures) > self.config.max_failed_fraction * len(instructions):
-            raise RunAborted(
-                f"round {round_idx}: {len(failures)} of {len(instructions)} clients failed, more than "
-                f"max_failed_fraction={self.config.max_failed_fraction}; first reason: {failures[0].reason}"
-            )
+        report_failures(round_idx, failures, len(instructions), self.config.max_failed_fraction)
         return updates, failures
 
     def run_round(self, strategy: Strategy, round_idx: int) -> dict[str, float]:

@@ -27,7 +27,14 @@ import torch
 from pfedla import storage
 from pfedla.algorithms import FitInstruction, Strategy, make_strategy
 from pfedla.algorithms.pfedla import PFedLAStrategy
-from pfedla.client import ClientFailure, ClientUpdate, LocalTrainer, select_device, update_problem
+from pfedla.client import (
+    ClientFailure,
+    ClientUpdate,
+    LocalTrainer,
+    failure_reason,
+    select_device,
+    update_problem,
+)
 from pfedla.config import ExperimentConfig, config_from_dict
 from pfedla.data import ClientShard, build_federated_data
 from pfedla.errors import ArtifactError
@@ -38,6 +45,7 @@ from pfedla.simulation import (
     fit_client,
     participants,
     personalized_models,
+    report_failures,
     round_metrics,
 )
 
@@ -154,50 +162,83 @@ def _layers(tensors: dict[str, torch.Tensor], prefix: str, layout: LayerLayout, 
 
 
 def client_train(config_json: str, round_idx: int, client_id: int, shards_dir: str | Path,
-                 models_dir: str | Path, update_dir: str | Path) -> float:
-    """Train one client from its own personalized model on its own shard; returns its loss."""
+                 models_dir: str | Path, update_dir: str | Path) -> float | None:
+    """Train one client from its own personalized model on its own shard; returns its loss.
+
+    A client whose training fails (raises, times out, cannot read its inputs) writes a
+    failure record with the reason instead of an update and returns None: the round goes
+    on without it, as in the simulation. Only a dying process fails the step (and is retried).
+    """
     config = parse_config(config_json)
-    context = ModelContext.load(config, shards_dir)
-    source = Path(models_dir) / f"client_{client_id}.safetensors"
-    tensors, meta = storage.load_tensors(source)
-    start = _layers(tensors, "layer", context.layout, str(source))
-    device = select_device(config.device)
-    model = context.model.to(device)
-    instruction = FitInstruction([t.to(device) for t in start], frozenset(meta.get("kept_local", [])))
-    update = fit_client(LocalTrainer(model, context.layout), instruction,
-                        load_shard(shards_dir, client_id).to(device), config, round_idx, client_id)
-    storage.save_tensors(
-        Path(update_dir) / "update.safetensors",
-        {f"delta.{i}": d for i, d in enumerate(update.delta)},
-        {"client_id": client_id, "round": round_idx, "num_samples": update.num_samples,
-         "train_loss": update.train_loss, "bytes_down": instruction.bytes_sent()},
-    )
+    target = Path(update_dir) / "update.safetensors"
+    meta: dict[str, Any] = {"client_id": client_id, "round": round_idx, "bytes_down": 0}
+    try:
+        context = ModelContext.load(config, shards_dir)
+        source = Path(models_dir) / f"client_{client_id}.safetensors"
+        tensors, model_meta = storage.load_tensors(source)
+        start = _layers(tensors, "layer", context.layout, str(source))
+        device = select_device(config.device)
+        kept_local = frozenset(model_meta.get("kept_local", []))
+        instruction = FitInstruction([t.to(device) for t in start], kept_local)
+        meta["bytes_down"] = instruction.bytes_sent()
+        update = fit_client(LocalTrainer(context.model.to(device), context.layout), instruction,
+                            load_shard(shards_dir, client_id).to(device), config, round_idx, client_id)
+    except Exception as error:  # reported to the server step rather than failing the whole round
+        meta["failed"] = failure_reason(error)
+        log.warning("round %d: client %d failed: %s", round_idx, client_id, meta["failed"])
+        storage.save_tensors(target, {}, meta)
+        return None
+    storage.save_tensors(target, {f"delta.{i}": d for i, d in enumerate(update.delta)},
+                         {**meta, "num_samples": update.num_samples, "train_loss": update.train_loss})
     return update.train_loss
+
+
+def _read_update(source: Path, round_idx: int, layout: LayerLayout
+                 ) -> tuple[ClientUpdate | ClientFailure, float]:
+    """A client's update file: its update or the failure it reported, and the bytes it was sent."""
+    tensors, meta = storage.load_tensors(source)
+    if meta.get("round") != round_idx:
+        raise ArtifactError(f"{source} is an update for round {meta.get('round')}, not {round_idx}")
+    try:
+        client_id, bytes_down = int(meta["client_id"]), float(meta.get("bytes_down", 0))
+        if "failed" in meta:
+            return ClientFailure(client_id, str(meta["failed"])), bytes_down
+        num_samples, train_loss = int(meta["num_samples"]), float(meta["train_loss"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ArtifactError(f"{source} has damaged metadata ({type(error).__name__}: {error})") from None
+    delta = _layers(tensors, "delta", layout, str(source))
+    return ClientUpdate(client_id, num_samples, delta, train_loss), bytes_down
 
 
 def server_aggregate(config_json: str, round_idx: int, shards_dir: str | Path, state_dir: str | Path,
                      update_dirs: Sequence[str | Path], new_state_dir: str | Path) -> dict[str, float]:
-    """Fold the round's collected updates into the server state."""
+    """Fold the round's collected updates into the server state.
+
+    Failed clients and rejected (non-finite or oversized) updates are left out and counted;
+    more than ``max_failed_fraction`` of them aborts the run. Every selected client must
+    have delivered exactly one file.
+    """
     started = time.perf_counter()
     config = parse_config(config_json)
     context = ModelContext.load(config, shards_dir)
     strategy, _, history = load_state(config, context, state_dir)
-    updates, failures, bytes_down = [], [], 0.0
+    updates, failures, bytes_down, delivered = [], [], 0.0, []
     for folder in update_dirs:
         source = Path(folder) / "update.safetensors"
-        tensors, meta = storage.load_tensors(source)
-        if meta.get("round") != round_idx:
-            raise ArtifactError(f"{source} is an update for round {meta.get('round')}, not {round_idx}")
-        delta = _layers(tensors, "delta", context.layout, str(source))
-        update = ClientUpdate(int(meta["client_id"]), int(meta["num_samples"]), delta,
-                              float(meta["train_loss"]))
-        bytes_down += float(meta.get("bytes_down", 0))
-        problem = update_problem(update, config.max_update_norm)
-        if problem:  # hostile or broken: it never reaches another client's model
-            log.warning("round %d: client %d left out: %s", round_idx, update.client_id, problem)
-            failures.append(ClientFailure(update.client_id, problem))
+        outcome, sent = _read_update(source, round_idx, context.layout)
+        bytes_down += sent
+        delivered.append(outcome.client_id)
+        if isinstance(outcome, ClientFailure):
+            failures.append(outcome)
+        elif problem := update_problem(outcome, config.max_update_norm):
+            failures.append(ClientFailure(outcome.client_id, problem))  # never reaches another client
         else:
-            updates.append(update)
+            updates.append(outcome)
+    selected = participants(config, round_idx)
+    if sorted(delivered) != selected:
+        raise ArtifactError(f"round {round_idx}: updates came from clients {sorted(delivered)}, "
+                            f"but the round selected {selected}")
+    report_failures(round_idx, failures, len(selected), config.max_failed_fraction)
     updates.sort(key=lambda u: u.client_id)  # the collected order is not guaranteed
     metrics = strategy.aggregate_fit(round_idx, updates, failures)
     metrics.update(round_metrics(updates, failures, bytes_down))
