@@ -119,8 +119,24 @@ def wait_for(path_glob, root, timeout=240):
     raise AssertionError(f"{path_glob} never appeared under {root}")
 
 
+# Runs the CLI with an audit hook that SIGKILLs the process at the first matching event: the
+# checkpoint's .partial file about to be opened (write started, nothing on disk yet) or renamed
+# (all bytes written, not yet committed), so the kill provably lands inside a checkpoint write.
+KILL_AT_EVENT = """
+import os, signal, sys
+event_name, needle = sys.argv.pop(1), sys.argv.pop(1)
+def kill_at(event, args):
+    if event == event_name and needle in str(args[0]):
+        os.kill(os.getpid(), signal.SIGKILL)
+sys.addaudithook(kill_at)
+from pfedla.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.integration
-def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_summary(tmp_path, monkeypatch):
+def test_sigkill_mid_round_and_inside_checkpoint_writes_then_resume_gives_the_uninterrupted_summary(
+        tmp_path, monkeypatch):
     import os
     import signal
     import subprocess
@@ -139,18 +155,29 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_summary(tmp_path, m
     subprocess.run(command + ["--config", str(tmp_path / "ref.yaml")], env=env, check=True, timeout=600,
                    capture_output=True)
     out = tmp_path / "killed"
-    config_file = tmp_path / "killed.yaml"
     rounds_dir = out / "checkpoints" / "rounds"
-    # Kill points: mid-pfedla, again early in the resumed pfedla, then mid-local.
-    for args, kill_after in ((["--config", str(config_file)], "pfedla/round_00002.safetensors"),
-                             (["--resume", str(out)], "pfedla/round_00004.safetensors"),
-                             (["--resume", str(out)], "local/round_00003.safetensors")):
+    resume = ["run", "--quiet", "--resume", str(out)]
+
+    def kill_when_written(args, checkpoint):
         process = subprocess.Popen(command + args, env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
-        wait_for(kill_after, rounds_dir)
+        wait_for(checkpoint, rounds_dir)
         process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-        assert not (out / "summary.json").exists()
+        assert process.wait(timeout=30) == -signal.SIGKILL
+
+    def kill_inside_write(event, file):
+        killed = subprocess.run([sys.executable, "-c", KILL_AT_EVENT, event, f"{file}.partial", *resume],
+                                env=env, capture_output=True, timeout=600)
+        assert killed.returncode == -signal.SIGKILL
+        assert (rounds_dir / f"{file}.partial").is_file() == (event == "os.rename")
+        assert not (rounds_dir / file).exists() or file.endswith("LATEST")
+
+    kill_when_written(["--config", str(tmp_path / "killed.yaml")], "pfedla/round_00002.safetensors")
+    kill_inside_write("open", "pfedla/round_00004.safetensors")  # the file has just been created
+    kill_inside_write("os.rename", "pfedla/round_00005.safetensors")  # written, not yet renamed
+    kill_when_written(["--resume", str(out)], "local/round_00003.safetensors")
+    kill_inside_write("os.rename", "local/LATEST")  # checkpoint stored, pointer not yet updated
+    assert not (out / "summary.json").exists()
     # What a kill during a non-atomic write would leave: a torn newest file and a partial one.
     newest = sorted((rounds_dir / "local").glob("round_*.safetensors"))[-1]
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
