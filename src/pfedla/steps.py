@@ -7,7 +7,8 @@ Artifacts are directories of safetensors and JSON files:
 - shards:     ``client_<i>.safetensors`` (train/test tensors), ``data.json``, ``partition.json``
 - state:      ``state.safetensors`` (the strategy's state_dict), ``history.json`` (per-round metrics)
 - models:     ``client_<i>.safetensors``: the personalized start model θ̄_i of this round
-- update:     ``update.safetensors``: Δ_i = θ_i' − θ̄_i with sample count and loss
+- update:     ``update.safetensors``: Δ_i = θ_i' − θ̄_i with sample count and loss, or no
+              tensors and a ``failed`` reason when the client's training failed
 - evaluation: ``evaluation.json``, ``layer_weights.npy`` (pFedLA), ``models.safetensors``
 """
 
