@@ -76,3 +76,24 @@ def test_tampered_safetensors_load_cleanly_or_fail_with_an_artifact_error(tmp_pa
     except ArtifactError:
         return
     assert isinstance(tensors, dict) and isinstance(meta, dict)
+
+
+@pytest.mark.integration
+def test_s3_with_a_wrong_key_is_a_clear_error_and_changes_nothing(s3_server, monkeypatch, tmp_path):
+    """Real SeaweedFS with authentication on: pfedla's storage API with a good, then a wrong key."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    uri = f"s3://{s3_server.bucket}/storage-test/{tmp_path.name}/t.safetensors"
+    storage.save_tensors(uri, {"a": torch.ones(3)}, {"round": 1})
+    wrong = s3_server.secret_key + "-wrong"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
+    monkeypatch.setenv("PFEDLA_S3_RETRIES", "1")
+    hint = r"\(check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY\)"
+    with pytest.raises(storage.StorageError, match=f"cannot read {uri}: .*{hint}") as refused_read:
+        storage.load_tensors(uri)
+    with pytest.raises(storage.StorageError, match=f"cannot write {uri}: .*{hint}") as refused_write:
+        storage.save_tensors(uri, {"a": torch.zeros(3)}, {"round": 2})
+    assert wrong not in str(refused_read.value) + str(refused_write.value)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    tensors, meta = storage.load_tensors(uri)
+    assert torch.equal(tensors["a"], torch.ones(3)) and meta == {"round": 1}

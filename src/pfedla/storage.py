@@ -6,6 +6,7 @@ MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), never from co
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -36,15 +37,27 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 def s3_client() -> Any:
     """A boto3 S3 client for the configured endpoint, retrying transient faults with backoff."""
-    import boto3
-    from botocore.config import Config
-
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
     # Transient faults are retried with exponential backoff; PFEDLA_S3_RETRIES tunes how long.
     attempts = int(os.environ.get("PFEDLA_S3_RETRIES", "5"))
+    # Keyed on the environment: boto3's default session would keep the first credentials it saw,
+    # so a corrected or rotated key would never take effect in a running process.
+    env = os.environ
+    return _s3_client_for(endpoint, env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY"),
+                          env.get("AWS_SESSION_TOKEN"), attempts)
+
+
+@functools.lru_cache(maxsize=4)
+def _s3_client_for(endpoint: str | None, key_id: str | None, secret: str | None, token: str | None,
+                   attempts: int) -> Any:
+    import boto3
+    from botocore.config import Config
+
     config = Config(retries={"max_attempts": attempts, "mode": "standard"}, connect_timeout=5,
                     read_timeout=30)
-    return boto3.client("s3", endpoint_url=endpoint, config=config)
+    session = boto3.session.Session(aws_access_key_id=key_id, aws_secret_access_key=secret,
+                                    aws_session_token=token)
+    return session.client("s3", endpoint_url=endpoint, config=config)
 
 
 def _s3_call(action: str, uri: str, call: Any) -> Any:
