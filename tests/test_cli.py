@@ -53,3 +53,20 @@ def test_pipeline_compile_reports_size_and_how_to_continue(tmp_path, capsys):
     assert code == 0 and output.is_file()
     assert "rounds 0..1 of 5" in printed
     assert "--set pipeline.start_round=2" in printed
+
+
+def test_a_fresh_run_refuses_to_wipe_an_unfinished_one_unless_told(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "out"
+    args = ["run", "--quiet", "--set", "clients=3", "--set", "rounds=2", "--set", f"output_dir={out}",
+            "--set", "algorithms=[local]"]
+    assert main(args) == 0
+    assert main(args) == 0  # a finished run may be replaced
+    (out / "summary.json").unlink()  # what an interrupted run looks like
+    checkpoints = sorted((out / "checkpoints" / "rounds" / "local").iterdir())
+    capsys.readouterr()
+    assert main(args) == 2
+    refused = capsys.readouterr().err
+    assert f"{out} holds an unfinished run: continue it with `pfedla run --resume {out}`" in refused
+    assert sorted((out / "checkpoints" / "rounds" / "local").iterdir()) == checkpoints
+    assert main(args + ["--overwrite"]) == 0 and (out / "summary.json").is_file()

@@ -26,7 +26,8 @@ def _run(args: argparse.Namespace) -> None:
         config = load_run_config(args.resume)
     else:
         config = load_config(args.config, args.overrides)
-    outcome = run_experiment(config, progress=not args.quiet, resume=bool(args.resume))
+    outcome = run_experiment(config, progress=not args.quiet, resume=bool(args.resume),
+                             overwrite=args.overwrite)
     print(format_table(outcome.results))
     print(f"\noutputs:  {outcome.output_dir}/ (summary.json, partition.json, layer_weights.npy, models/)")
     print(f"tracking: {outcome.tracking_uri}")
@@ -87,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--resume", metavar="OUTPUT_DIR",
                      help="continue an interrupted run from its last complete round")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start over in an output_dir holding an unfinished run (deletes its checkpoints)")
     run.set_defaults(handler=_run)
 
     pipeline = commands.add_parser("pipeline", help="the Kubeflow pipeline: compile, run locally, submit")

@@ -345,22 +345,27 @@ def _finished_result(output_dir: Path, name: str) -> AlgorithmResult | None:
 
 
 def run_experiment(config: ExperimentConfig, progress: bool = True, track: bool = True,
-                   resume: bool = False) -> ExperimentResult:
+                   resume: bool = False, overwrite: bool = False) -> ExperimentResult:
     """Run every algorithm of ``config`` and write summary.json and partition.json.
 
     With ``resume``, finished algorithms are read back and the unfinished one continues
-    from its newest good checkpoint (its MLflow run continues too).
+    from its newest good checkpoint (its MLflow run continues too). A fresh run refuses an
+    ``output_dir`` holding an unfinished run (its checkpoints would be lost) unless ``overwrite``.
     """
     device = select_device(config.device)
     output_dir = Path(config.output_dir)
+    unfinished = (output_dir / RUN_FILE).is_file() and not (output_dir / "summary.json").is_file()
+    if unfinished and not (resume or overwrite):
+        raise PfedlaError(f"{output_dir} holds an unfinished run: continue it with `pfedla run --resume "
+                          f"{output_dir}`, or start over there with --overwrite (deletes its checkpoints)")
     output_dir.mkdir(parents=True, exist_ok=True)
     group = uuid.uuid4().hex[:12]
     if resume:
         group = storage.read_json(output_dir / RUN_FILE)["group"]
     else:
+        for stale in [output_dir / "summary.json", *(output_dir / "results").glob("*.json")]:
+            stale.unlink(missing_ok=True)
         storage.write_json(output_dir / RUN_FILE, {"config": config.to_dict(), "group": group})
-        for stale in (output_dir / "results").glob("*.json"):
-            stale.unlink()
     data = build_federated_data(config)
     storage.write_json(output_dir / "partition.json", {"clients": data.class_counts()})
     tracking_uri = default_tracking_uri(output_dir)
