@@ -59,6 +59,9 @@ def test_flat_params_cover_nested_keys():
         ({"partition": {"alpah": 1}}, "partition.alpah", "unknown key"),
         ({"partition": 3}, "partition", "section"),
         ({"output_dir": ""}, "output_dir", "empty"),
+        ({"client_timeout": 0}, "client_timeout", "> 0 seconds"),
+        ({"max_update_norm": -1.0}, "max_update_norm", "> 0"),
+        ({"max_failed_fraction": 1.5}, "max_failed_fraction", "[0, 1]"),
     ],
 )
 def test_invalid_values_name_the_key(raw, key, fragment):
