@@ -180,6 +180,12 @@ def test_a_failing_client_step_reports_instead_of_failing_and_the_round_goes_on(
         steps.server_aggregate(cfg, 0, shards, state, [dirs[0], dirs[2]], tmp_path / "missing")
     with pytest.raises(ArtifactError, match=r"updates came from clients \[0, 0, 1, 2\]"):
         steps.server_aggregate(cfg, 0, shards, state, [dirs[0], *dirs], tmp_path / "twice")
+    tensors, meta = storage.load_tensors(dirs[0] / "update.safetensors")
+    for bad_count in (0, -3, 2.5, "12", True, None):  # FedAvg weights: they would reach every model
+        bad = {**meta, "num_samples": bad_count}
+        storage.save_tensors(tmp_path / "u8" / "update.safetensors", tensors, bad)
+        with pytest.raises(ArtifactError, match="num_samples must be a positive integer"):
+            steps.server_aggregate(cfg, 0, shards, state, [tmp_path / "u8", *dirs[1:]], tmp_path / "bad")
     storage.save_tensors(tmp_path / "u9" / "update.safetensors", {}, {"round": 0, "client_id": "x"})
     with pytest.raises(ArtifactError, match="u9/update.safetensors has damaged metadata"):
         steps.server_aggregate(cfg, 0, shards, state, [tmp_path / "u9"], tmp_path / "bad")
@@ -199,3 +205,35 @@ def test_client_timeouts_in_the_pipeline_steps_are_failures_and_too_many_abort(t
     with pytest.raises(RunAborted, match=r"round 0: 3 of 3 clients failed.*timed out: 0 of \d+ batches"):
         steps.server_aggregate(cfg, 0, shards, state, dirs, tmp_path / "next")
     assert not (tmp_path / "next").exists()
+
+
+_META_VALUES = st.none() | st.booleans() | st.integers(-5, 5) | st.floats() | st.text(max_size=6)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(["round", "client_id", "num_samples", "train_loss", "failed",
+                                        "bytes_down"]), _META_VALUES, max_size=6))
+def test_random_update_metadata_is_aggregated_or_rejected_with_the_project_error(tmp_path, meta):
+    """FedAvg weights by the reported sample counts, so bad counts would reach every model."""
+    cfg = config_json(tmp_path, participation=1.0, max_failed_fraction=1.0, pipeline={"algorithm": "fedavg"})
+    shards, state, models = tmp_path / "shards", tmp_path / "state", tmp_path / "models"
+    dirs = [tmp_path / f"u{c}" for c in range(3)]
+    if not (dirs[-1] / "update.safetensors").is_file():
+        steps.partition(cfg, shards)
+        steps.server_init(cfg, shards, state)
+        steps.server_configure(cfg, 0, shards, state, models)
+        for client, folder in enumerate(dirs):
+            steps.client_train(cfg, 0, client, shards, models, folder)
+    tensors, original = storage.load_tensors(dirs[1] / "update.safetensors")
+    storage.save_tensors(tmp_path / "tampered" / "update.safetensors", tensors, {**original, **meta})
+    try:
+        metrics = steps.server_aggregate(cfg, 0, shards, state, [dirs[0], tmp_path / "tampered", dirs[2]],
+                                         tmp_path / "next")
+    except PfedlaError:
+        return
+    assert metrics["clients"] == 3.0 and metrics["failed_clients"] in (0.0, 1.0)
+    sent = {**original, **meta}
+    if "failed" not in sent:  # a weight FedAvg uses was accepted: it must be a real count
+        assert type(sent["num_samples"]) is int and sent["num_samples"] >= 1
+    after, _ = storage.load_tensors(tmp_path / "next" / "state.safetensors")
+    assert all(torch.isfinite(t).all() for t in after.values())

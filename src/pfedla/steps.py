@@ -204,7 +204,9 @@ def _read_update(source: Path, round_idx: int, layout: LayerLayout
         client_id, bytes_down = int(meta["client_id"]), float(meta.get("bytes_down", 0))
         if "failed" in meta:
             return ClientFailure(client_id, str(meta["failed"])), bytes_down
-        num_samples, train_loss = int(meta["num_samples"]), float(meta["train_loss"])
+        num_samples, train_loss = meta["num_samples"], float(meta["train_loss"])
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     except (KeyError, TypeError, ValueError) as error:
         raise ArtifactError(f"{source} has damaged metadata ({type(error).__name__}: {error})") from None
     delta = _layers(tensors, "delta", layout, str(source))
