@@ -19,6 +19,15 @@ def config_json(tmp_path, **extra):
     return json.dumps(config_from_dict(raw).to_dict())
 
 
+def configured_round_zero(tmp_path, cfg):
+    """Partition, a fresh server state and round 0's client models: where client steps start."""
+    shards, state, models = tmp_path / "shards", tmp_path / "state", tmp_path / "models"
+    steps.partition(cfg, shards)
+    steps.server_init(cfg, shards, state)
+    steps.server_configure(cfg, 0, shards, state, models)
+    return shards, state, models
+
+
 def run_steps(tmp_path, cfg):
     shards, state = tmp_path / "shards", tmp_path / "state0"
     steps.partition(cfg, shards)
@@ -64,10 +73,7 @@ def test_partition_writes_one_shard_per_client_and_stats(tmp_path):
 
 def test_updates_that_do_not_fit_are_rejected_before_touching_state(tmp_path):
     cfg = config_json(tmp_path, heur_k=0, participation=1.0)
-    shards, state, models = tmp_path / "shards", tmp_path / "state", tmp_path / "models"
-    steps.partition(cfg, shards)
-    steps.server_init(cfg, shards, state)
-    steps.server_configure(cfg, 0, shards, state, models)
+    shards, state, models = configured_round_zero(tmp_path, cfg)
     steps.client_train(cfg, 0, 1, shards, models, tmp_path / "u1")
     with pytest.raises(ArtifactError, match="for round 0, not 1"):
         steps.server_aggregate(cfg, 1, shards, state, [tmp_path / "u1"], tmp_path / "bad")
@@ -136,10 +142,7 @@ def test_tampered_server_state_is_loaded_or_rejected_with_the_project_error(tmp_
 def test_server_step_rejects_hostile_updates(tmp_path):
     cfg = config_json(tmp_path, heur_k=0, participation=1.0, max_update_norm=100.0,
                       max_failed_fraction=0.7)
-    shards, state, models = tmp_path / "shards", tmp_path / "state", tmp_path / "models"
-    steps.partition(cfg, shards)
-    steps.server_init(cfg, shards, state)
-    steps.server_configure(cfg, 0, shards, state, models)
+    shards, state, models = configured_round_zero(tmp_path, cfg)
     for client in range(3):
         steps.client_train(cfg, 0, client, shards, models, tmp_path / f"u{client}")
     for client, factor in ((1, float("nan")), (2, 1e6)):
@@ -159,10 +162,7 @@ def test_server_step_rejects_hostile_updates(tmp_path):
 
 def test_a_failing_client_step_reports_instead_of_failing_and_the_round_goes_on(tmp_path):
     cfg = config_json(tmp_path, heur_k=0, participation=1.0)
-    shards, state, models = tmp_path / "shards", tmp_path / "state", tmp_path / "models"
-    steps.partition(cfg, shards)
-    steps.server_init(cfg, shards, state)
-    steps.server_configure(cfg, 0, shards, state, models)
+    shards, state, models = configured_round_zero(tmp_path, cfg)
     damaged = models / "client_1.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:100])  # the model the server sent arrives torn
     losses = [steps.client_train(cfg, 0, c, shards, models, tmp_path / f"u{c}") for c in range(3)]
@@ -196,10 +196,7 @@ def test_client_timeouts_in_the_pipeline_steps_are_failures_and_too_many_abort(t
     from pfedla.simulation import RunAborted
 
     cfg = config_json(tmp_path, participation=1.0, client_timeout=1e-9)
-    shards, state, models = tmp_path / "shards", tmp_path / "state", tmp_path / "models"
-    steps.partition(cfg, shards)
-    steps.server_init(cfg, shards, state)
-    steps.server_configure(cfg, 0, shards, state, models)
+    shards, state, models = configured_round_zero(tmp_path, cfg)
     dirs = [tmp_path / f"u{c}" for c in range(3)]
     assert [steps.client_train(cfg, 0, c, shards, models, dirs[c]) for c in range(3)] == [None] * 3
     with pytest.raises(RunAborted, match=r"round 0: 3 of 3 clients failed.*timed out: 0 of \d+ batches"):
@@ -216,12 +213,10 @@ _META_VALUES = st.none() | st.booleans() | st.integers(-5, 5) | st.floats() | st
 def test_random_update_metadata_is_aggregated_or_rejected_with_the_project_error(tmp_path, meta):
     """FedAvg weights by the reported sample counts, so bad counts would reach every model."""
     cfg = config_json(tmp_path, participation=1.0, max_failed_fraction=1.0, pipeline={"algorithm": "fedavg"})
-    shards, state, models = tmp_path / "shards", tmp_path / "state", tmp_path / "models"
+    shards, state = tmp_path / "shards", tmp_path / "state"
     dirs = [tmp_path / f"u{c}" for c in range(3)]
-    if not (dirs[-1] / "update.safetensors").is_file():
-        steps.partition(cfg, shards)
-        steps.server_init(cfg, shards, state)
-        steps.server_configure(cfg, 0, shards, state, models)
+    if not (dirs[-1] / "update.safetensors").is_file():  # examples share the trained round
+        _, _, models = configured_round_zero(tmp_path, cfg)
         for client, folder in enumerate(dirs):
             steps.client_train(cfg, 0, client, shards, models, folder)
     tensors, original = storage.load_tensors(dirs[1] / "update.safetensors")
