@@ -83,10 +83,12 @@ class TaskOptions:
         return task
 
     def client(self, task: Any) -> Any:
-        """Client training: GPU when asked for, retried on failure."""
+        """Client training: GPU when asked for, retried when its pod dies or overruns its deadline."""
         self._base(task)
         if self.pipe.client_retries:
             task.set_retry(num_retries=self.pipe.client_retries, backoff_duration="30s", backoff_factor=2.0)
+        if self.pipe.client_pod_timeout:  # backstop for a hang that client_timeout cannot interrupt
+            kubernetes.set_timeout(task, self.pipe.client_pod_timeout)
         if self.pipe.gpus_per_client:
             task.set_accelerator_type(self.pipe.gpu_resource)
             task.set_accelerator_limit(self.pipe.gpus_per_client)

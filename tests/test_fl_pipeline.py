@@ -56,13 +56,18 @@ def test_rounds_are_unrolled_into_sub_dags_with_parallel_for_and_collected_fan_i
         assert name.startswith("client-train")
 
 
-def test_every_step_requests_resources_and_only_client_steps_retry(tmp_path):
-    _, _, spec, _ = compiled(tmp_path, rounds=2, pipeline={"cpu_request": "500m", "memory_request": "3Gi",
-                                                           "client_retries": 4})
+def test_every_step_requests_resources_and_only_client_steps_retry_and_time_out(tmp_path):
+    pipeline = {"cpu_request": "500m", "memory_request": "3Gi", "client_retries": 4,
+                "client_pod_timeout": 900}
+    _, _, spec, platform = compiled(tmp_path, rounds=2, pipeline=pipeline)
     for name, executor in spec["deploymentSpec"]["executors"].items():
         resources = executor["container"]["resources"]
         assert resources["resourceCpuRequest"] == "500m", name
         assert resources["resourceMemoryRequest"] == "3Gi", name
+        deadline = platform.get(name, {}).get("activeDeadlineSeconds")
+        assert deadline == ("900" if name.startswith("exec-client-train") else None), name
+    _, _, _, unlimited = compiled(tmp_path, rounds=1)
+    assert not any("activeDeadlineSeconds" in settings for settings in unlimited.values())
     for component in loop_components(spec):
         for task in component["dag"]["tasks"].values():
             assert task["retryPolicy"]["maxRetryCount"] == 4

@@ -58,6 +58,7 @@ class PipelineConfig:
     cpu_request: str = "1"
     memory_request: str = "2Gi"
     client_retries: int = 2
+    client_pod_timeout: int = 0  # seconds before Kubernetes kills a client pod (0: no limit)
     caching: bool = True
     mlflow_tracking_uri: str | None = None  # else MLFLOW_TRACKING_URI from the endpoints ConfigMap
     endpoints_config_map: str = "pfedla-endpoints"
@@ -331,7 +332,7 @@ def _validate_pipeline(config: ExperimentConfig) -> None:
     for key in ("parallelism", "rounds_per_run"):
         value = getattr(pipe, key)
         _require(value >= 1, f"pipeline.{key}", f"must be >= 1, got {value}")
-    for key in ("start_round", "eval_every", "gpus_per_client", "client_retries"):
+    for key in ("start_round", "eval_every", "gpus_per_client", "client_retries", "client_pod_timeout"):
         value = getattr(pipe, key)
         _require(value >= 0, f"pipeline.{key}", f"must be >= 0, got {value}")
     _require(
