@@ -3,6 +3,7 @@
 import builtins
 import json
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -248,3 +249,15 @@ def test_run_local_goes_on_without_a_client_whose_training_fails(tmp_path, monke
                                progress=False, track=False).results["pfedla"]
     assert summary["client_accuracies"] == simulated.client_accuracies
     np.testing.assert_array_equal(np.load(tmp_path / "pipe" / "layer_weights.npy"), simulated.layer_weights)
+
+
+@pytest.mark.parametrize("shipped", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda path: path.name)
+def test_shipped_configs_load_and_compile(tmp_path, shipped):
+    from pfedla.config import load_config
+
+    config = load_config(shipped)
+    rounds = compile_pipeline(config, tmp_path / "p.yaml")
+    assert rounds.first == 0 and rounds.stop == min(config.rounds, config.pipeline.rounds_per_run)
+    _, platform = yaml.safe_load_all((tmp_path / "p.yaml").read_text())
+    assert platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
