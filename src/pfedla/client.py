@@ -23,7 +23,8 @@ class TrainSettings:
     """What a client needs to know to train: plain SGD for a number of local epochs.
 
     ``timeout`` (seconds, None: unlimited) is checked between batches: past it the client
-    gives up with ``ClientTimeout``; a batch already running is not interrupted.
+    gives up with ``ClientTimeout``; a batch already running is not interrupted (on CUDA,
+    where batches are queued asynchronously, the check can lag by the queued work).
     """
 
     epochs: int
