@@ -419,6 +419,17 @@ def bench_server_step(settings: Settings) -> dict:
 # --------------------------------------------------------------------------- round overhead
 
 
+def timed_into(fn: Callable, totals: dict[str, float], key: str) -> Callable:
+    """``fn``, adding the wall time of every call to ``totals[key]``."""
+    def wrapper(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            totals[key] += time.perf_counter() - started
+    return wrapper
+
+
 def bench_round_overhead(settings: Settings) -> dict:
     """A default simulation round (pfedla) vs the same forward/backward/SGD steps in a tight loop."""
     import pfedla.simulation as simulation
@@ -430,20 +441,10 @@ def bench_round_overhead(settings: Settings) -> dict:
     strategy = make_strategy("pfedla", config, initial_layers(sim.model))
 
     phase = {"server": 0.0, "clients": 0.0}
-
-    def timed(fn: Callable, key: str) -> Callable:
-        def wrapper(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                phase[key] += time.perf_counter() - started
-        return wrapper
-
-    strategy.configure_fit = timed(strategy.configure_fit, "server")  # type: ignore[method-assign]
-    strategy.aggregate_fit = timed(strategy.aggregate_fit, "server")  # type: ignore[method-assign]
+    strategy.configure_fit = timed_into(strategy.configure_fit, phase, "server")  # type: ignore[method-assign]
+    strategy.aggregate_fit = timed_into(strategy.aggregate_fit, phase, "server")  # type: ignore[method-assign]
     original_fit_client = simulation.fit_client
-    simulation.fit_client = timed(original_fit_client, "clients")
+    simulation.fit_client = timed_into(original_fit_client, phase, "clients")
 
     plain = build_model(config.model, data.input_shape, data.num_classes, config.seed).to(device)
     params = list(plain.parameters())
@@ -538,28 +539,18 @@ def scaling_worker(spec: dict) -> dict:
     hn_bytes = sum(p.numel() * p.element_size() for p in strategy.hypernetworks.parameters())
     stack_bytes = sum(r.numel() * r.element_size() for r in strategy.models.rows)
 
-    server = [0.0]
-
-    def timed(fn: Callable) -> Callable:
-        def wrapper(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                server[0] += time.perf_counter() - started
-        return wrapper
-
-    strategy.configure_fit = timed(strategy.configure_fit)  # type: ignore[method-assign]
-    strategy.aggregate_fit = timed(strategy.aggregate_fit)  # type: ignore[method-assign]
+    phase = {"server": 0.0}
+    strategy.configure_fit = timed_into(strategy.configure_fit, phase, "server")  # type: ignore[method-assign]
+    strategy.aggregate_fit = timed_into(strategy.aggregate_fit, phase, "server")  # type: ignore[method-assign]
     with PeakRss() as peak:
         sim.run_round(strategy, 0)  # warm-up
         times, server_times = [], []
         for round_idx in range(1, rounds + 1):
-            server[0] = 0.0
+            phase["server"] = 0.0
             started = time.perf_counter()
             sim.run_round(strategy, round_idx)
             times.append(time.perf_counter() - started)
-            server_times.append(server[0])
+            server_times.append(phase["server"])
     return {
         "clients": n,
         "participants": len(simulation.participants(config, 1)),
