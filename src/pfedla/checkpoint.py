@@ -80,10 +80,14 @@ class CheckpointStore:
         for old in names[: max(0, len(names) - self.keep)]:
             storage.delete(f"{folder}/{old}")
 
+    @property
+    def _roots(self) -> list[str]:
+        """The main location, then the local fallback if there is one."""
+        return [self.location] + ([str(self.fallback)] if self.fallback is not None else [])
+
     def clear(self, algorithm: str) -> None:
         """Forget earlier checkpoints of ``algorithm`` (a fresh run in a used output_dir)."""
-        roots = [self.location] + ([str(self.fallback)] if self.fallback is not None else [])
-        for root in roots:
+        for root in self._roots:
             folder = self._folder(root, algorithm)
             for name in self._round_files(folder):
                 storage.delete(f"{folder}/{name}")
@@ -94,9 +98,8 @@ class CheckpointStore:
 
     def latest(self, algorithm: str) -> Checkpoint | None:
         """The newest readable checkpoint of ``algorithm`` (main location and local fallback)."""
-        roots = [self.location] + ([str(self.fallback)] if self.fallback is not None else [])
         candidates: list[tuple[str, str]] = []
-        for root in roots:
+        for root in self._roots:
             folder = self._folder(root, algorithm)
             candidates += [(name, f"{folder}/{name}") for name in self._round_files(folder)]
         candidates.sort(reverse=True)

@@ -61,16 +61,17 @@ def parse_config(config_json: str) -> ExperimentConfig:
 
 @dataclass
 class ModelContext:
-    """The architecture every step rebuilds from the config and the data's shape."""
+    """The architecture every step rebuilds from the config and the data's shape (data.json)."""
 
     model: torch.nn.Module
     layout: LayerLayout
+    num_clients: int
 
     @classmethod
     def load(cls, config: ExperimentConfig, shards_dir: str | Path) -> ModelContext:
         meta = storage.read_json(Path(shards_dir) / "data.json")
         model = build_model(config.model, tuple(meta["input_shape"]), meta["num_classes"], config.seed)
-        return cls(model, LayerLayout.of(model))
+        return cls(model, LayerLayout.of(model), meta["num_clients"])
 
 
 def partition(config_json: str, shards_dir: str | Path) -> dict[str, Any]:
@@ -261,8 +262,7 @@ def evaluate(config_json: str, shards_dir: str | Path, state_dir: str | Path,
     config = parse_config(config_json)
     context = ModelContext.load(config, shards_dir)
     strategy, next_round, history = load_state(config, context, state_dir)
-    meta = storage.read_json(Path(shards_dir) / "data.json")
-    shards = [load_shard(shards_dir, i) for i in range(meta["num_clients"])]
+    shards = [load_shard(shards_dir, i) for i in range(context.num_clients)]
     results = evaluate_strategy(strategy, context.model, context.layout, shards)
     metrics = accuracy_metrics(results)
     history = [*history]

@@ -98,14 +98,19 @@ def read_bytes(location: str | Path) -> bytes:
         raise StorageError(f"cannot read {location}: {error.strerror}") from None
 
 
+def _s3_objects(uri: str, bucket: str, prefix: str, delimiter: str | None = None) -> list[dict[str, Any]]:
+    """Every object under ``prefix`` (only the direct children with a ``delimiter``), all pages."""
+    paginator = s3_client().get_paginator("list_objects_v2")
+    scope = {"Bucket": bucket, "Prefix": prefix, **({"Delimiter": delimiter} if delimiter else {})}
+    pages = _s3_call("list", uri, lambda: list(paginator.paginate(**scope)))
+    return [item for page in pages for item in page.get("Contents", [])]
+
+
 def list_names(folder: str | Path) -> list[str]:
     """Names of the objects/files directly inside ``folder`` (empty if it does not exist)."""
     if is_s3(folder):
         bucket, prefix = split_s3(str(folder).rstrip("/") + "/")
-        client = s3_client()
-        pages = _s3_call("list", str(folder), lambda: list(
-            client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")))
-        return sorted(item["Key"][len(prefix):] for page in pages for item in page.get("Contents", []))
+        return sorted(item["Key"][len(prefix):] for item in _s3_objects(str(folder), bucket, prefix, "/"))
     path = Path(folder)
     return sorted(p.name for p in path.iterdir() if p.is_file()) if path.is_dir() else []
 
@@ -157,17 +162,12 @@ def read_json(location: str | Path) -> Any:
 def download_prefix(prefix: str, destination: Path) -> Path:
     """Copy every object under an s3:// prefix into ``destination`` (skipping unchanged sizes)."""
     bucket, key_prefix = split_s3(prefix.rstrip("/") + "/")
-    client = s3_client()
-    pages = _s3_call("list", prefix, lambda: list(
-        client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix)))
-    found = False
-    for page in pages:
-        for item in page.get("Contents", []):
-            found = True
-            target = destination / item["Key"][len(key_prefix) :]
-            if target.is_file() and target.stat().st_size == item["Size"]:
-                continue
-            write_bytes(target, read_bytes(f"s3://{bucket}/{item['Key']}"))
-    if not found:
+    objects = _s3_objects(prefix, bucket, key_prefix)
+    if not objects:
         raise StorageError(f"no objects under {prefix}")
+    for item in objects:
+        target = destination / item["Key"][len(key_prefix) :]
+        if target.is_file() and target.stat().st_size == item["Size"]:
+            continue
+        write_bytes(target, read_bytes(f"s3://{bucket}/{item['Key']}"))
     return destination

@@ -47,13 +47,17 @@ def surrogate_alpha_grad(deltas: Sequence[torch.Tensor], stack: Sequence[torch.T
     return torch.stack([-(delta @ rows.T) for delta, rows in zip(deltas, stack, strict=True)], dim=1)
 
 
+def self_weights(alpha: torch.Tensor, clients: torch.Tensor) -> torch.Tensor:
+    """α_ii^l, what each client gives its own model per layer: [S, L] from alpha [S, L, N]."""
+    return alpha[torch.arange(len(clients)), :, clients]
+
+
 def heuristic_keep_mask(alpha: torch.Tensor, clients: torch.Tensor, k: int) -> torch.Tensor:
     """HeurpFedLA: per client, the k layers with the largest self-weight α_ii^l. [S, L] bool."""
     keep = torch.zeros(alpha.shape[:2], dtype=torch.bool, device=alpha.device)
     if k <= 0:
         return keep
-    self_weight = alpha[torch.arange(len(clients)), :, clients]  # [S, L]
-    top = self_weight.topk(min(k, alpha.shape[1]), dim=1).indices
+    top = self_weights(alpha, clients).topk(min(k, alpha.shape[1]), dim=1).indices
     return keep.scatter(1, top, True)
 
 
@@ -236,5 +240,5 @@ class PFedLAStrategy(Strategy):
 def alpha_metrics(alpha: torch.Tensor, clients: torch.Tensor) -> dict[str, float]:
     """Mean entropy of α over sources and mean self-weight α_ii, over clients and layers."""
     entropy = -(alpha * alpha.clamp_min(1e-12).log()).sum(-1)
-    self_weight = alpha[torch.arange(len(clients)), :, clients]
-    return {"alpha_entropy": float(entropy.mean()), "alpha_self_weight": float(self_weight.mean())}
+    return {"alpha_entropy": float(entropy.mean()),
+            "alpha_self_weight": float(self_weights(alpha, clients).mean())}
