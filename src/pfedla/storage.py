@@ -7,8 +7,10 @@ MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), never from co
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -61,24 +63,45 @@ def _s3_client_for(endpoint: str | None, key_id: str | None, secret: str | None,
 
 
 def _s3_call(action: str, uri: str, call: Any) -> Any:
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
         return call()
-    except ClientError as error:
-        code = error.response.get("Error", {}).get("Code", "?")
+    except (ClientError, Boto3Error) as error:
+        # Managed transfers wrap the store's ClientError in a Boto3Error: report the store's code.
+        cause = error if isinstance(error, ClientError) else error.__context__
+        if not isinstance(cause, ClientError):
+            raise StorageError(f"cannot {action} {uri}: {error}") from None
+        code = cause.response.get("Error", {}).get("Code", "?")
         hint = " (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)" if code in (
-            "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch") else ""
+            "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403") else ""
         raise StorageError(f"cannot {action} {uri}: {code}{hint}") from None
     except BotoCoreError as error:
         raise StorageError(f"cannot {action} {uri}: object store unreachable ({error})") from None
 
 
+MULTIPART_BYTES = 64 * 2**20
+
+
+def _transfer_config() -> Any:
+    """boto3's managed transfers: multipart (and parallel) above 64 MiB, so objects past the 5 GB
+    single-PUT limit (an 18M-parameter model stack at N=100 is 7 GB) still work."""
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES)
+
+
 def write_bytes(location: str | Path, data: bytes) -> None:
-    """Write atomically: a local file via write-then-rename, an S3 object in one PUT."""
+    """Write atomically: a local file via write-then-rename, an S3 object by one (multipart) upload,
+    which becomes visible only when complete."""
     if is_s3(location):
         bucket, key = split_s3(str(location))
-        _s3_call("write", str(location), lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data))
+        if len(data) <= MULTIPART_BYTES:
+            _s3_call("write", str(location), lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data))
+        else:
+            _s3_call("write", str(location), lambda: s3_client().upload_fileobj(
+                io.BytesIO(data), bucket, key, Config=_transfer_config()))
         return
     path = Path(location)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +114,7 @@ def read_bytes(location: str | Path) -> bytes:
     if is_s3(location):
         bucket, key = split_s3(str(location))
         response = _s3_call("read", str(location), lambda: s3_client().get_object(Bucket=bucket, Key=key))
-        return response["Body"].read()
+        return _s3_call("read", str(location), response["Body"].read)
     try:
         return Path(location).read_bytes()
     except OSError as error:
@@ -124,39 +147,89 @@ def delete(location: str | Path) -> None:
     Path(location).unlink(missing_ok=True)
 
 
-def save_tensors(location: str | Path, tensors: dict[str, torch.Tensor],
-                 metadata: dict[str, Any] | None = None) -> None:
-    """Store named tensors as safetensors; ``metadata`` (JSON-able) rides in the header."""
+def copy(source: str | Path, target: str | Path) -> None:
+    """Copy one object/file; on S3 the store copies it (no bytes pass through this process)."""
+    if is_s3(source) and is_s3(target):
+        (src_bucket, src_key), (bucket, key) = split_s3(str(source)), split_s3(str(target))
+        _s3_call("copy", f"{source} to {target}", lambda: s3_client().copy(
+            {"Bucket": src_bucket, "Key": src_key}, bucket, key, Config=_transfer_config()))
+        return
+    if is_s3(source) or is_s3(target):
+        write_bytes(target, read_bytes(source))
+        return
+    path = Path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        shutil.copyfile(source, partial)
+    except OSError as error:
+        raise StorageError(f"cannot copy {source} to {target}: {error.strerror}") from None
+    os.replace(partial, path)
+
+
+def delete_prefix(prefix: str | Path) -> int:
+    """Remove everything under a folder or s3:// prefix; returns how many objects/files went."""
+    if is_s3(prefix):
+        bucket, key_prefix = split_s3(str(prefix).rstrip("/") + "/")
+        keys = [item["Key"] for item in _s3_objects(str(prefix), bucket, key_prefix)]
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = {"Objects": [{"Key": key} for key in keys[start : start + 1000]], "Quiet": True}
+            _s3_call("delete", str(prefix), lambda b=batch: s3_client().delete_objects(Bucket=bucket, Delete=b))
+        return len(keys)
+    path = Path(prefix)
+    if not path.is_dir():
+        return 0
+    count = sum(1 for p in path.rglob("*") if p.is_file())
+    shutil.rmtree(path)
+    return count
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> bytes:
+    """Named tensors as safetensors bytes; ``metadata`` (JSON-able) rides in the header."""
     header = {"pfedla": json.dumps(metadata or {}, sort_keys=True)}
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    write_bytes(location, save_safetensors_bytes(contiguous, metadata=header))
+    return save_safetensors_bytes(contiguous, metadata=header)
 
 
-def load_tensors(location: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read safetensors written by ``save_tensors``; damage gives an ArtifactError naming the file."""
-    data = read_bytes(location)
+def tensors_from_bytes(data: bytes, where: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Parse ``tensor_bytes`` output; damage gives an ArtifactError naming ``where``."""
     try:
         tensors = load_safetensors_bytes(data)
         header_len = int.from_bytes(data[:8], "little")
         header = json.loads(data[8 : 8 + header_len])
         metadata = json.loads(header.get("__metadata__", {}).get("pfedla", "{}"))
     except (SafetensorError, ValueError, UnicodeDecodeError, OverflowError) as error:
-        raise ArtifactError(f"{location} is not a valid safetensors file: {error}") from None
+        raise ArtifactError(f"{where} is not a valid safetensors file: {error}") from None
     if not isinstance(metadata, dict):
-        raise ArtifactError(f"{location}: metadata is not a JSON object")
+        raise ArtifactError(f"{where}: metadata is not a JSON object")
     return tensors, metadata
+
+
+def save_tensors(location: str | Path, tensors: dict[str, torch.Tensor],
+                 metadata: dict[str, Any] | None = None) -> None:
+    """Store named tensors as safetensors; ``metadata`` (JSON-able) rides in the header."""
+    write_bytes(location, tensor_bytes(tensors, metadata))
+
+
+def load_tensors(location: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read safetensors written by ``save_tensors``; damage gives an ArtifactError naming the file."""
+    return tensors_from_bytes(read_bytes(location), location)
 
 
 def write_json(location: str | Path, payload: Any) -> None:
     write_bytes(location, json.dumps(payload, indent=2, sort_keys=True).encode())
 
 
-def read_json(location: str | Path) -> Any:
-    data = read_bytes(location)
+def json_from_bytes(data: bytes, where: str | Path) -> Any:
+    """Parse JSON bytes; invalid JSON gives an ArtifactError naming ``where``."""
     try:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as error:
-        raise ArtifactError(f"{location} is not valid JSON: {error}") from None
+        raise ArtifactError(f"{where} is not valid JSON: {error}") from None
+
+
+def read_json(location: str | Path) -> Any:
+    return json_from_bytes(read_bytes(location), location)
 
 
 def download_prefix(prefix: str, destination: Path) -> Path:
