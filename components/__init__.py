@@ -2,7 +2,10 @@
 
 Each module holds one step's function; ``build_components`` turns them into KFP
 components for a given step image. The functions import pfedla inside their bodies
-because KFP ships each function's source to the container on its own.
+because KFP ships each function's source to the container on its own. Every artifact is a
+small JSON manifest (bulk tensors live in the data plane, see ``pfedla.dataplane``), and its
+metadata is the step's summary: finite numbers, strings and booleans only, which is all the
+cluster's launcher accepts.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ from typing import Any
 
 from kfp import dsl
 
+from pfedla_components.checkpoint import checkpoint
 from pfedla_components.client_train import client_train
 from pfedla_components.evaluate import evaluate
 from pfedla_components.partition import partition
 from pfedla_components.record import record
-from pfedla_components.server import server_aggregate, server_configure, server_init
+from pfedla_components.server import server_init, server_round
 
 
 @dataclass(frozen=True)
@@ -25,10 +29,10 @@ class Components:
 
     partition: Any
     server_init: Any
-    server_configure: Any
     client_train: Any
-    server_aggregate: Any
+    server_round: Any
     evaluate: Any
+    checkpoint: Any
     record: Any
 
 
@@ -41,9 +45,9 @@ def build_components(image: str) -> Components:
     return Components(
         partition=component(partition),
         server_init=component(server_init),
-        server_configure=component(server_configure),
         client_train=component(client_train),
-        server_aggregate=component(server_aggregate),
+        server_round=component(server_round),
         evaluate=component(evaluate),
+        checkpoint=component(checkpoint),
         record=component(record),
     )

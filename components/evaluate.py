@@ -3,10 +3,10 @@
 from kfp.dsl import Artifact, Dataset, Input, Output
 
 
-def evaluate(config_json: str, shards: Input[Dataset], state: Input[Artifact], new_state: Output[Artifact],
-             evaluation: Output[Artifact]):
-    """Accuracies, α and personalized models; the state passes through with the result in its history."""
+def evaluate(config_json: str, final: bool, shards: Input[Dataset], plan: Input[Artifact],
+             next_plan: Output[Artifact], evaluation: Output[Artifact]):
+    """Accuracies (and, when ``final``, models and α); the plan passes through with them in its history."""
     from pfedla import steps
 
-    metrics = steps.evaluate(config_json, shards.path, state.path, new_state.path, evaluation.path)
-    evaluation.metadata.update(metrics)
+    evaluation.metadata.update(steps.evaluate(config_json, shards.path, plan.path, next_plan.path,
+                                              evaluation.path, final))

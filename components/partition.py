@@ -1,11 +1,10 @@
-"""partition: dataset -> per-client shards and partition stats."""
+"""partition: dataset -> one train and one test object per client in the data plane."""
 
 from kfp.dsl import Dataset, Output
 
 
 def partition(config_json: str, shards: Output[Dataset]):
-    """Split the configured dataset over clients (one file per client) and record class counts."""
+    """Split the configured dataset over clients; ``shards`` is the manifest of their objects."""
     from pfedla import steps
 
-    meta = steps.partition(config_json, shards.path)
-    shards.metadata.update(meta)
+    shards.metadata.update(steps.partition(config_json, shards.path))

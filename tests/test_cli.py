@@ -45,14 +45,17 @@ def test_deploy_without_a_cluster_is_a_clear_error(tmp_path, capsys, monkeypatch
     assert "no Kubernetes cluster reachable" in capsys.readouterr().err
 
 
-def test_pipeline_compile_reports_size_and_how_to_continue(tmp_path, capsys):
+def test_pipeline_compile_reports_size_and_the_segments(tmp_path, capsys):
     output = tmp_path / "p.yaml"
     code = main(["pipeline", "compile", "--set", "rounds=5", "--set", "pipeline.rounds_per_run=2",
-                 "-o", str(output)])
+                 "--set", "pipeline.data_root=s3://pfedla", "-o", str(output)])
     printed = capsys.readouterr().out
     assert code == 0 and output.is_file()
     assert "rounds 0..1 of 5" in printed
-    assert "--set pipeline.start_round=2" in printed
+    assert "segment 1 of 3: `pfedla pipeline submit` runs them all in turn" in printed
+    assert main(["pipeline", "compile", "-o", str(tmp_path / "missing" / "p.yaml"),
+                 "--set", "pipeline.data_root=s3://pfedla"]) == 2
+    assert "is not a directory" in capsys.readouterr().err
 
 
 def test_a_fresh_run_refuses_to_wipe_an_unfinished_one_unless_told(tmp_path, capsys, monkeypatch):

@@ -37,7 +37,7 @@ def _run(args: argparse.Namespace) -> None:
 
 def _pipeline_compile(args: argparse.Namespace) -> None:
     from pfedla.config import load_config
-    from pfedla_pipelines.fl_pipeline import compile_pipeline
+    from pfedla_pipelines.fl_pipeline import compile_pipeline, segments
 
     config = load_config(args.config, args.overrides)
     rounds = compile_pipeline(config, args.output)
@@ -45,29 +45,32 @@ def _pipeline_compile(args: argparse.Namespace) -> None:
     print(f"wrote {args.output} ({size / 1024:.0f} KiB): rounds {rounds.first}..{rounds.stop - 1} "
           f"of {rounds.total}")
     if not rounds.finishes:
-        print(f"continue with --set pipeline.start_round={rounds.stop} "
-              "--set pipeline.resume_from=<this run's pipeline.checkpoint_to>")
+        print(f"this is segment 1 of {len(segments(config))}: `pfedla pipeline submit` runs them all in turn")
 
 
 def _pipeline_run_local(args: argparse.Namespace) -> None:
     from pfedla.config import load_config
-    from pfedla_pipelines.fl_pipeline import run_local
+    from pfedla_pipelines.runner import run_local
 
     config = load_config(args.config, args.overrides)
     summary = run_local(config, args.pipeline_root)
     for name, entry in summary.items():
         print(f"{name}: mean accuracy {entry['mean_accuracy']:.4f} after {entry['rounds']} rounds "
-              f"(min {entry['min_accuracy']:.4f}, max {entry['max_accuracy']:.4f})")
+              f"(min {entry['min_accuracy']:.4f}, max {entry['max_accuracy']:.4f}), "
+              f"{entry['segments']} segment(s)")
+        for round_idx, traffic in entry["data_movement"]["rounds"].items():
+            print(f"  round {round_idx}: {traffic['moved_bytes'] / 2**20:.1f} MiB through the data plane, "
+                  f"{traffic['ratio']:.3f}x the least possible")
     print(f"outputs: {config.output_dir}/summary.json")
 
 
 def _pipeline_submit(args: argparse.Namespace) -> None:
     from pfedla.config import load_config
-    from pfedla_pipelines.fl_pipeline import submit
+    from pfedla_pipelines.runner import submit
 
     config = load_config(args.config, args.overrides)
-    run_id = submit(config, args.host, args.experiment)
-    print(f"submitted run {run_id} to {args.host}")
+    run_ids = submit(config, args.host, args.experiment, wait=args.wait, poll_seconds=args.poll_seconds)
+    print(f"{args.host}: runs {', '.join(run_ids)}")
 
 
 def _deploy(args: argparse.Namespace) -> None:
@@ -102,10 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(local_cmd)
     local_cmd.add_argument("--pipeline-root", help="where step outputs go (default: a temp directory)")
     local_cmd.set_defaults(handler=_pipeline_run_local)
-    submit_cmd = actions.add_parser("submit", help="submit to a Kubeflow Pipelines API server")
+    submit_cmd = actions.add_parser("submit", help="submit to a Kubeflow Pipelines API server, segment by segment")
     _add_config_args(submit_cmd)
     submit_cmd.add_argument("--host", required=True, help="KFP API URL, e.g. http://localhost:8080")
     submit_cmd.add_argument("--experiment", help="KFP experiment (default: experiment_name)")
+    submit_cmd.add_argument("--wait", action=argparse.BooleanOptionalAction, default=None,
+                            help="follow each segment and submit the next when it succeeds (default: on when "
+                                 "rounds > pipeline.rounds_per_run)")
+    submit_cmd.add_argument("--poll-seconds", type=float, default=15.0, help="how often --wait asks for status")
     submit_cmd.set_defaults(handler=_pipeline_submit)
 
     deploy_cmd = commands.add_parser("deploy", help="apply a kustomization (S3, MLflow, RBAC) to a cluster")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -42,15 +44,18 @@ class SyntheticConfig:
 
 @dataclass
 class PipelineConfig:
-    """How ``pfedla pipeline`` turns the experiment into a Kubeflow pipeline run."""
+    """How ``pfedla pipeline`` turns the experiment into Kubeflow pipeline runs."""
 
     algorithm: str = "pfedla"
     image: str = ""  # empty: the step image built from images/ (pfedla.images.step_image)
+    data_root: str | None = None  # where bulk tensors live (s3:// on a cluster); None: a local dir for run-local
     parallelism: int = 10
-    rounds_per_run: int = 15  # ~12 KiB of YAML per round; Argo caps a workflow near 256 KiB
+    clients_per_pod: int = 1  # clients one client-training pod trains in turn
+    rounds_per_run: int = 10  # rounds one pipeline run (segment) unrolls; see README "Sizing"
     start_round: int = 0
-    resume_from: str | None = None
-    checkpoint_to: str | None = None
+    resume_from: str | None = None  # a checkpoint folder; default: this experiment's own checkpoint
+    keep_rounds: int = 1  # rounds of objects kept behind the newest (a retried server step needs 1)
+    segment_timeout: int = 0  # seconds a segment (one pipeline run) may take, Pending pods included
     eval_every: int = 0  # 0: evaluate only at the end of the run
     gpus_per_client: int = 0
     gpu_resource: str = "nvidia.com/gpu"
@@ -109,6 +114,22 @@ class ExperimentConfig:
     def flat_params(self) -> dict[str, str]:
         """The config as flat ``a.b -> str`` pairs, for MLflow params."""
         return {key: str(value) for key, value in _flatten(self.to_dict()).items()}
+
+
+# Keys that change how an experiment is run, watched or stored, never its numbers: two configs
+# that differ only here share an experiment key (and so the pipeline's data-plane prefix,
+# checkpoints and MLflow run), which is what lets a longer `rounds` or another segmenting
+# continue an experiment.
+_NOT_IN_KEY = {"rounds", "device", "algorithms", "output_dir", "eval_every", "heatmap_every",
+               "experiment_name", "checkpoint_dir", "keep_checkpoints"}
+
+
+def experiment_key(config: ExperimentConfig) -> str:
+    """A short digest of everything that determines the experiment's numbers."""
+    relevant = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_KEY | {"pipeline"}}
+    relevant["pipeline.algorithm"] = config.pipeline.algorithm
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+    return digest[:16]
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -329,10 +350,11 @@ _LABEL = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?=[-A-Za-z0-9_.]*
 def _validate_pipeline(config: ExperimentConfig) -> None:
     pipe = config.pipeline
     _choice(pipe.algorithm, "pipeline.algorithm", ALGORITHMS)
-    for key in ("parallelism", "rounds_per_run"):
+    for key in ("parallelism", "rounds_per_run", "clients_per_pod", "keep_rounds"):
         value = getattr(pipe, key)
         _require(value >= 1, f"pipeline.{key}", f"must be >= 1, got {value}")
-    for key in ("start_round", "eval_every", "gpus_per_client", "client_retries", "client_pod_timeout"):
+    for key in ("start_round", "eval_every", "gpus_per_client", "client_retries", "client_pod_timeout",
+                "segment_timeout"):
         value = getattr(pipe, key)
         _require(value >= 0, f"pipeline.{key}", f"must be >= 0, got {value}")
     _require(
@@ -340,11 +362,9 @@ def _validate_pipeline(config: ExperimentConfig) -> None:
         "pipeline.start_round",
         f"must be below rounds ({config.rounds}), got {pipe.start_round}",
     )
-    _require(
-        pipe.start_round == 0 or pipe.resume_from is not None,
-        "pipeline.resume_from",
-        "a run that starts after round 0 needs the checkpoint to resume from",
-    )
+    for key in ("data_root", "resume_from"):
+        value = getattr(pipe, key)
+        _require(value is None or bool(value.strip()), f"pipeline.{key}", "must not be empty (use null)")
     for key in ("cpu_request", "memory_request"):
         value = getattr(pipe, key)
         _require(bool(_QUANTITY.match(value)), f"pipeline.{key}",

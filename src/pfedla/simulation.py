@@ -32,7 +32,7 @@ from pfedla.client import (
     update_problem,
 )
 from pfedla.config import ExperimentConfig, config_from_dict
-from pfedla.data import ClientShard, FederatedData, build_federated_data
+from pfedla.data import FederatedData, build_federated_data
 from pfedla.errors import PfedlaError
 from pfedla.models import LayerLayout, build_model, initial_layers
 from pfedla.seeding import numpy_rng, torch_generator
@@ -58,30 +58,29 @@ def train_settings(config: ExperimentConfig) -> TrainSettings:
 def fit_client(
     trainer: LocalTrainer,
     instruction: FitInstruction,
-    shard: ClientShard,
+    train: tuple[torch.Tensor, torch.Tensor],
     config: ExperimentConfig,
     round_idx: int,
     client_id: int,
 ) -> ClientUpdate:
-    """One client's local training this round, returning Δ = θ' − θ̄.
+    """One client's local training on its train split ``(x, y)`` this round, returning Δ = θ' − θ̄.
 
     The batch order is a pure function of (seed, round, client), so both orchestrations
     and all algorithms see the same batches.
     """
+    train_x, train_y = train
     generator = torch_generator(config.seed, "train", round_idx, client_id)
-    trained, loss = trainer.train(instruction.layers, shard.train_x, shard.train_y, train_settings(config),
-                                  generator)
+    trained, loss = trainer.train(instruction.layers, train_x, train_y, train_settings(config), generator)
     delta = [after - before for after, before in zip(trained, instruction.layers, strict=True)]
-    return ClientUpdate(client_id, shard.num_train, delta, loss)
+    return ClientUpdate(client_id, len(train_y), delta, loss)
 
 
 def evaluate_strategy(
-    strategy: Strategy, model: nn.Module, layout: LayerLayout, shards: Sequence[ClientShard]
+    strategy: Strategy, model: nn.Module, layout: LayerLayout, tests: Sequence[tuple[torch.Tensor, torch.Tensor]]
 ) -> list[EvalResult]:
-    """Each client's personalized model on that client's own test split."""
+    """Each client's personalized model on that client's own test split ``(x, y)``."""
     return [
-        evaluate_client(model, layout, strategy.personalized_layers(i), s.test_x, s.test_y)
-        for i, s in enumerate(shards)
+        evaluate_client(model, layout, strategy.personalized_layers(i), x, y) for i, (x, y) in enumerate(tests)
     ]
 
 
@@ -91,9 +90,11 @@ def round_metrics(updates: Sequence[ClientUpdate], failures: Sequence[ClientFail
     return {
         "clients": float(len(updates) + len(failures)),
         "failed_clients": float(len(failures)),
-        "train_loss": float(np.mean([u.train_loss for u in updates])) if updates else float("nan"),
         "bytes_down": float(bytes_down),
         "bytes_up": float(sum(sum(d.numel() * d.element_size() for d in u.delta) for u in updates)),
+        # a round without updates has no training loss: left out rather than NaN, which
+        # strict JSON (and the KFP launcher) refuses
+        **({"train_loss": float(np.mean([u.train_loss for u in updates]))} if updates else {}),
     }
 
 
@@ -176,6 +177,7 @@ class Simulation:
         self.config, self.device, self.tracker, self.progress = config, device, tracker, progress
         self.checkpoints = checkpoints
         self.shards = [shard.to(device) for shard in data.shards]
+        self.tests = [shard.test for shard in self.shards]
         self.model = build_model(config.model, data.input_shape, data.num_classes, config.seed).to(device)
         self.layout = LayerLayout.of(self.model)
         self.trainer = LocalTrainer(self.model, self.layout)
@@ -203,7 +205,7 @@ class Simulation:
             metrics = self.run_round(strategy, round_idx)
             last = round_idx == config.rounds - 1
             if last or (round_idx + 1) % config.eval_every == 0:
-                evaluation = evaluate_strategy(strategy, self.model, self.layout, self.shards)
+                evaluation = evaluate_strategy(strategy, self.model, self.layout, self.tests)
                 metrics.update(accuracy_metrics(evaluation))
                 bar.set_postfix(acc=f"{metrics['accuracy_mean']:.3f}")
             history.append(metrics)
@@ -214,7 +216,7 @@ class Simulation:
                     "seconds": earlier_seconds + time.perf_counter() - started})
         bar.close()
         if not evaluation:  # resumed after the last round had been checkpointed
-            evaluation = evaluate_strategy(strategy, self.model, self.layout, self.shards)
+            evaluation = evaluate_strategy(strategy, self.model, self.layout, self.tests)
         result = AlgorithmResult(
             name=name,
             client_accuracies=[r.accuracy for r in evaluation],
@@ -263,8 +265,8 @@ class Simulation:
         updates, failures = [], []
         for client, instruction in instructions.items():
             try:
-                update = fit_client(self.trainer, instruction, self.shards[client], self.config, round_idx,
-                                    client)
+                update = fit_client(self.trainer, instruction, self.shards[client].train, self.config,
+                                    round_idx, client)
             except Exception as error:  # one client's crash must not take the round down
                 failures.append(ClientFailure(client, failure_reason(error)))
                 continue

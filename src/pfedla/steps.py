@@ -1,21 +1,26 @@
-"""The round's phases as steps over files: what each Kubeflow component calls.
+"""The round's phases as pipeline steps over the data plane: what each Kubeflow component calls.
 
-Every step is a deterministic function of its inputs (config, seed, round, artifacts),
-so a pipeline run reproduces ``pfedla run`` exactly on CPU and KFP caching is safe.
-Artifacts are directories of safetensors and JSON files:
+A step reads small JSON manifests (its input artifacts), fetches from the data plane
+(:mod:`pfedla.dataplane`) exactly the objects it needs, writes its own objects there and an
+output manifest, and returns a summary for the artifact's metadata that the KFP launcher
+accepts (finite numbers, strings, booleans). Every step is a deterministic function of its
+inputs (config, seed, round, manifests), so a pipeline run reproduces ``pfedla run`` exactly
+on CPU. Manifests, by kind:
 
-- shards:     ``client_<i>.safetensors`` (train/test tensors), ``data.json``, ``partition.json``
-- state:      ``state.safetensors`` (the strategy's state_dict), ``history.json`` (per-round metrics)
-- models:     ``client_<i>.safetensors``: the personalized start model θ̄_i of this round
-- update:     ``update.safetensors``: Δ_i = θ_i' − θ̄_i with sample count and loss, or no
-              tensors and a ``failed`` reason when the client's training failed
-- evaluation: ``evaluation.json``, ``layer_weights.npy`` (pFedLA), ``models.safetensors``
+- ``shards``:     the data's shape, each client's train and test object, the partition stats
+- ``plan``:       the server state before round ``round`` (state + history objects) and, for
+                  each of the round's clients, its start model θ̄_i and its train object
+- ``updates``:    per client of one training pod, its update Δ_i with sample count and loss,
+                  or the reason it failed
+- ``evaluation``: accuracies, the personalized models, α (pFedLA)
+- ``checkpoint``: a copy of the state at a segment's end, from which the next segment starts
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from pfedla import storage
 from pfedla.algorithms import FitInstruction, Strategy, make_strategy
 from pfedla.algorithms.pfedla import PFedLAStrategy
 from pfedla.client import (
@@ -36,9 +40,18 @@ from pfedla.client import (
     select_device,
     update_problem,
 )
-from pfedla.config import ExperimentConfig, config_from_dict
-from pfedla.data import ClientShard, build_federated_data
-from pfedla.errors import ArtifactError
+from pfedla.config import ExperimentConfig, config_from_dict, experiment_key
+from pfedla.data import build_federated_data
+from pfedla.dataplane import (
+    DataPlane,
+    ObjectRef,
+    checkpoint_folder,
+    finite_summary,
+    ref_at,
+    round_folder,
+    run_prefix,
+)
+from pfedla.errors import ArtifactError, ConfigError
 from pfedla.models import LayerLayout, build_model, initial_layers
 from pfedla.simulation import (
     accuracy_metrics,
@@ -50,7 +63,9 @@ from pfedla.simulation import (
     round_metrics,
 )
 
-SHARD_KEYS = ("train_x", "train_y", "test_x", "test_y")
+SHARDS, PLAN, UPDATES, EVALUATION, CHECKPOINT = (
+    "pfedla/shards", "pfedla/plan", "pfedla/updates", "pfedla/evaluation", "pfedla/checkpoint")
+PLAN_FIELDS = ("round", "data", "state", "history", "clients")
 log = logging.getLogger(__name__)
 
 
@@ -59,98 +74,52 @@ def parse_config(config_json: str) -> ExperimentConfig:
     return config_from_dict(json.loads(config_json))
 
 
+def data_plane(config: ExperimentConfig) -> DataPlane:
+    """The experiment's data plane under ``pipeline.data_root``."""
+    if not config.pipeline.data_root:
+        raise ConfigError("pipeline.data_root", "the pipeline needs a data root (an s3:// prefix on a cluster, "
+                                                "a directory for run-local)")
+    return DataPlane(run_prefix(config, config.pipeline.data_root))
+
+
+def client_groups(clients: Sequence[int], clients_per_pod: int) -> list[list[int]]:
+    """The round's clients in training pods of ``clients_per_pod``, in order."""
+    return [list(clients[i : i + clients_per_pod]) for i in range(0, len(clients), clients_per_pod)]
+
+
+def group_label(group: Sequence[int]) -> str:
+    """A training pod's clients as the ParallelFor item: ``"3,7,9"``."""
+    return ",".join(str(c) for c in group)
+
+
+def parse_group(label: str) -> list[int]:
+    try:
+        clients = [int(part) for part in label.split(",")]
+    except ValueError:
+        raise ArtifactError(f"not a client group: {label!r:.80} (expected ids like 3,7,9)") from None
+    return clients
+
+
 @dataclass
 class ModelContext:
-    """The architecture every step rebuilds from the config and the data's shape (data.json)."""
+    """The architecture every step rebuilds from the config and the data's shape."""
 
     model: torch.nn.Module
     layout: LayerLayout
     num_clients: int
 
     @classmethod
-    def load(cls, config: ExperimentConfig, shards_dir: str | Path) -> ModelContext:
-        meta = storage.read_json(Path(shards_dir) / "data.json")
-        model = build_model(config.model, tuple(meta["input_shape"]), meta["num_classes"], config.seed)
-        return cls(model, LayerLayout.of(model), meta["num_clients"])
-
-
-def partition(config_json: str, shards_dir: str | Path) -> dict[str, Any]:
-    """Build the federated data once and store one file per client."""
-    config = parse_config(config_json)
-    data = build_federated_data(config)
-    out = Path(shards_dir)
-    for index, shard in enumerate(data.shards):
-        storage.save_tensors(out / f"client_{index}.safetensors",
-                             {key: getattr(shard, key) for key in SHARD_KEYS})
-    meta = {"num_classes": data.num_classes, "input_shape": list(data.input_shape),
-            "num_clients": data.num_clients}
-    storage.write_json(out / "data.json", meta)
-    storage.write_json(out / "partition.json", {"clients": data.class_counts()})
-    return meta
-
-
-def load_shard(shards_dir: str | Path, client_id: int) -> ClientShard:
-    tensors, _ = storage.load_tensors(Path(shards_dir) / f"client_{client_id}.safetensors")
-    missing = [key for key in SHARD_KEYS if key not in tensors]
-    if missing:
-        raise ArtifactError(f"shard of client {client_id} lacks {missing}")
-    return ClientShard(*(tensors[key] for key in SHARD_KEYS))
+    def of(cls, config: ExperimentConfig, data: dict[str, Any]) -> ModelContext:
+        try:
+            shape, classes, clients = tuple(data["input_shape"]), data["num_classes"], data["num_clients"]
+        except (KeyError, TypeError):
+            raise ArtifactError(f"manifest data description is damaged: {data!r:.200}") from None
+        model = build_model(config.model, shape, classes, config.seed)
+        return cls(model, LayerLayout.of(model), clients)
 
 
 def _strategy(config: ExperimentConfig, context: ModelContext) -> Strategy:
     return make_strategy(config.pipeline.algorithm, config, initial_layers(context.model))
-
-
-def save_state(state_dir: str | Path, strategy: Strategy, round_idx: int,
-               history: list[dict[str, float]]) -> None:
-    out = Path(state_dir)
-    storage.save_tensors(out / "state.safetensors", strategy.state_dict(),
-                         {"algorithm": strategy.name, "next_round": round_idx})
-    storage.write_json(out / "history.json", history)
-
-
-def load_state(config: ExperimentConfig, context: ModelContext, state_dir: str | Path
-               ) -> tuple[Strategy, int, list[dict[str, float]]]:
-    """The strategy restored from a state directory (local path or s3:// prefix)."""
-    location = f"{str(state_dir).rstrip('/')}/state.safetensors"
-    tensors, meta = storage.load_tensors(location)
-    if meta.get("algorithm") != config.pipeline.algorithm:
-        raise ArtifactError(f"{location} holds {meta.get('algorithm')!r} state, "
-                            f"but pipeline.algorithm is {config.pipeline.algorithm!r}")
-    strategy = _strategy(config, context)
-    strategy.load_state_dict(tensors)
-    history = storage.read_json(f"{str(state_dir).rstrip('/')}/history.json")
-    return strategy, int(meta.get("next_round", 0)), history
-
-
-def server_init(config_json: str, shards_dir: str | Path, state_dir: str | Path) -> int:
-    """A fresh server state, or the one at ``pipeline.resume_from``; returns the next round."""
-    config = parse_config(config_json)
-    context = ModelContext.load(config, shards_dir)
-    if config.pipeline.resume_from:
-        strategy, next_round, history = load_state(config, context, config.pipeline.resume_from)
-        if next_round != config.pipeline.start_round:
-            raise ArtifactError(f"{config.pipeline.resume_from} continues at round {next_round}, "
-                                f"but pipeline.start_round is {config.pipeline.start_round}")
-    else:
-        strategy, next_round, history = _strategy(config, context), 0, []
-    save_state(state_dir, strategy, next_round, history)
-    return next_round
-
-
-def server_configure(config_json: str, round_idx: int, shards_dir: str | Path, state_dir: str | Path,
-                     models_dir: str | Path) -> list[int]:
-    """Draw the round's clients and write each one's personalized start model."""
-    config = parse_config(config_json)
-    strategy, _, _ = load_state(config, ModelContext.load(config, shards_dir), state_dir)
-    clients = participants(config, round_idx)
-    for client, instruction in strategy.configure_fit(round_idx, clients).items():
-        storage.save_tensors(
-            Path(models_dir) / f"client_{client}.safetensors",
-            {f"layer.{i}": t for i, t in enumerate(instruction.layers)},
-            {"round": round_idx, "kept_local": sorted(instruction.kept_local)},
-        )
-    return clients
 
 
 def _layers(tensors: dict[str, torch.Tensor], prefix: str, layout: LayerLayout, where: str
@@ -163,156 +132,414 @@ def _layers(tensors: dict[str, torch.Tensor], prefix: str, layout: LayerLayout, 
     return layers
 
 
-def client_train(config_json: str, round_idx: int, client_id: int, shards_dir: str | Path,
-                 models_dir: str | Path, update_dir: str | Path) -> float | None:
-    """Train one client from its own personalized model on its own shard; returns its loss.
+def _io_summary(plane: DataPlane) -> dict[str, int]:
+    return {"read_bytes": plane.transfers.read_bytes, "written_bytes": plane.transfers.written_bytes}
 
-    A client whose training fails (raises, times out, cannot read its inputs) writes a
-    failure record with the reason instead of an update and returns None: the round goes
-    on without it, as in the simulation. Only a dying process fails the step (and is retried).
+
+def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A history entry: metrics that are not finite (a diverged model's loss) are left out, since
+    the history is strict JSON and every value ends up in MLflow and the launcher's metadata."""
+    return {k: v for k, v in metrics.items() if not (isinstance(v, float) and not math.isfinite(v))}
+
+
+def _entries(manifest: dict[str, Any], key: str, source: str | Path) -> dict[str, Any]:
+    entries = manifest.get(key)
+    if not isinstance(entries, dict):
+        raise ArtifactError(f"{source}: manifest has no '{key}' table")
+    return entries
+
+
+# -- partition ---------------------------------------------------------------------------------------------
+
+def partition(config_json: str, shards_out: str | Path) -> dict[str, Any]:
+    """Build the federated data once; one train and one test object per client."""
+    config = parse_config(config_json)
+    plane = data_plane(config)
+    data = build_federated_data(config)
+    train, test = [], []
+    for index, shard in enumerate(data.shards):
+        train.append(plane.put_tensors(f"data/client_{index}.train.safetensors",
+                                       {"x": shard.train_x, "y": shard.train_y}).to_dict())
+        test.append(plane.put_tensors(f"data/client_{index}.test.safetensors",
+                                      {"x": shard.test_x, "y": shard.test_y}).to_dict())
+    stats = plane.put_json("data/partition.json", {"clients": data.class_counts()})
+    described = {"num_classes": data.num_classes, "input_shape": list(data.input_shape),
+                 "num_clients": data.num_clients, "num_train": [s.num_train for s in data.shards]}
+    plane.write_manifest(shards_out, SHARDS, {"step": "partition", "data": described, "train": train,
+                                              "test": test, "partition": stats.to_dict()})
+    return finite_summary({"num_clients": data.num_clients, "num_classes": data.num_classes,
+                           "input_shape": "x".join(map(str, data.input_shape)), **_io_summary(plane)})
+
+
+def _data_shape(shards: dict[str, Any]) -> dict[str, Any]:
+    return {key: shards["data"][key] for key in ("num_classes", "input_shape", "num_clients")}
+
+
+# -- server state ------------------------------------------------------------------------------------------
+
+def _save_state(plane: DataPlane, round_idx: int, strategy: Strategy, history: list[dict[str, float]]
+                ) -> tuple[ObjectRef, ObjectRef]:
+    folder = round_folder(round_idx)
+    state = plane.put_tensors(f"{folder}/state.safetensors", strategy.state_dict(),
+                              {"algorithm": strategy.name, "next_round": round_idx})
+    return state, plane.put_json(f"{folder}/history.json", history)
+
+
+def _load_state(plane: DataPlane, config: ExperimentConfig, context: ModelContext, state: ObjectRef,
+                history: ObjectRef) -> tuple[Strategy, int, list[dict[str, float]]]:
+    tensors, meta = plane.get_tensors(state)
+    if meta.get("algorithm") != config.pipeline.algorithm:
+        raise ArtifactError(f"{state.uri} holds {meta.get('algorithm')!r} state, "
+                            f"but pipeline.algorithm is {config.pipeline.algorithm!r}")
+    strategy = _strategy(config, context)
+    strategy.load_state_dict(tensors)
+    records = plane.get_json(history)
+    if not isinstance(records, list):
+        raise ArtifactError(f"{history.uri}: the history is not a list of rounds")
+    return strategy, int(meta.get("next_round", 0)), records
+
+
+def _state_of(plane: DataPlane, config: ExperimentConfig, context: ModelContext, plan: dict[str, Any]
+              ) -> tuple[Strategy, list[dict[str, float]]]:
+    strategy, next_round, history = _load_state(plane, config, context, ref_at(plan, "state"),
+                                                ref_at(plan, "history"))
+    if next_round != plan["round"]:
+        raise ArtifactError(f"the plan is for round {plan['round']}, but its state continues at {next_round}")
+    return strategy, history
+
+
+def _configure(plane: DataPlane, config: ExperimentConfig, strategy: Strategy, round_idx: int,
+               shards: dict[str, Any], state: ObjectRef, history: ObjectRef) -> dict[str, Any]:
+    """The plan of ``round_idx``: each selected client's start model θ̄_i, written to the data plane."""
+    clients: dict[str, Any] = {}
+    for client, instruction in strategy.configure_fit(round_idx, participants(config, round_idx)).items():
+        model = plane.put_tensors(f"{round_folder(round_idx)}/models/client_{client}.safetensors",
+                                  {f"layer.{i}": t for i, t in enumerate(instruction.layers)},
+                                  {"round": round_idx, "kept_local": sorted(instruction.kept_local)})
+        clients[str(client)] = {"model": model.to_dict(), "train": ref_at(shards, "train", client).to_dict(),
+                                "bytes_down": instruction.bytes_sent()}
+    return {"round": round_idx, "data": _data_shape(shards), "state": state.to_dict(),
+            "history": history.to_dict(), "clients": clients}
+
+
+def _resume_location(config: ExperimentConfig, plane: DataPlane) -> str:
+    start = config.pipeline.start_round
+    folder = config.pipeline.resume_from or plane.uri(checkpoint_folder(start))
+    return f"{folder.rstrip('/')}/manifest.json"
+
+
+def server_init(config_json: str, shards_in: str | Path, plan_out: str | Path) -> dict[str, Any]:
+    """A fresh server state (or the checkpoint this segment starts from) and the first round's plan."""
+    config = parse_config(config_json)
+    plane = data_plane(config)
+    shards = plane.read_manifest(shards_in, SHARDS)
+    context = ModelContext.of(config, shards["data"])
+    start = config.pipeline.start_round
+    if start == 0 and not config.pipeline.resume_from:
+        strategy = _strategy(config, context)
+        state, history = _save_state(plane, 0, strategy, [])
+    else:
+        location = _resume_location(config, plane)
+        checkpoint = plane.read_manifest(location, CHECKPOINT)
+        state, history = ref_at(checkpoint, "state"), ref_at(checkpoint, "history")
+        strategy, next_round, _ = _load_state(plane, config, context, state, history)
+        if next_round != start:
+            raise ArtifactError(f"{location} continues at round {next_round}, "
+                                f"but pipeline.start_round is {start}")
+    plan = _configure(plane, config, strategy, start, shards, state, history)
+    plane.write_manifest(plan_out, PLAN, {"step": "server_init", "step_round": start, **plan})
+    return finite_summary({"round": start, "clients": len(plan["clients"]), **_io_summary(plane)})
+
+
+# -- client training ---------------------------------------------------------------------------------------
+
+def _train_one(plane: DataPlane, config: ExperimentConfig, context: ModelContext, trainer: LocalTrainer,
+               device: torch.device, plan: dict[str, Any], client: int) -> ClientUpdate:
+    round_idx = plan["round"]
+    model = ref_at(plan, "clients", client, "model")
+    tensors, meta = plane.get_tensors(model)
+    start = _layers(tensors, "layer", context.layout, model.uri)
+    train, _ = plane.get_tensors(ref_at(plan, "clients", client, "train"))
+    if set(train) != {"x", "y"}:
+        raise ArtifactError(f"the train split of client {client} lacks x or y")
+    instruction = FitInstruction([t.to(device) for t in start], frozenset(meta.get("kept_local", [])))
+    update = fit_client(trainer, instruction, (train["x"].to(device), train["y"].to(device)), config,
+                        round_idx, client)
+    if problem := update_problem(update, config.max_update_norm):  # no need to upload what will be refused
+        raise ArtifactError(problem)
+    return update
+
+
+def client_train(config_json: str, clients: str, plan_in: str | Path, updates_out: str | Path
+                 ) -> dict[str, Any]:
+    """Train each client of one pod's group from its own start model on its own train split.
+
+    A client whose training fails (raises, times out, diverges, cannot read its objects) is
+    reported with the reason instead of an update: the round goes on without it, as in the
+    simulation. Only a dying process fails the step (and is retried).
     """
     config = parse_config(config_json)
-    target = Path(update_dir) / "update.safetensors"
-    meta: dict[str, Any] = {"client_id": client_id, "round": round_idx, "bytes_down": 0}
+    plane = data_plane(config)
+    plan = plane.read_manifest(plan_in, PLAN)
+    group = parse_group(clients)
+    unknown = [c for c in group if str(c) not in _entries(plan, "clients", plan_in)]
+    if unknown:
+        raise ArtifactError(f"clients {unknown} are not part of round {plan['round']}'s plan")
+    context = ModelContext.of(config, plan["data"])
+    device = select_device(config.device)
+    trainer = LocalTrainer(context.model.to(device), context.layout)  # one per pod, reused by its clients
+    round_idx, reports = plan["round"], {}
+    for client in group:
+        try:
+            update = _train_one(plane, config, context, trainer, device, plan, client)
+        except Exception as error:  # reported to the server step rather than failing the whole round
+            reason = failure_reason(error) if not isinstance(error, ArtifactError) else str(error)
+            log.warning("round %d: client %d failed: %s", round_idx, client, reason)
+            reports[str(client)] = {"failed": reason}
+            continue
+        ref = plane.put_tensors(f"{round_folder(round_idx)}/updates/client_{client}.safetensors",
+                                {f"delta.{i}": d for i, d in enumerate(update.delta)})
+        reports[str(client)] = {"update": ref.to_dict(), "num_samples": update.num_samples,
+                                **({"train_loss": update.train_loss} if math.isfinite(update.train_loss) else {})}
+    plane.write_manifest(updates_out, UPDATES, {"step": "client_train", "step_round": round_idx, "round": round_idx,
+                                                "clients": reports})
+    failed = [c for c, report in reports.items() if "failed" in report]
+    return finite_summary({"round": round_idx, "clients": clients, "failed": bool(failed),
+                           "failed_clients": ",".join(failed), **_io_summary(plane)})
+
+
+# -- aggregation -------------------------------------------------------------------------------------------
+
+def _read_report(plane: DataPlane, client: int, report: Any, known_samples: int, layout: LayerLayout
+                 ) -> ClientUpdate | ClientFailure:
+    """One client's report: its checked update, or the failure it reported or that its report shows."""
+    if not isinstance(report, dict):
+        return ClientFailure(client, "damaged report")
+    if "failed" in report:
+        return ClientFailure(client, str(report["failed"])[:500])
     try:
-        context = ModelContext.load(config, shards_dir)
-        source = Path(models_dir) / f"client_{client_id}.safetensors"
-        tensors, model_meta = storage.load_tensors(source)
-        start = _layers(tensors, "layer", context.layout, str(source))
-        device = select_device(config.device)
-        kept_local = frozenset(model_meta.get("kept_local", []))
-        instruction = FitInstruction([t.to(device) for t in start], kept_local)
-        meta["bytes_down"] = instruction.bytes_sent()
-        update = fit_client(LocalTrainer(context.model.to(device), context.layout), instruction,
-                            load_shard(shards_dir, client_id).to(device), config, round_idx, client_id)
-    except Exception as error:  # reported to the server step rather than failing the whole round
-        meta["failed"] = failure_reason(error)
-        log.warning("round %d: client %d failed: %s", round_idx, client_id, meta["failed"])
-        storage.save_tensors(target, {}, meta)
-        return None
-    storage.save_tensors(target, {f"delta.{i}": d for i, d in enumerate(update.delta)},
-                         {**meta, "num_samples": update.num_samples, "train_loss": update.train_loss})
-    return update.train_loss
+        num_samples, loss = report["num_samples"], float(report.get("train_loss", math.nan))
+        if type(num_samples) is not int or num_samples != known_samples:
+            # FedAvg weights by it: only the count the server knows from the partition is accepted
+            raise ValueError(f"num_samples must be the {known_samples} samples of its train split, "
+                             f"got {num_samples!r:.40}")
+        ref = ref_at(report, "update")
+        tensors, _ = plane.get_tensors(ref)
+        delta = _layers(tensors, "delta", layout, ref.uri)
+    except (ArtifactError, KeyError, TypeError, ValueError) as error:
+        return ClientFailure(client, f"unusable update: {error}")
+    return ClientUpdate(client, num_samples, delta, loss)
 
 
-def _read_update(source: Path, round_idx: int, layout: LayerLayout
-                 ) -> tuple[ClientUpdate | ClientFailure, float]:
-    """A client's update file: its update or the failure it reported, and the bytes it was sent."""
-    tensors, meta = storage.load_tensors(source)
-    if meta.get("round") != round_idx:
-        raise ArtifactError(f"{source} is an update for round {meta.get('round')}, not {round_idx}")
-    try:
-        client_id, bytes_down = int(meta["client_id"]), float(meta.get("bytes_down", 0))
-        if "failed" in meta:
-            return ClientFailure(client_id, str(meta["failed"])), bytes_down
-        num_samples, train_loss = meta["num_samples"], float(meta["train_loss"])
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    except (KeyError, TypeError, ValueError) as error:
-        raise ArtifactError(f"{source} has damaged metadata ({type(error).__name__}: {error})") from None
-    delta = _layers(tensors, "delta", layout, str(source))
-    return ClientUpdate(client_id, num_samples, delta, train_loss), bytes_down
+def server_round(config_json: str, round_idx: int, configure_next: bool, shards_in: str | Path,
+                 plan_in: str | Path, updates_in: Sequence[str | Path], plan_out: str | Path
+                 ) -> dict[str, Any]:
+    """Fold round ``round_idx``'s reports into the server state; plan round + 1 when ``configure_next``.
 
-
-def server_aggregate(config_json: str, round_idx: int, shards_dir: str | Path, state_dir: str | Path,
-                     update_dirs: Sequence[str | Path], new_state_dir: str | Path) -> dict[str, float]:
-    """Fold the round's collected updates into the server state.
-
-    Failed clients and rejected (non-finite or oversized) updates are left out and counted;
-    more than ``max_failed_fraction`` of them aborts the run. Every selected client must
-    have delivered exactly one file.
+    Failed clients and unusable, non-finite or oversized updates are left out and counted; more
+    than ``max_failed_fraction`` of them aborts the run. Every selected client must be reported
+    exactly once. Round objects older than ``pipeline.keep_rounds`` rounds are deleted.
     """
     started = time.perf_counter()
     config = parse_config(config_json)
-    context = ModelContext.load(config, shards_dir)
-    strategy, _, history = load_state(config, context, state_dir)
-    updates, failures, bytes_down, delivered = [], [], 0.0, []
-    for folder in update_dirs:
-        source = Path(folder) / "update.safetensors"
-        outcome, sent = _read_update(source, round_idx, context.layout)
-        bytes_down += sent
-        delivered.append(outcome.client_id)
-        if isinstance(outcome, ClientFailure):
-            failures.append(outcome)
-        elif problem := update_problem(outcome, config.max_update_norm):
-            failures.append(ClientFailure(outcome.client_id, problem))  # never reaches another client
-        else:
-            updates.append(outcome)
+    plane = data_plane(config)
+    shards, plan = plane.read_manifest(shards_in, SHARDS), plane.read_manifest(plan_in, PLAN)
+    if plan["round"] != round_idx:
+        raise ArtifactError(f"{plan_in} plans round {plan['round']}, not {round_idx}")
+    context = ModelContext.of(config, plan["data"])
+    strategy, history = _state_of(plane, config, context, plan)
+    outcomes: list[ClientUpdate | ClientFailure] = []
+    client_io = {"read_bytes": 0, "written_bytes": 0}
+    for source in updates_in:
+        manifest = plane.read_manifest(source, UPDATES)
+        if manifest.get("round") != round_idx:
+            raise ArtifactError(f"{source} reports round {manifest.get('round')}, not {round_idx}")
+        ledger = manifest.get("transfers") or {}
+        for key in client_io:
+            client_io[key] += int(ledger.get(key, 0))
+        for client, report in _entries(manifest, "clients", source).items():
+            try:
+                client_id = int(client)
+            except ValueError:
+                raise ArtifactError(f"{source}: {client!r:.40} is not a client id") from None
+            known = shards["data"]["num_train"][client_id] if 0 <= client_id < context.num_clients else -1
+            outcomes.append(_read_report(plane, client_id, report, known, context.layout))
     selected = participants(config, round_idx)
-    if sorted(delivered) != selected:
-        raise ArtifactError(f"round {round_idx}: updates came from clients {sorted(delivered)}, "
+    delivered = sorted(o.client_id for o in outcomes)
+    if delivered != selected:
+        raise ArtifactError(f"round {round_idx}: reports came from clients {delivered}, "
                             f"but the round selected {selected}")
+    failures = [o for o in outcomes if isinstance(o, ClientFailure)]
+    updates = []
+    for update in sorted((o for o in outcomes if isinstance(o, ClientUpdate)), key=lambda u: u.client_id):
+        if problem := update_problem(update, config.max_update_norm):
+            failures.append(ClientFailure(update.client_id, problem))  # never reaches another client
+        else:
+            updates.append(update)
+    failures.sort(key=lambda f: f.client_id)
     report_failures(round_idx, failures, len(selected), config.max_failed_fraction)
-    updates.sort(key=lambda u: u.client_id)  # the collected order is not guaranteed
     metrics = strategy.aggregate_fit(round_idx, updates, failures)
+    bytes_down = sum(entry["bytes_down"] for entry in _entries(plan, "clients", plan_in).values())
     metrics.update(round_metrics(updates, failures, bytes_down))
-    metrics["server_seconds"] = time.perf_counter() - started
-    history = [*history, {"round": round_idx, **metrics}]
-    save_state(new_state_dir, strategy, round_idx + 1, history)
-    return metrics
+    metrics.update({"clients_read_bytes": float(client_io["read_bytes"]),
+                    "clients_written_bytes": float(client_io["written_bytes"]),
+                    "server_read_bytes": float(plane.transfers.read_bytes)})
+    # No timings in the history: a retried step must write the very same objects (their keys are reused).
+    entry = {"round": round_idx, **_finite(metrics)}
+    state, history_ref = _save_state(plane, round_idx + 1, strategy, [*history, entry])
+    if configure_next:
+        next_plan = _configure(plane, config, strategy, round_idx + 1, shards, state, history_ref)
+    else:  # the segment ends here: the next one configures its first round from the checkpoint
+        next_plan = {"round": round_idx + 1, "data": plan["data"], "state": state.to_dict(),
+                     "history": history_ref.to_dict(), "clients": {}}
+    stale = round_idx - config.pipeline.keep_rounds
+    if stale >= 0:  # the inputs of this step stay (a retried step needs them); older rounds go
+        plane.delete_folder(round_folder(stale))
+    plane.write_manifest(plan_out, PLAN, {"step": "server_round", "step_round": round_idx, **next_plan})
+    return finite_summary({"round": round_idx, "failed_clients": len(failures), "clients": len(selected),
+                           "train_loss": metrics.get("train_loss"), "seconds": time.perf_counter() - started,
+                           **_io_summary(plane)})
 
 
-def evaluate(config_json: str, shards_dir: str | Path, state_dir: str | Path,
-             new_state_dir: str | Path, evaluation_dir: str | Path | None = None) -> dict[str, float]:
-    """Every client's personalized model on its test split; appends the result to the history.
+# -- evaluation, checkpoint, record ------------------------------------------------------------------------
 
-    With ``evaluation_dir`` (the run's last evaluation) it also writes the per-client
-    accuracies, α and the personalized models.
+def evaluate(config_json: str, shards_in: str | Path, plan_in: str | Path, plan_out: str | Path,
+             evaluation_out: str | Path, final: bool) -> dict[str, Any]:
+    """Every client's personalized model on its own test split; the result joins the history.
+
+    The plan passes through with the new history. With ``final`` (the run's last evaluation),
+    the personalized models and α are written too.
     """
     config = parse_config(config_json)
-    context = ModelContext.load(config, shards_dir)
-    strategy, next_round, history = load_state(config, context, state_dir)
-    shards = [load_shard(shards_dir, i) for i in range(context.num_clients)]
-    results = evaluate_strategy(strategy, context.model, context.layout, shards)
-    metrics = accuracy_metrics(results)
-    history = [*history]
-    if history and history[-1].get("round") == next_round - 1:
-        history[-1] = {**history[-1], **metrics}
-    save_state(new_state_dir, strategy, next_round, history)
-    if evaluation_dir is not None:
-        out = Path(evaluation_dir)
-        storage.write_json(out / "evaluation.json", {
-            "algorithm": strategy.name,
-            "mean_accuracy": metrics["accuracy_mean"],
-            "client_accuracies": [r.accuracy for r in results],
-            "rounds": next_round,
-            "history": history,
-        })
+    plane = data_plane(config)
+    shards, plan = plane.read_manifest(shards_in, SHARDS), plane.read_manifest(plan_in, PLAN)
+    context = ModelContext.of(config, plan["data"])
+    strategy, history = _state_of(plane, config, context, plan)
+    rounds_done = plan["round"]
+    tests = []
+    for client in range(context.num_clients):
+        split, _ = plane.get_tensors(ref_at(shards, "test", client))
+        tests.append((split["x"], split["y"]))
+    results = evaluate_strategy(strategy, context.model, context.layout, tests)
+    metrics = _finite(accuracy_metrics(results))
+    if history and history[-1].get("round") == rounds_done - 1:
+        history = [*history[:-1], {**history[-1], **metrics}]
+    history_ref = plane.put_json(f"{round_folder(rounds_done)}/history.evaluated.json", history)
+    passed_on = {**{key: plan[key] for key in PLAN_FIELDS}, "history": history_ref.to_dict()}
+    plane.write_manifest(plan_out, PLAN, {"step": "evaluate", **passed_on}, ledger=False)
+    outcome: dict[str, Any] = {"step": "evaluate", "step_round": rounds_done, "round": rounds_done, "final": final,
+                               "metrics": metrics}
+    if final:
+        folder = f"evaluations/round_{rounds_done:05d}"
+        outcome["evaluation"] = plane.put_json(f"{folder}/evaluation.json", {
+            "algorithm": strategy.name, "mean_accuracy": metrics["accuracy_mean"],
+            "client_accuracies": [r.accuracy for r in results], "rounds": rounds_done, "history": history,
+        }).to_dict()
+        outcome["models"] = plane.put_tensors(
+            f"{folder}/models.safetensors", personalized_models(strategy, context.layout, context.num_clients),
+            {"algorithm": strategy.name, "model": config.model}).to_dict()
         if isinstance(strategy, PFedLAStrategy):
-            np.save(out / "layer_weights.npy", strategy.layer_weights().numpy())
-        storage.save_tensors(out / "models.safetensors",
-                             personalized_models(strategy, context.layout, len(shards)),
-                             {"algorithm": strategy.name, "model": config.model})
-    return metrics
+            outcome["layer_weights"] = plane.put_tensors(f"{folder}/layer_weights.safetensors",
+                                                         {"alpha": strategy.layer_weights()}).to_dict()
+    plane.write_manifest(evaluation_out, EVALUATION, outcome)
+    return finite_summary({"round": rounds_done, **metrics, **_io_summary(plane)})
 
 
-def record(config_json: str, shards_dir: str | Path, state_dir: str | Path, evaluation_dir: str | Path,
+def round_traffic(manifests: Sequence[dict[str, Any]], round_idx: int) -> dict[str, float]:
+    """Bytes round ``round_idx`` moved through the data plane (its client steps and server step, from
+    their ledgers) against the least it could: each selected client reads its start model and train
+    split and writes its update; the server reads the state and the updates, and writes the new
+    state and the next round's start models."""
+    def sizes(refs: Any) -> int:
+        return sum(entry["size"] for entry in refs)
+
+    clients = [m for m in manifests if m["step"] == "client_train" and m["step_round"] == round_idx]
+    (server,) = [m for m in manifests if m["step"] == "server_round" and m["step_round"] == round_idx]
+    plan = next(m for m in manifests if m["kind"] == PLAN and m.get("round") == round_idx and m["clients"])
+    updates = [report["update"] for m in clients for report in m["clients"].values() if "update" in report]
+    client_least = sizes(e["model"] for e in plan["clients"].values()) + \
+        sizes(e["train"] for e in plan["clients"].values()) + sizes(updates)
+    server_least = plan["state"]["size"] + plan["history"]["size"] + sizes(updates) + \
+        server["state"]["size"] + server["history"]["size"] + sizes(e["model"] for e in server["clients"].values())
+    moved = sum(m["transfers"]["read_bytes"] + m["transfers"]["written_bytes"] for m in [*clients, server])
+    least = client_least + server_least
+    return {"moved_bytes": moved, "least_bytes": least, "ratio": moved / least,
+            "client_pods": len(clients), "clients": len(plan["clients"])}
+
+
+def read_evaluation(config: ExperimentConfig, evaluation_in: str | Path
+                    ) -> tuple[dict[str, Any], np.ndarray | None]:
+    """A final evaluation: its ``evaluation.json`` content and α (None unless pFedLA)."""
+    plane = data_plane(config)
+    manifest = plane.read_manifest(evaluation_in, EVALUATION)
+    evaluation = plane.get_json(ref_at(manifest, "evaluation"))
+    alpha = None
+    if "layer_weights" in manifest:
+        alpha = plane.get_tensors(ref_at(manifest, "layer_weights"))[0]["alpha"].numpy()
+    return evaluation, alpha
+
+
+def checkpoint(config_json: str, plan_in: str | Path, checkpoint_out: str | Path) -> dict[str, Any]:
+    """Version the segment's final state under ``checkpoints/round_<r>/``; the LATEST pointer last.
+
+    The store copies the objects itself, so no state bytes pass through this step.
+    """
+    config = parse_config(config_json)
+    plane = data_plane(config)
+    plan = plane.read_manifest(plan_in, PLAN)
+    rounds_done, folder = plan["round"], checkpoint_folder(plan["round"])
+    state = plane.copy(ref_at(plan, "state"), f"{folder}/state.safetensors")
+    history = plane.copy(ref_at(plan, "history"), f"{folder}/history.json")
+    body = {"kind": CHECKPOINT, "version": 1, "algorithm": config.pipeline.algorithm, "round": rounds_done,
+            "experiment_key": experiment_key(config), "state": state.to_dict(), "history": history.to_dict()}
+    manifest = plane.put_json(f"{folder}/manifest.json", body)
+    plane.put_json("checkpoints/LATEST", {"round": rounds_done, "manifest": manifest.to_dict()})
+    plane.write_manifest(checkpoint_out, CHECKPOINT, {**body, "step": "checkpoint", "step_round": rounds_done,
+                                                      "manifest": manifest.to_dict()})
+    return finite_summary({"round": rounds_done, "location": plane.uri(folder), **_io_summary(plane)})
+
+
+def record(config_json: str, shards_in: str | Path, checkpoint_in: str | Path, evaluation_in: str | Path,
            tracking_uri: str | None = None) -> str:
-    """Log the finished run to MLflow and register the personalized models; returns the run id."""
+    """Log the experiment to its one MLflow run (created by the first segment, continued by the next).
+
+    Only rounds the run does not hold yet are sent. The segment that finishes the experiment
+    logs the personalized models, registers them as one model version and ends the run.
+    """
     from pfedla.tracking import Tracker, default_tracking_uri
 
     config = parse_config(config_json)
-    evaluation = storage.read_json(Path(evaluation_dir) / "evaluation.json")
-    uri = tracking_uri or default_tracking_uri(config.output_dir)
-    tracker = Tracker(uri, config.experiment_name)
-    name = config.pipeline.algorithm
-    run_id = tracker.start_run(f"{name}-pipeline", config.flat_params(),
-                               {"pfedla.algorithm": name, "pfedla.orchestration": "kubeflow"})
+    plane = data_plane(config)
+    shards = plane.read_manifest(shards_in, SHARDS)
+    checkpoint_manifest = plane.read_manifest(checkpoint_in, CHECKPOINT)
+    manifest = plane.read_manifest(evaluation_in, EVALUATION)
+    evaluation = plane.get_json(ref_at(manifest, "evaluation"))
+    rounds_done, finished = evaluation["rounds"], evaluation["rounds"] >= config.rounds
+    tracker = Tracker(tracking_uri or default_tracking_uri(config.output_dir), config.experiment_name)
+    name, key = config.pipeline.algorithm, experiment_key(config)
+    run_id = tracker.find_run({"pfedla.experiment_key": key, "pfedla.orchestration": "kubeflow"})
+    if run_id is None:
+        run_id = tracker.start_run(f"{name}-pipeline", config.flat_params(), {
+            "pfedla.algorithm": name, "pfedla.orchestration": "kubeflow", "pfedla.experiment_key": key,
+            "pfedla.data_plane": plane.prefix})
+        tracker.log_json(plane.get_json(ref_at(shards, "partition")), "partition.json")
+    else:
+        tracker.resume_run(run_id)
     for entry in evaluation["history"]:
         tracker.log_metrics(int(entry["round"]), {k: v for k, v in entry.items() if k != "round"})
-    tracker.log_metrics(evaluation["rounds"], {"final_accuracy_mean": evaluation["mean_accuracy"]})
-    weights = Path(evaluation_dir) / "layer_weights.npy"
-    if weights.is_file():
-        context = ModelContext.load(config, shards_dir)
-        tracker.log_layer_weights(np.load(weights), context.layout.names, "final")
-    tracker.log_file(Path(evaluation_dir) / "evaluation.json")
-    tracker.log_file(Path(shards_dir) / "partition.json")
-    tracker.log_file(Path(evaluation_dir) / "models.safetensors", "models")
-    tracker.log_file(Path(state_dir) / "state.safetensors", "checkpoint")
+    if "layer_weights" in manifest:
+        alpha = plane.get_tensors(ref_at(manifest, "layer_weights"))[0]["alpha"].numpy()
+        context = ModelContext.of(config, shards["data"])
+        tracker.log_layer_weights(alpha, context.layout.names, f"round_{rounds_done:04d}")
+    tracker.log_json(evaluation, "evaluation.json")
+    tracker.log_json({k: checkpoint_manifest[k] for k in ("round", "state", "history", "manifest")},
+                     f"checkpoints/round_{rounds_done:05d}.json")
+    tracker.set_tags({"pfedla.rounds_done": str(rounds_done)})
+    if not finished:  # the next segment continues this run
+        tracker.flush()
+        return run_id
+    tracker.log_metrics(rounds_done, {"final_accuracy_mean": evaluation["mean_accuracy"]})
+    tracker.log_bytes(plane.get_bytes(ref_at(manifest, "models")), "models/models.safetensors")
     tracker.register_models(config.pipeline.registered_model, "models")
     tracker.end_run()
-    if config.pipeline.checkpoint_to:
-        target = config.pipeline.checkpoint_to.rstrip("/")
-        for file in ("state.safetensors", "history.json"):
-            storage.write_bytes(f"{target}/{file}", (Path(state_dir) / file).read_bytes())
     return run_id

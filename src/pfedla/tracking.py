@@ -6,6 +6,7 @@ wins when set (e.g. a remote ``mlflow server`` whose artifacts are proxied to S3
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 METRIC_FLUSH_ROUNDS = 10  # one log_batch call per this many rounds (and at the end)
-SENTINEL_METRIC = "round_seconds"  # logged every round: tells how far a run got
+SENTINEL_METRIC = "clients"  # logged every round by both orchestrations: tells how far a run got
 
 
 def default_tracking_uri(output_dir: str | Path) -> str:
@@ -71,6 +72,16 @@ class Tracker:
         )
         return self.run_id
 
+    def find_run(self, tags: dict[str, str]) -> str | None:
+        """The newest run of this experiment carrying all ``tags``, if any."""
+        query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in sorted(tags.items()))
+        runs = self.client.search_runs([self.experiment_id], query, max_results=1,
+                                       order_by=["attributes.start_time DESC"])
+        return runs[0].info.run_id if runs else None
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.client.log_batch(self._run(), tags=[self._tag_type(k, v) for k, v in sorted(tags.items())])
+
     def resume_run(self, run_id: str) -> int:
         """Continue an existing run; returns the last round it already holds (-1 for none).
 
@@ -103,6 +114,16 @@ class Tracker:
     def log_dir(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self._run(), str(path), artifact_path)
 
+    def log_bytes(self, data: bytes, artifact_file: str) -> None:
+        """Store ``data`` as the run's artifact ``artifact_file`` (``folder/name``)."""
+        folder, _, name = artifact_file.rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / name).write_bytes(data)
+            self.log_file(Path(tmp) / name, folder or None)
+
+    def log_json(self, payload: object, artifact_file: str) -> None:
+        self.log_bytes(json.dumps(payload, indent=2, sort_keys=True).encode(), artifact_file)
+
     def log_layer_weights(self, alpha: np.ndarray, layer_names: Sequence[str], label: str) -> None:
         """α [N, L, N] as an .npy plus one heatmap per layer, under layer_weights/<label>/."""
         with tempfile.TemporaryDirectory() as tmp:
@@ -114,7 +135,7 @@ class Tracker:
             self.log_dir(folder, f"layer_weights/{label}")
 
     def register_models(self, name: str, artifact_path: str) -> str:
-        """Register the run's ``artifact_path`` as a new version of model ``name``; returns it."""
+        """Register the run's ``artifact_path`` as a version of model ``name``, once per run; returns it."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -122,6 +143,9 @@ class Tracker:
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
+        existing = self.client.search_model_versions(f"name='{name}' and run_id='{self._run()}'")
+        if existing:  # a resubmitted final segment: the version is already there
+            return existing[0].version
         run = self.client.get_run(self._run())
         source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
         return self.client.create_model_version(name, source, run_id=self._run()).version

@@ -24,6 +24,14 @@ class ClientShard:
     test_y: torch.Tensor
 
     @property
+    def train(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.train_x, self.train_y
+
+    @property
+    def test(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.test_x, self.test_y
+
+    @property
     def num_train(self) -> int:
         return len(self.train_y)
 
