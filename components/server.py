@@ -17,5 +17,6 @@ def server_round(config_json: str, round_idx: int, configure_next: bool, shards:
     """Fold the round's collected client reports into the server state and plan the next round."""
     from pfedla import steps
 
-    next_plan.metadata.update(steps.server_round(config_json, round_idx, configure_next, shards.path, plan.path,
-                                                 [update.path for update in updates], next_plan.path))
+    summary = steps.server_round(config_json, round_idx, configure_next, shards.path, plan.path,
+                                 [update.path for update in updates], next_plan.path)
+    next_plan.metadata.update(summary)

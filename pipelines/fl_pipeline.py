@@ -6,7 +6,7 @@ fan-in -> the server step, which aggregates and plans the next round, so the ser
 read once per round). The round's clients are a seeded draw known at compile time, so each
 round's pods are listed in the YAML. One pipeline run (a *segment*) covers at most
 ``pipeline.rounds_per_run`` rounds; longer experiments chain segments through the
-checkpoints the ``checkpoint`` step writes to the data plane (``pfedla.runner`` submits them).
+checkpoints the ``checkpoint`` step writes to the data plane (``pfedla_pipelines.runner`` runs them).
 """
 
 
@@ -26,6 +26,10 @@ from pfedla.steps import client_groups, group_label
 from pfedla_components import Components, build_components
 
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# The server step's executor input lists every training pod's update artifact (URI, metadata: about
+# 400 bytes each), and the launcher receives it as one command-line argument, which Linux caps at
+# 128 KiB (MAX_ARG_STRLEN). Staying well below keeps a round's fan-in launchable.
+MAX_PODS_PER_ROUND = 200
 ENDPOINT_KEYS = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
 MLFLOW_AUTH_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
@@ -63,7 +67,8 @@ def segments(config: ExperimentConfig) -> list[RoundRange]:
 def segment_config(config: ExperimentConfig, first_round: int) -> ExperimentConfig:
     """``config`` for the segment starting at ``first_round`` (later segments resume its checkpoint)."""
     resume_from = config.pipeline.resume_from if first_round == config.pipeline.start_round else None
-    return replace(config, pipeline=replace(config.pipeline, start_round=first_round, resume_from=resume_from))
+    pipeline = replace(config.pipeline, start_round=first_round, resume_from=resume_from)
+    return replace(config, pipeline=pipeline)
 
 
 def round_groups(config: ExperimentConfig, round_idx: int) -> list[str]:
@@ -129,7 +134,7 @@ def build_pipeline(config: ExperimentConfig) -> Callable:
     config_json = json.dumps(config.to_dict(), sort_keys=True)
     deadline = config.pipeline.segment_timeout or None  # the whole run, Pending pods included
 
-    @dsl.pipeline(name="fl-round", description="One round: train the round's clients, aggregate, plan the next.")
+    @dsl.pipeline(name="fl-round", description="One round: train its clients, aggregate, plan the next.")
     def fl_round(config_json: str, round_idx: int, configure_next: bool, groups: list[str],
                  shards: dsl.Input[dsl.Dataset], plan: dsl.Input[dsl.Artifact]) -> dsl.Artifact:
         with dsl.ParallelFor(groups, parallelism=config.pipeline.parallelism) as group:
@@ -158,7 +163,8 @@ def build_pipeline(config: ExperimentConfig) -> Callable:
         final = options.step(parts.evaluate(config_json=config_json, final=True, shards=shards, plan=plan))
         saved = options.step(parts.checkpoint(config_json=config_json, plan=final.outputs["next_plan"]))
         options.record(parts.record(config_json=config_json, tracking_uri=mlflow_tracking_uri, shards=shards,
-                                    checkpoint=saved.outputs["checkpoint"], evaluation=final.outputs["evaluation"]))
+                                    checkpoint=saved.outputs["checkpoint"],
+                                    evaluation=final.outputs["evaluation"]))
         return final.outputs["evaluation"]
 
     return pipeline
@@ -167,10 +173,17 @@ def build_pipeline(config: ExperimentConfig) -> Callable:
 def compile_pipeline(config: ExperimentConfig, output: str | Path) -> RoundRange:
     """Write the pipeline YAML for ``config``'s segment; returns the rounds it covers."""
     if not config.pipeline.data_root:
-        raise PipelineError("pipeline.data_root is not set: the pipeline keeps its tensors in an object store "
-                            "prefix, e.g. --set pipeline.data_root=s3://pfedla")
+        raise PipelineError("pipeline.data_root is not set: the pipeline keeps its tensors in an object "
+                            "store prefix, e.g. --set pipeline.data_root=s3://pfedla")
     output = Path(output)
     if not output.parent.is_dir():
         raise PipelineError(f"cannot write {output}: {output.parent} is not a directory")
+    rounds = RoundRange.of(config)
+    pods = max(len(round_groups(config, r)) for r in range(rounds.first, rounds.stop))
+    if pods > MAX_PODS_PER_ROUND:
+        raise PipelineError(f"a round would run {pods} training pods; the server step's launcher cannot take "
+                            f"more than about {MAX_PODS_PER_ROUND} collected updates: raise "
+                            f"pipeline.clients_per_pod to at least "
+                            f"{-(-pods * config.pipeline.clients_per_pod // MAX_PODS_PER_ROUND)}")
     compiler.Compiler().compile(build_pipeline(config), str(output))
-    return RoundRange.of(config)
+    return rounds

@@ -101,7 +101,8 @@ def step_manifests(root: Path) -> list[dict[str, Any]]:
 
 def _ledger(manifest: dict[str, Any]) -> dict[str, Any]:
     return {"step": manifest["step"], "round": manifest.get("step_round"),
-            **({"clients": sorted(map(int, manifest["clients"]))} if manifest["step"] == "client_train" else {}),
+            **({"clients": sorted(map(int, manifest["clients"]))}
+               if manifest["step"] == "client_train" else {}),
             **manifest["transfers"]}
 
 
@@ -141,7 +142,8 @@ def _api(what: str, host: str, call: Callable[[], Any]) -> Any:
 
 def _segment_runs(client: Any, host: str, experiment_id: str, key: str) -> dict[str, Any]:
     """This experiment's runs by name (the newest of each), from every page of the listing."""
-    query = json.dumps({"predicates": [{"key": "display_name", "operation": "IS_SUBSTRING", "string_value": key}]})
+    match = {"key": "display_name", "operation": "IS_SUBSTRING", "string_value": key}
+    query = json.dumps({"predicates": [match]})
     runs, token = [], ""
     while True:
         page = _api("list runs", host, lambda t=token: client.list_runs(
@@ -199,11 +201,11 @@ def submit(config: ExperimentConfig, host: str, experiment: str | None = None, w
                 say(f"{len(plan) - number} more segment(s): run the same command again once it has succeeded "
                     "(or use --wait)")
             return run_ids
-        state, elapsed = _follow(client, host, run_id, label, config.pipeline.segment_timeout, poll_seconds, say)
+        timeout = config.pipeline.segment_timeout
+        state, elapsed = _follow(client, host, run_id, label, timeout, poll_seconds, say)
         if state != "SUCCEEDED":
-            timeout = config.pipeline.segment_timeout
-            hint = (f"; it may have run past pipeline.segment_timeout={timeout} s, e.g. with pods that stayed "
-                    "Pending (check GPU scheduling: kubectl -n kubeflow get pods)") if timeout and \
+            hint = (f"; it may have run past pipeline.segment_timeout={timeout} s, e.g. with pods that "
+                    "stayed Pending (check GPU scheduling: kubectl -n kubeflow get pods)") if timeout and \
                 elapsed >= timeout else ""
             raise PipelineError(f"{label} ended {state} (run {run_id}){hint}. Fix the cause, then run the "
                                 "same command again: finished segments are skipped")

@@ -4,7 +4,8 @@ A fault spec maps clients to what goes wrong with their training, e.g. ``"1:rais
 or ``"*:raise@0"`` (every client, round 0 only):
 
 - ``raise``:   the training raises (a lost GPU);
-- ``slow``:    every batch takes ``SLOW_BATCH_SECONDS`` (a client that runs past ``client_timeout``);
+- ``slow``:    every batch takes longer than ``client_timeout`` (so the client runs past it after its
+  first batch, however loaded the machine is);
 - ``diverge``: the client trains with a learning rate 1e5 times too large, so its loss and update
   blow up for real (NaN or Inf).
 
@@ -20,7 +21,6 @@ import os
 import time
 from pathlib import Path
 
-SLOW_BATCH_SECONDS = 0.6
 ENV = "PFEDLA_TEST_FAULTS"
 
 
@@ -54,7 +54,7 @@ def install(spec: str) -> None:
             config = dataclasses.replace(config, lr=config.lr * 1e5)
         if kind != "slow":
             return real_fit(trainer, instruction, train, config, round_idx, client_id)
-        hook = trainer.model.register_forward_pre_hook(lambda *_: time.sleep(SLOW_BATCH_SECONDS))
+        hook = trainer.model.register_forward_pre_hook(lambda *_: time.sleep(1.1 * config.client_timeout))
         try:
             return real_fit(trainer, instruction, train, config, round_idx, client_id)
         finally:
@@ -73,5 +73,6 @@ def sitecustomize_dir(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     here = Path(__file__).resolve().parent
     (folder / "sitecustomize.py").write_text(
-        f"import sys\nsys.path.insert(0, {str(here)!r})\nimport fault_injection\nfault_injection.install_from_env()\n")
+        f"import sys\nsys.path.insert(0, {str(here)!r})\n"
+        "import fault_injection\nfault_injection.install_from_env()\n")
     return folder

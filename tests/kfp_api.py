@@ -57,8 +57,8 @@ class FakeRun:
     def as_json(self) -> dict[str, Any]:
         created = (EPOCH + timedelta(seconds=self.created)).strftime("%Y-%m-%dT%H:%M:%SZ")
         return {"run_id": self.run_id, "experiment_id": self.experiment_id, "display_name": self.display_name,
-                "state": self.state, "created_at": created, "service_account": self.body.get("service_account"),
-                "storage_state": "AVAILABLE"}
+                "state": self.state, "created_at": created, "storage_state": "AVAILABLE",
+                "service_account": self.body.get("service_account")}
 
 
 @dataclass
@@ -139,7 +139,8 @@ def _handler(api: FakeKfpApi) -> type[BaseHTTPRequestHandler]:
                 if match := re.fullmatch(r"/experiments/([^/]+)", path):
                     if match[1] not in api.experiments:
                         return self._reply(404, {"code": 5, "message": "experiment not found"})
-                    return self._reply(200, {"experiment_id": match[1], "display_name": api.experiments[match[1]]})
+                    name = api.experiments[match[1]]
+                    return self._reply(200, {"experiment_id": match[1], "display_name": name})
                 if path == "/runs":
                     return self._list_runs(query)
                 if (match := re.fullmatch(r"/runs/([^/:]+)", path)) and (run := api.run(match[1])):
@@ -166,7 +167,8 @@ def _handler(api: FakeKfpApi) -> type[BaseHTTPRequestHandler]:
                 if path == "/experiments":
                     experiment_id = uuid.uuid4().hex
                     api.experiments[experiment_id] = body["display_name"]
-                    return self._reply(200, {"experiment_id": experiment_id, "display_name": body["display_name"]})
+                    return self._reply(200, {"experiment_id": experiment_id,
+                                             "display_name": body["display_name"]})
                 if path == "/runs":
                     run = FakeRun(uuid.uuid4().hex, body["experiment_id"], body["display_name"], body,
                                   list(api.script(body["display_name"])), len(api.runs),

@@ -16,7 +16,8 @@ from pfedla.errors import ArtifactError
 
 def test_objects_round_trip_and_every_byte_is_counted(tmp_path):
     plane = DataPlane(str(tmp_path / "prefix"))
-    ref = plane.put_tensors("rounds/00001/models/client_3.safetensors", {"layer.0": torch.arange(4.0)}, {"round": 1})
+    key = "rounds/00001/models/client_3.safetensors"
+    ref = plane.put_tensors(key, {"layer.0": torch.arange(4.0)}, {"round": 1})
     assert ref.uri == f"{tmp_path}/prefix/rounds/00001/models/client_3.safetensors"
     assert ref.size == (tmp_path / "prefix" / "rounds/00001/models/client_3.safetensors").stat().st_size
     reader = DataPlane(str(tmp_path / "prefix"))
@@ -70,13 +71,14 @@ def test_summaries_hold_only_finite_numbers_strings_and_booleans(values):
     for key, value in summary.items():
         assert isinstance(value, (str, bool, int, float)), key
         assert not isinstance(value, float) or math.isfinite(value), key
-    dropped = sorted(k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v))
+    dropped = [k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
     assert summary.get("non_finite", "") == ",".join(dropped) or "non_finite" in values
 
 
 def test_malformed_references_give_errors_naming_where(tmp_path):
     good = DataPlane(str(tmp_path)).put_bytes("k", b"x").to_dict()
-    assert ref_at({"clients": {"3": {"model": good}}}, "clients", 3, "model") == ObjectRef.from_dict(good, "m")
+    found = ref_at({"clients": {"3": {"model": good}}}, "clients", 3, "model")
+    assert found == ObjectRef.from_dict(good, "m")
     with pytest.raises(ArtifactError, match="manifest has no entry clients/4/model"):
         ref_at({"clients": {"3": {"model": good}}}, "clients", 4, "model")
     for bad in ({**good, "size": -1}, {**good, "size": "3"}, {**good, "sha256": "abc"}, {"uri": "x"}, "x"):

@@ -49,7 +49,8 @@ def test_rounds_are_unrolled_with_each_rounds_pods_listed_and_one_server_step(tm
                                   pipeline={"parallelism": 3, "clients_per_pod": 2})
     rounds = round_tasks(spec)
     assert len(rounds) == 3
-    by_round = {int(t["inputs"]["parameters"]["round_idx"]["runtimeValue"]["constant"]): t for t in rounds.values()}
+    by_round = {int(t["inputs"]["parameters"]["round_idx"]["runtimeValue"]["constant"]): t
+                for t in rounds.values()}
     assert sorted(by_round) == [0, 1, 2]
     for round_idx, task in by_round.items():
         groups = task["inputs"]["parameters"]["groups"]["runtimeValue"]["constant"]
@@ -77,7 +78,8 @@ def test_rounds_are_unrolled_with_each_rounds_pods_listed_and_one_server_step(tm
 
 
 def test_every_step_requests_resources_and_only_client_steps_retry_and_time_out(tmp_path):
-    pipeline = {"cpu_request": "500m", "memory_request": "3Gi", "client_retries": 4, "client_pod_timeout": 900}
+    pipeline = {"cpu_request": "500m", "memory_request": "3Gi", "client_retries": 4,
+                "client_pod_timeout": 900}
     _, _, spec, platform = compiled(tmp_path, rounds=2, pipeline=pipeline)
     for name, executor in spec["deploymentSpec"]["executors"].items():
         resources = executor["container"]["resources"]
@@ -126,7 +128,8 @@ def test_gpu_limits_and_tolerations_exactly_when_requested(tmp_path, gpus):
 
 def test_the_gpu_example_config_agrees_with_the_clusters_gpu_defaults(tmp_path):
     """configs/pipeline-gpu.yaml and ConfigMap pfedla-gpu-defaults (k8s/overlays/gpu) describe the same
-    scheduling; the node selector is opt-in on both sides (only GPU feature discovery sets the usual label)."""
+    scheduling; the node selector is opt-in on both sides (only GPU feature discovery sets the usual
+    label)."""
     defaults = read_env_file(ROOT / "k8s" / "overlays" / "gpu" / "gpu-defaults.env")
     config = load_config(ROOT / "configs" / "pipeline-gpu.yaml")
     pipe = config.pipeline
@@ -181,6 +184,14 @@ def test_compiling_needs_a_data_root_and_an_existing_folder(tmp_path):
     with pytest.raises(PipelineError, match="is not a directory"):
         compile_pipeline(config_from_dict({"rounds": 1, "pipeline": {"data_root": DATA_ROOT}}),
                          tmp_path / "missing" / "p.yaml")
+
+
+def test_a_round_with_more_pods_than_one_launcher_argument_holds_asks_for_bigger_groups(tmp_path):
+    raw = {"clients": 450, "rounds": 1, "pipeline": {"data_root": DATA_ROOT}}
+    with pytest.raises(PipelineError, match="450 training pods.*pipeline.clients_per_pod to at least 3"):
+        compile_pipeline(config_from_dict(raw), tmp_path / "p.yaml")
+    raw["pipeline"]["clients_per_pod"] = 3
+    compile_pipeline(config_from_dict(raw), tmp_path / "p.yaml")
 
 
 @pytest.mark.parametrize("shipped", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda path: path.name)

@@ -17,7 +17,8 @@ def output_file(tmp_path, text):
 
 
 def artifact(metadata):
-    return json.dumps({"artifacts": {"update": {"artifacts": [{"name": "update", "uri": "/x", "metadata": metadata}]}}})
+    entry = {"name": "update", "uri": "/x", "metadata": metadata}
+    return json.dumps({"artifacts": {"update": {"artifacts": [entry]}}})
 
 
 @pytest.mark.parametrize("text, problem", [

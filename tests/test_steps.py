@@ -61,7 +61,8 @@ def run_steps(tmp_path, cfg):
     for round_idx in range(2):
         reports = train_all(tmp_path, cfg, plan, str(round_idx))
         next_plan = tmp_path / f"plan{round_idx + 1}.json"
-        summary = steps.server_round(cfg, round_idx, round_idx == 0, shards, plan, list(reversed(reports)), next_plan)
+        summary = steps.server_round(cfg, round_idx, round_idx == 0, shards, plan, list(reversed(reports)),
+                                     next_plan)
         assert_launcher_safe(summary)
         plan = next_plan
     evaluation = tmp_path / "evaluation.json"
@@ -93,7 +94,8 @@ def test_partition_stores_one_train_and_one_test_object_per_client(tmp_path):
     summary = steps.partition(cfg, tmp_path / "shards.json")
     assert summary["num_clients"] == 3 and summary["input_shape"] == "1x8x8"
     manifest = read(tmp_path / "shards.json")
-    assert manifest["data"]["num_train"] == [read_split(cfg, manifest, "train", c)["y"].numel() for c in range(3)]
+    counts = [read_split(cfg, manifest, "train", c)["y"].numel() for c in range(3)]
+    assert manifest["data"]["num_train"] == counts
     for client in range(3):
         train, test = (read_split(cfg, manifest, split, client) for split in ("train", "test"))
         assert set(train) == set(test) == {"x", "y"} and test["y"].numel() > 0
@@ -130,7 +132,8 @@ def test_unusable_reports_leave_their_client_out_and_structural_errors_stop_the_
         steps.server_round(cfg, 1, True, shards, plan, reports, tmp_path / "bad.json")
     (tmp_path / "stale.json").write_text(json.dumps({**read(reports[1]), "round": 1}))
     with pytest.raises(ArtifactError, match="stale.json reports round 1, not 0"):
-        steps.server_round(cfg, 0, True, shards, plan, [reports[0], tmp_path / "stale.json"], tmp_path / "bad.json")
+        steps.server_round(cfg, 0, True, shards, plan, [reports[0], tmp_path / "stale.json"],
+                           tmp_path / "bad.json")
     with pytest.raises(ArtifactError, match=r"reports came from clients \[0, 2\], but the round selected"):
         steps.server_round(cfg, 0, True, shards, plan, [reports[0], reports[2]], tmp_path / "bad.json")
     with pytest.raises(ArtifactError, match=r"reports came from clients \[0, 0, 1, 2\]"):
@@ -162,41 +165,47 @@ def test_resume_checks_algorithm_and_round(tmp_path):
     shards, final_plan, _ = run_steps(tmp_path, cfg)
     saved = tmp_path / "checkpoint.json"
     steps.checkpoint(cfg, final_plan, saved)
-    resumed = config_json(tmp_path, rounds=4, pipeline={"data_root": str(tmp_path / "plane"), "start_round": 2})
+    plane_root = str(tmp_path / "plane")
+    resumed = config_json(tmp_path, rounds=4, pipeline={"data_root": plane_root, "start_round": 2})
     steps.server_init(resumed, shards, tmp_path / "resumed.json")
     assert read(tmp_path / "resumed.json")["state"] == read(saved)["state"]  # used where it is, not copied
     folder = read(saved)["state"]["uri"].rsplit("/", 1)[0]
-    wrong_round = config_json(tmp_path, rounds=4, pipeline={"data_root": str(tmp_path / "plane"), "start_round": 1,
+    wrong_round = config_json(tmp_path, rounds=4, pipeline={"data_root": plane_root, "start_round": 1,
                                                             "resume_from": folder})
     with pytest.raises(ArtifactError, match="continues at round 2, but pipeline.start_round is 1"):
         steps.server_init(wrong_round, shards, tmp_path / "r2.json")
-    wrong_algorithm = config_json(tmp_path, rounds=4, pipeline={"data_root": str(tmp_path / "plane"),
+    wrong_algorithm = config_json(tmp_path, rounds=4, pipeline={"data_root": plane_root,
                                                                 "start_round": 2, "resume_from": folder,
                                                                 "algorithm": "local"})
     with pytest.raises(ArtifactError, match="holds 'pfedla' state"):
         steps.server_init(wrong_algorithm, shards, tmp_path / "r3.json")
-    missing = config_json(tmp_path, rounds=4, pipeline={"data_root": str(tmp_path / "plane"), "start_round": 3})
+    missing = config_json(tmp_path, rounds=4, pipeline={"data_root": plane_root, "start_round": 3})
     with pytest.raises(storage.StorageError, match="checkpoints/round_00003/manifest.json"):
         steps.server_init(missing, shards, tmp_path / "r4.json")
 
 
 def test_checkpoints_are_versioned_and_the_pointer_moves_last(tmp_path, monkeypatch):
-    cfg = config_json(tmp_path)
+    cfg = config_json(tmp_path, keep_checkpoints=2,
+                      pipeline={"data_root": str(tmp_path / "plane"), "keep_rounds": 3})
     _, final_plan, _ = run_steps(tmp_path, cfg)
+    for earlier in ("plan0.json", "plan1.json"):  # segments ending after rounds 0 and 1
+        steps.checkpoint(cfg, tmp_path / earlier, tmp_path / f"checkpoint-{earlier}")
+    assert plane_of(cfg).folders("checkpoints") == ["round_00000", "round_00001"]
     writes = []
     real_write = storage.write_bytes
     monkeypatch.setattr(storage, "write_bytes", lambda location, data: (writes.append(str(location)),
                                                                         real_write(location, data)))
     summary = steps.checkpoint(cfg, final_plan, tmp_path / "checkpoint.json")
     assert summary["location"].endswith("checkpoints/round_00002")
-    assert [w.rsplit("/", 2)[-2:] for w in writes] == [["round_00002", "manifest.json"], ["checkpoints", "LATEST"],
-                                                       [tmp_path.name, "checkpoint.json"]]
+    assert [w.rsplit("/", 2)[-2:] for w in writes] == [
+        ["round_00002", "manifest.json"], ["checkpoints", "LATEST"], [tmp_path.name, "checkpoint.json"]]
     plane = plane_of(cfg)
     latest = plane.get_json(ObjectRef.from_dict({**read(tmp_path / "checkpoint.json")["manifest"]}, "m"))
     assert latest["round"] == 2
     state, _ = plane.get_tensors(ObjectRef.from_dict(latest["state"], "state"))
     assert "models.0" in state
     assert read(tmp_path / "checkpoint.json")["transfers"]["copied_bytes"] > 0  # the store copied the state
+    assert plane_of(cfg).folders("checkpoints") == ["round_00001", "round_00002"]  # keep_checkpoints=2
 
 
 def test_old_rounds_are_deleted_but_never_the_inputs_of_a_retried_step(tmp_path):
@@ -272,4 +281,5 @@ def test_random_reports_are_aggregated_or_left_out_and_the_state_stays_finite(tm
     state, _ = plane.get_tensors(ObjectRef.from_dict(read(tmp_path / "next.json")["state"], "state"))
     assert all(torch.isfinite(t).all() for t in state.values())
     if summary["failed_clients"] == 0:  # a weight FedAvg uses was accepted: it is the real count
-        assert manifest["clients"]["1"]["num_samples"] == read(tmp_path / "shards.json")["data"]["num_train"][1]
+        known = read(tmp_path / "shards.json")["data"]["num_train"][1]
+        assert manifest["clients"]["1"]["num_samples"] == known

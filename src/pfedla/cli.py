@@ -105,14 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(local_cmd)
     local_cmd.add_argument("--pipeline-root", help="where step outputs go (default: a temp directory)")
     local_cmd.set_defaults(handler=_pipeline_run_local)
-    submit_cmd = actions.add_parser("submit", help="submit to a Kubeflow Pipelines API server, segment by segment")
+    submit_cmd = actions.add_parser("submit",
+                                    help="submit to a Kubeflow Pipelines API server, segment by segment")
     _add_config_args(submit_cmd)
     submit_cmd.add_argument("--host", required=True, help="KFP API URL, e.g. http://localhost:8080")
     submit_cmd.add_argument("--experiment", help="KFP experiment (default: experiment_name)")
     submit_cmd.add_argument("--wait", action=argparse.BooleanOptionalAction, default=None,
                             help="follow each segment and submit the next when it succeeds (default: on when "
                                  "rounds > pipeline.rounds_per_run)")
-    submit_cmd.add_argument("--poll-seconds", type=float, default=15.0, help="how often --wait asks for status")
+    submit_cmd.add_argument("--poll-seconds", type=float, default=15.0,
+                            help="how often --wait asks for status")
     submit_cmd.set_defaults(handler=_pipeline_submit)
 
     deploy_cmd = commands.add_parser("deploy", help="apply a kustomization (S3, MLflow, RBAC) to a cluster")

@@ -48,7 +48,7 @@ class PipelineConfig:
 
     algorithm: str = "pfedla"
     image: str = ""  # empty: the step image built from images/ (pfedla.images.step_image)
-    data_root: str | None = None  # where bulk tensors live (s3:// on a cluster); None: a local dir for run-local
+    data_root: str | None = None  # where tensors live (s3:// on a cluster); None: a local dir for run-local
     parallelism: int = 10
     clients_per_pod: int = 1  # clients one client-training pod trains in turn
     rounds_per_run: int = 10  # rounds one pipeline run (segment) unrolls; see README "Sizing"

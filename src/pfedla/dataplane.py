@@ -68,7 +68,8 @@ class ObjectRef:
         try:
             uri, size, digest = raw["uri"], raw["size"], raw["sha256"]
         except (KeyError, TypeError):
-            raise ArtifactError(f"{where}: not an object reference (uri, size, sha256): {raw!r:.200}") from None
+            raise ArtifactError(f"{where}: not an object reference (uri, size, sha256): {raw!r:.200}"
+                                ) from None
         if not (isinstance(uri, str) and type(size) is int and size >= 0 and isinstance(digest, str)
                 and re.fullmatch(r"[0-9a-f]{64}", digest)):
             raise ArtifactError(f"{where}: malformed object reference {raw!r:.200}")
@@ -148,6 +149,9 @@ class DataPlane:
     def delete_folder(self, key: str) -> int:
         return storage.delete_prefix(self.uri(key))
 
+    def folders(self, key: str) -> list[str]:
+        return storage.list_folders(self.uri(key))
+
     def read_manifest(self, path: str | Path, kind: str) -> dict[str, Any]:
         """A manifest the launcher placed at ``path`` (an input artifact), checked for its kind."""
         data = storage.read_bytes(path)
@@ -161,7 +165,8 @@ class DataPlane:
                                 f"{MANIFEST_VERSION}; it was written by another pfedla release")
         return manifest
 
-    def write_manifest(self, path: str | Path, kind: str, payload: dict[str, Any], ledger: bool = True) -> None:
+    def write_manifest(self, path: str | Path, kind: str, payload: dict[str, Any], ledger: bool = True
+                       ) -> None:
         """Write an output manifest. The one manifest per step with ``ledger`` carries the step's I/O
         ledger (``transfers``), which counts everything but this manifest itself."""
         manifest = {**payload, "kind": kind, "version": MANIFEST_VERSION, "prefix": self.prefix}
@@ -202,7 +207,8 @@ def finite_summary(values: dict[str, Any]) -> dict[str, str | bool | int | float
         elif isinstance(value, (str, bool, int, float)):
             summary[key] = value
         else:
-            raise TypeError(f"metadata {key!r} must be a number, string or boolean, got {type(value).__name__}")
+            raise TypeError(f"metadata {key!r} must be a number, string or boolean, "
+                            f"got {type(value).__name__}")
     if non_finite:
         summary["non_finite"] = ",".join(non_finite)
     return summary

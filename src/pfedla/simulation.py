@@ -76,12 +76,14 @@ def fit_client(
 
 
 def evaluate_strategy(
-    strategy: Strategy, model: nn.Module, layout: LayerLayout, tests: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    strategy: Strategy,
+    model: nn.Module,
+    layout: LayerLayout,
+    tests: Sequence[tuple[torch.Tensor, torch.Tensor]],
 ) -> list[EvalResult]:
     """Each client's personalized model on that client's own test split ``(x, y)``."""
-    return [
-        evaluate_client(model, layout, strategy.personalized_layers(i), x, y) for i, (x, y) in enumerate(tests)
-    ]
+    return [evaluate_client(model, layout, strategy.personalized_layers(i), x, y)
+            for i, (x, y) in enumerate(tests)]
 
 
 def round_metrics(updates: Sequence[ClientUpdate], failures: Sequence[ClientFailure],

@@ -77,8 +77,8 @@ def parse_config(config_json: str) -> ExperimentConfig:
 def data_plane(config: ExperimentConfig) -> DataPlane:
     """The experiment's data plane under ``pipeline.data_root``."""
     if not config.pipeline.data_root:
-        raise ConfigError("pipeline.data_root", "the pipeline needs a data root (an s3:// prefix on a cluster, "
-                                                "a directory for run-local)")
+        raise ConfigError("pipeline.data_root", "the pipeline needs a data root (an s3:// prefix on a "
+                                                "cluster, a directory for run-local)")
     return DataPlane(run_prefix(config, config.pipeline.data_root))
 
 
@@ -299,10 +299,10 @@ def client_train(config_json: str, clients: str, plan_in: str | Path, updates_ou
             continue
         ref = plane.put_tensors(f"{round_folder(round_idx)}/updates/client_{client}.safetensors",
                                 {f"delta.{i}": d for i, d in enumerate(update.delta)})
-        reports[str(client)] = {"update": ref.to_dict(), "num_samples": update.num_samples,
-                                **({"train_loss": update.train_loss} if math.isfinite(update.train_loss) else {})}
-    plane.write_manifest(updates_out, UPDATES, {"step": "client_train", "step_round": round_idx, "round": round_idx,
-                                                "clients": reports})
+        loss = {"train_loss": update.train_loss} if math.isfinite(update.train_loss) else {}
+        reports[str(client)] = {"update": ref.to_dict(), "num_samples": update.num_samples, **loss}
+    plane.write_manifest(updates_out, UPDATES, {"step": "client_train", "step_round": round_idx,
+                                                "round": round_idx, "clients": reports})
     failed = [c for c, report in reports.items() if "failed" in report]
     return finite_summary({"round": round_idx, "clients": clients, "failed": bool(failed),
                            "failed_clients": ",".join(failed), **_io_summary(plane)})
@@ -427,17 +427,18 @@ def evaluate(config_json: str, shards_in: str | Path, plan_in: str | Path, plan_
     history_ref = plane.put_json(f"{round_folder(rounds_done)}/history.evaluated.json", history)
     passed_on = {**{key: plan[key] for key in PLAN_FIELDS}, "history": history_ref.to_dict()}
     plane.write_manifest(plan_out, PLAN, {"step": "evaluate", **passed_on}, ledger=False)
-    outcome: dict[str, Any] = {"step": "evaluate", "step_round": rounds_done, "round": rounds_done, "final": final,
-                               "metrics": metrics}
+    outcome: dict[str, Any] = {"step": "evaluate", "step_round": rounds_done, "round": rounds_done,
+                               "final": final, "metrics": metrics}
     if final:
         folder = f"evaluations/round_{rounds_done:05d}"
         outcome["evaluation"] = plane.put_json(f"{folder}/evaluation.json", {
             "algorithm": strategy.name, "mean_accuracy": metrics["accuracy_mean"],
             "client_accuracies": [r.accuracy for r in results], "rounds": rounds_done, "history": history,
         }).to_dict()
-        outcome["models"] = plane.put_tensors(
-            f"{folder}/models.safetensors", personalized_models(strategy, context.layout, context.num_clients),
-            {"algorithm": strategy.name, "model": config.model}).to_dict()
+        if rounds_done >= config.rounds:  # only the experiment's end is logged and registered
+            models = personalized_models(strategy, context.layout, context.num_clients)
+            about = {"algorithm": strategy.name, "model": config.model}
+            outcome["models"] = plane.put_tensors(f"{folder}/models.safetensors", models, about).to_dict()
         if isinstance(strategy, PFedLAStrategy):
             outcome["layer_weights"] = plane.put_tensors(f"{folder}/layer_weights.safetensors",
                                                          {"alpha": strategy.layer_weights()}).to_dict()
@@ -459,8 +460,9 @@ def round_traffic(manifests: Sequence[dict[str, Any]], round_idx: int) -> dict[s
     updates = [report["update"] for m in clients for report in m["clients"].values() if "update" in report]
     client_least = sizes(e["model"] for e in plan["clients"].values()) + \
         sizes(e["train"] for e in plan["clients"].values()) + sizes(updates)
-    server_least = plan["state"]["size"] + plan["history"]["size"] + sizes(updates) + \
-        server["state"]["size"] + server["history"]["size"] + sizes(e["model"] for e in server["clients"].values())
+    state_in, state_out = (m["state"]["size"] + m["history"]["size"] for m in (plan, server))
+    next_models = sizes(e["model"] for e in server["clients"].values())
+    server_least = state_in + sizes(updates) + state_out + next_models
     moved = sum(m["transfers"]["read_bytes"] + m["transfers"]["written_bytes"] for m in [*clients, server])
     least = client_least + server_least
     return {"moved_bytes": moved, "least_bytes": least, "ratio": moved / least,
@@ -482,7 +484,8 @@ def read_evaluation(config: ExperimentConfig, evaluation_in: str | Path
 def checkpoint(config_json: str, plan_in: str | Path, checkpoint_out: str | Path) -> dict[str, Any]:
     """Version the segment's final state under ``checkpoints/round_<r>/``; the LATEST pointer last.
 
-    The store copies the objects itself, so no state bytes pass through this step.
+    The store copies the objects itself, so no state bytes pass through this step. The newest
+    ``keep_checkpoints`` versions are kept.
     """
     config = parse_config(config_json)
     plane = data_plane(config)
@@ -494,6 +497,9 @@ def checkpoint(config_json: str, plan_in: str | Path, checkpoint_out: str | Path
             "experiment_key": experiment_key(config), "state": state.to_dict(), "history": history.to_dict()}
     manifest = plane.put_json(f"{folder}/manifest.json", body)
     plane.put_json("checkpoints/LATEST", {"round": rounds_done, "manifest": manifest.to_dict()})
+    versions = [name for name in plane.folders("checkpoints") if name.startswith("round_")]
+    for stale in sorted(versions)[: max(0, len(versions) - config.keep_checkpoints)]:
+        plane.delete_folder(f"checkpoints/{stale}")  # the pointer already names a newer one
     plane.write_manifest(checkpoint_out, CHECKPOINT, {**body, "step": "checkpoint", "step_round": rounds_done,
                                                       "manifest": manifest.to_dict()})
     return finite_summary({"round": rounds_done, "location": plane.uri(folder), **_io_summary(plane)})

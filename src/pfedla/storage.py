@@ -98,7 +98,8 @@ def write_bytes(location: str | Path, data: bytes) -> None:
     if is_s3(location):
         bucket, key = split_s3(str(location))
         if len(data) <= MULTIPART_BYTES:
-            _s3_call("write", str(location), lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data))
+            _s3_call("write", str(location),
+                     lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data))
         else:
             _s3_call("write", str(location), lambda: s3_client().upload_fileobj(
                 io.BytesIO(data), bucket, key, Config=_transfer_config()))
@@ -121,21 +122,38 @@ def read_bytes(location: str | Path) -> bytes:
         raise StorageError(f"cannot read {location}: {error.strerror}") from None
 
 
-def _s3_objects(uri: str, bucket: str, prefix: str, delimiter: str | None = None) -> list[dict[str, Any]]:
-    """Every object under ``prefix`` (only the direct children with a ``delimiter``), all pages."""
+def _s3_listing(uri: str, bucket: str, prefix: str, delimiter: str | None = None
+                ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Objects under ``prefix`` and, with a ``delimiter``, the folders directly in it; all pages."""
     paginator = s3_client().get_paginator("list_objects_v2")
     scope = {"Bucket": bucket, "Prefix": prefix, **({"Delimiter": delimiter} if delimiter else {})}
     pages = _s3_call("list", uri, lambda: list(paginator.paginate(**scope)))
-    return [item for page in pages for item in page.get("Contents", [])]
+    objects = [item for page in pages for item in page.get("Contents", [])]
+    folders = [item["Prefix"][len(prefix):].rstrip("/")
+               for page in pages for item in page.get("CommonPrefixes", [])]
+    return objects, folders
+
+
+def _s3_objects(uri: str, bucket: str, prefix: str) -> list[dict[str, Any]]:
+    return _s3_listing(uri, bucket, prefix)[0]
 
 
 def list_names(folder: str | Path) -> list[str]:
     """Names of the objects/files directly inside ``folder`` (empty if it does not exist)."""
     if is_s3(folder):
         bucket, prefix = split_s3(str(folder).rstrip("/") + "/")
-        return sorted(item["Key"][len(prefix):] for item in _s3_objects(str(folder), bucket, prefix, "/"))
+        return sorted(item["Key"][len(prefix):] for item in _s3_listing(str(folder), bucket, prefix, "/")[0])
     path = Path(folder)
     return sorted(p.name for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+
+
+def list_folders(folder: str | Path) -> list[str]:
+    """Names of the folders (S3: common prefixes) directly inside ``folder``."""
+    if is_s3(folder):
+        bucket, prefix = split_s3(str(folder).rstrip("/") + "/")
+        return sorted(_s3_listing(str(folder), bucket, prefix, "/")[1])
+    path = Path(folder)
+    return sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
 
 
 def delete(location: str | Path) -> None:
@@ -174,7 +192,8 @@ def delete_prefix(prefix: str | Path) -> int:
         keys = [item["Key"] for item in _s3_objects(str(prefix), bucket, key_prefix)]
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
             batch = {"Objects": [{"Key": key} for key in keys[start : start + 1000]], "Quiet": True}
-            _s3_call("delete", str(prefix), lambda b=batch: s3_client().delete_objects(Bucket=bucket, Delete=b))
+            _s3_call("delete", str(prefix),
+                     lambda b=batch: s3_client().delete_objects(Bucket=bucket, Delete=b))
         return len(keys)
     path = Path(prefix)
     if not path.is_dir():
