@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -14,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from pfedla import storage
 from pfedla.algorithms import FitInstruction, Strategy, make_strategy
@@ -35,6 +33,7 @@ from pfedla.config import ExperimentConfig, config_from_dict
 from pfedla.data import FederatedData, build_federated_data
 from pfedla.errors import PfedlaError
 from pfedla.models import LayerLayout, build_model, initial_layers
+from pfedla.progress import RoundProgress
 from pfedla.seeding import numpy_rng, torch_generator
 from pfedla.tracking import Tracker, default_tracking_uri
 
@@ -200,23 +199,22 @@ class Simulation:
             self.checkpoints.clear(name)
         self.start_tracking(name, group, run_id, history)
         started = time.perf_counter()
-        bar = tqdm(range(first_round, config.rounds), desc=f"{name:>13}", unit="round", initial=first_round,
-                   total=config.rounds, disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
+        progress = RoundProgress(name, first_round, config.rounds, enabled=self.progress)
         evaluation: list[EvalResult] = []
-        for round_idx in bar:
+        for round_idx in range(first_round, config.rounds):
             metrics = self.run_round(strategy, round_idx)
             last = round_idx == config.rounds - 1
             if last or (round_idx + 1) % config.eval_every == 0:
                 evaluation = evaluate_strategy(strategy, self.model, self.layout, self.tests)
                 metrics.update(accuracy_metrics(evaluation))
-                bar.set_postfix(acc=f"{metrics['accuracy_mean']:.3f}")
+            progress.round_done(round_idx, metrics)
             history.append(metrics)
             self.track_round(strategy, round_idx, metrics, last)
             if self.checkpoints:
                 self.checkpoints.save(name, round_idx + 1, strategy.state_dict(), {
                     "history": history, "run_id": self.tracker.run_id if self.tracker else None,
                     "seconds": earlier_seconds + time.perf_counter() - started})
-        bar.close()
+        progress.close()
         if not evaluation:  # resumed after the last round had been checkpointed
             evaluation = evaluate_strategy(strategy, self.model, self.layout, self.tests)
         result = AlgorithmResult(
