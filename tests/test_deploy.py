@@ -18,6 +18,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -210,27 +211,8 @@ def test_render_rejects_an_env_file_with_other_keys(k8s_copy, tmp_path):
         d.read_env_file(env)
 
 
-def test_shell_and_python_render_the_same_credentials_override(real_env):
-    """k8s/lib.sh (used by up.sh) and pfedla.deploy must produce identical objects."""
-    script = (
-        f'source "{K8S / "lib.sh"}"; '
-        f'pfedla_render_dir "$PFEDLA_K8S_DIR/overlays/kind" "{real_env}" pfedla kubeflow'
-    )
-    wrapper = Path(
-        subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.strip()
-    )
-    try:
-        assert wrapper.parent == K8S and wrapper.name.startswith(".render.")
-        from_shell = d.kustomize(wrapper)
-    finally:
-        shutil.rmtree(wrapper)
-    assert from_shell == d.render(d.resolve_overlay("kind"), secrets_env=real_env)
-
-
-def test_up_sh_creates_random_credentials_once(k8s_copy):
-    script = f'source "{k8s_copy / "lib.sh"}"; pfedla_ensure_secrets_env'
-    subprocess.run(["bash", "-c", script], check=True, capture_output=True)
-    env_file = k8s_copy / "base" / "secrets.env"
+def test_generated_credentials_are_random_private_and_never_overwritten(k8s_copy):
+    env_file = d.ensure_secrets_env(k8s_copy / "base")
     first = env_file.read_text()
     values = d.read_env_file(env_file)
     example = d.read_env_file(k8s_copy / "base" / "secrets.env.example")
@@ -238,10 +220,68 @@ def test_up_sh_creates_random_credentials_once(k8s_copy):
     assert not set(values.values()) & set(example.values())
     assert all(len(v) >= 16 and v.isalnum() for v in values.values())
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
-    subprocess.run(["bash", "-c", script], check=True, capture_output=True)
-    assert env_file.read_text() == first  # never overwritten
+    assert d.ensure_secrets_env(k8s_copy / "base") == env_file and env_file.read_text() == first
     objects = d.render(k8s_copy / "overlays" / "kind", secrets_env=env_file)
     assert set(_secrets(objects)["pfedla"].values()) == set(values.values())
+
+
+STUB = """#!/usr/bin/env bash
+# stand-in for {name}: records its arguments{extra}
+echo "$*" >> "{log}"
+{body}
+"""
+
+
+def _stub(folder: Path, name: str, log: Path, body: str = "exit 0", extra: str = "") -> None:
+    path = folder / name
+    path.write_text(STUB.format(name=name, log=log, body=body, extra=extra))
+    path.chmod(0o755)
+
+
+def _kind_kubeconfig(api: FakeApiServer, path: Path) -> Path:
+    config = yaml.safe_load(api.kubeconfig(path).read_text())
+    config["contexts"][0]["name"] = config["current-context"] = "kind-pfedla"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_make_kind_up_applies_exactly_what_pfedla_deploy_applies(tmp_path, no_cluster_env):
+    """k8s/kind/up.sh (make kind-up) runs for real up to the deployment; kind, docker and the KFP
+    install (kubectl) are stand-ins that record their calls, and FakeApiServer stands in for the
+    cluster: no Kubernetes API server can run here. It must apply the same objects, credentials
+    included, as `pfedla deploy --overlay kind` against another stand-in."""
+    checkout = tmp_path / "checkout"  # the tracked files, as in a clean clone: no secrets.env yet
+    tracked = subprocess.run(["git", "ls-files"], cwd=K8S.parent, capture_output=True, text=True, check=True)
+    for name in tracked.stdout.splitlines():
+        if (K8S.parent / name).is_file():
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(K8S.parent / name, checkout / name)
+    stubs, calls = tmp_path / "stubs", tmp_path / "calls.log"
+    stubs.mkdir()
+    _stub(stubs, "kind", calls, body='[[ "$1 $2" == "get clusters" ]] && echo pfedla; exit 0')
+    _stub(stubs, "docker", calls, body='[[ "$1" == info ]]', extra=" (no image built: exits 1 but for info)")
+    _stub(stubs, "kubectl", calls)
+    with FakeApiServer() as cluster:
+        path = os.pathsep.join([str(stubs), str(Path(sys.executable).parent), os.environ["PATH"]])
+        kubeconfig = _kind_kubeconfig(cluster, tmp_path / "kc1")
+        env = {**os.environ, "PATH": path, "KUBECTL": str(stubs / "kubectl"), "KUBECONFIG": str(kubeconfig)}
+        proc = subprocess.run([str(checkout / "k8s" / "kind" / "up.sh")], env=env, capture_output=True,
+                              text=True, check=False)
+        assert proc.returncode == 0, proc.stderr
+        by_script = {path: cluster.objects[path] for _, path, _, _ in cluster.patches()}
+    recorded = calls.read_text()
+    assert "--context kind-pfedla apply -k github.com/kubeflow/pipelines/manifests/kustomize/" \
+           "cluster-scoped-resources?ref=" in recorded
+    assert "kind load" not in recorded  # the image was not built: up.sh says so instead
+    secrets_env = checkout / "k8s" / "base" / "secrets.env"
+    assert d.read_env_file(secrets_env).keys() == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    with FakeApiServer() as cluster:
+        kubeconfig = _kind_kubeconfig(cluster, tmp_path / "kc2")
+        d.deploy(checkout / "k8s" / "overlays" / "kind", kubeconfig=kubeconfig, context="kind-pfedla")
+        directly = {path: cluster.objects[path] for _, path, _, _ in cluster.patches()}
+    assert list(by_script) == list(directly) and by_script == directly
+    assert any(body["kind"] == "Secret" and body["metadata"]["namespace"] == "kubeflow"
+               for body in by_script.values())
 
 
 def test_gpu_overlay_refuses_placeholder_credentials(k8s_copy, no_cluster_env, tmp_path, monkeypatch):

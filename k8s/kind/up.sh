@@ -33,6 +33,5 @@ fi
 
 pfedla_install_kfp
 pfedla_load_step_image kind load docker-image --name "$CLUSTER"
-pfedla_ensure_secrets_env
-pfedla_apply_overlay "$PFEDLA_K8S_DIR/overlays/kind"
+pfedla_deploy "$PFEDLA_K8S_DIR/overlays/kind"
 pfedla_print_endpoints

@@ -77,7 +77,8 @@ def _deploy(args: argparse.Namespace) -> None:
     from pfedla.deploy import deploy
 
     applied = deploy(args.overlay, namespace=args.namespace, kubeconfig=args.kubeconfig,
-                     context=args.context, wait_timeout=args.wait_timeout, secrets_env=args.secrets_env)
+                     context=args.context, wait_timeout=args.wait_timeout, secrets_env=args.secrets_env,
+                     generate_secrets=args.generate_secrets)
     print(f"applied {len(applied)} objects:")
     for ref in applied:
         print(f"  {ref}")
@@ -126,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="seconds to wait for rollouts (0: do not wait)")
     deploy_cmd.add_argument("--secrets-env",
                             help="env file with real credentials (default: k8s/base/secrets.env)")
+    deploy_cmd.add_argument("--generate-secrets", action="store_true",
+                            help="create k8s/base/secrets.env with random credentials if it does not exist "
+                                 "(local clusters)")
     deploy_cmd.set_defaults(handler=_deploy)
     return parser
 
