@@ -1,0 +1,64 @@
+"""The documentation stays true: the configuration reference lists exactly the keys the config
+accepts with their real defaults, and every local link in README.md and docs/ resolves."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from pfedla.config import ExperimentConfig, _flatten
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "docs" / "configuration.md"
+ROW = re.compile(r"^\| `([a-z0-9_.]+)` \| ([^|]*) \| [^|]+ \|$")
+
+
+def documented() -> dict[str, str]:
+    rows: dict[str, str] = {}
+    for line in REFERENCE.read_text().splitlines():
+        if match := ROW.match(line):
+            key, default = match.groups()
+            assert key not in rows, f"{key} is documented twice"
+            rows[key] = default.strip()
+    return rows
+
+
+def as_documented(value) -> str:
+    """How the reference writes a default: – for none, YAML-like values in backticks."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, list):
+        return f"`[{', '.join(map(str, value))}]`"
+    if value == "":
+        return '`""`'
+    return f"`{value}`"
+
+
+def test_the_reference_lists_exactly_the_accepted_keys_with_their_defaults():
+    defaults = _flatten(ExperimentConfig().to_dict())
+    rows = documented()
+    assert sorted(set(defaults) - set(rows)) == [], "keys the config accepts but docs/configuration.md lacks"
+    assert sorted(set(rows) - set(defaults)) == [], "keys docs/configuration.md lists but the config lacks"
+    wrong = {key: (rows[key], as_documented(value)) for key, value in defaults.items()
+             if rows[key] != as_documented(value)}
+    assert wrong == {}, "documented default != the code's default"
+
+
+def test_the_checker_catches_a_missing_key_and_a_wrong_default(tmp_path, monkeypatch):
+    text = REFERENCE.read_text()
+    monkeypatch.setattr(__import__(__name__), "REFERENCE", tmp_path / "configuration.md")
+    (tmp_path / "configuration.md").write_text(text.replace("| `heur_k` | `0` |", "| `heur_k` | `1` |"))
+    with pytest.raises(AssertionError, match="heur_k"):
+        test_the_reference_lists_exactly_the_accepted_keys_with_their_defaults()
+    (tmp_path / "configuration.md").write_text(re.sub(r"\n\| `lr` \|[^\n]*", "", text))
+    with pytest.raises(AssertionError, match="lacks"):
+        test_the_reference_lists_exactly_the_accepted_keys_with_their_defaults()
+
+
+@pytest.mark.parametrize("document", [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))],
+                         ids=lambda path: path.name)
+def test_local_links_resolve(document):
+    for target in re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", document.read_text()):
+        assert (document.parent / target).exists(), f"{document.name} links to missing {target}"
