@@ -1,0 +1,139 @@
+"""What the benchmark sections share: settings, timing, memory measurement, worker processes."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+THREADS = 2
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ENTRY_POINT = Path(__file__).resolve().parent / "run.py"  # dispatches --worker specs to run.WORKERS
+MIB = 2**20
+# Paper-style CIFAR-10 CNN: conv 3->64->128 (5x5), fc 8192->2176->10: 18,059,530 parameters.
+PAPER_CNN = {"width": 64, "hidden": 2176}
+# --quick: the same CNN with a quarter of fc1 (4,672,234 parameters), so the naive reference
+# at N=30 takes well under a minute.
+QUICK_CNN = {"width": 64, "hidden": 544}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much work each section does: full (make bench) or quick (make bench QUICK=1)."""
+
+    quick: bool
+    server_model: tuple[tuple[str, int], ...] = tuple(PAPER_CNN.items())
+    server_clients: tuple[int, ...] = (10, 30)
+    server_repeats: int = 3
+    # A measurement stops repeating once another repeat would take it past this many
+    # seconds (at least one repeat always runs): keeps `make bench` under 15 minutes.
+    server_budget_s: float = 240.0
+    overhead_rounds: int = 15
+    scaling_clients: tuple[int, ...] = (10, 100, 1000)
+    scaling_rounds: int = 3
+
+    @classmethod
+    def make(cls, quick: bool) -> Settings:
+        """The full settings, or the quick ones (smaller CNN, fewer repeats and rounds)."""
+        if quick:
+            return cls(quick=True, server_model=tuple(QUICK_CNN.items()), server_repeats=1,
+                       overhead_rounds=5, scaling_rounds=1)
+        return cls(quick=False)
+
+
+def log(message: str) -> None:
+    """A timestamped progress line, flushed so it shows up while a section runs."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, budget_s: float = float("inf")
+                   ) -> tuple[float, list[float]]:
+    """Median wall time of up to ``repeats`` calls; stops early when the next would exceed the budget."""
+    times: list[float] = []
+    while len(times) < repeats and (not times or sum(times) + times[-1] <= budget_s):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), times
+
+
+def timed_into(fn: Callable, totals: dict[str, float], key: str) -> Callable:
+    """``fn``, adding the wall time of every call to ``totals[key]``."""
+    def wrapper(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            totals[key] += time.perf_counter() - started
+    return wrapper
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _status_mib(key: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _release_free_memory() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # glibc only: return freed heap to the OS
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class PeakRss:
+    """Peak RSS of this process during a ``with`` block, above the RSS it entered with.
+
+    Meant for a fresh process that does only the workload: earlier peaks (imports, setup)
+    are cleared through /proc/self/clear_refs so ru_maxrss restarts from the current RSS.
+    """
+
+    def __enter__(self) -> PeakRss:
+        _release_free_memory()
+        self.setup_peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.baseline_mib = _status_mib("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")
+            self.reset = True
+        except OSError:
+            self.reset = False  # ru_maxrss then also covers setup: an upper bound
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.delta_mib = self.peak_mib - self.baseline_mib
+
+    def as_dict(self) -> dict[str, float | bool]:
+        """The measurement as JSON data, in MiB."""
+        return {
+            "baseline_rss_mb": round(self.baseline_mib, 1),
+            "peak_rss_mb": round(self.peak_mib, 1),
+            "peak_delta_mb": round(self.delta_mib, 1),
+            "setup_peak_rss_mb": round(self.setup_peak_mib, 1),
+            "peak_reset": self.reset,
+        }
+
+
+def run_worker(spec: dict) -> dict:
+    """Run ``spec`` in a fresh interpreter (run.py --worker, which looks up ``spec["kind"]`` in
+    its ``WORKERS``) and return its result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        subprocess.run([sys.executable, str(ENTRY_POINT), "--worker", json.dumps(spec), "--out", str(out)],
+                       check=True)
+        return json.loads(out.read_text())
