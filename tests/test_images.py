@@ -3,9 +3,10 @@ images/build.sh and pfedla.images.
 
 No container engine exists here, so the images are not built in these tests. What is checked
 with real tools: hadolint on every Dockerfile (failing on warnings and above); that the
-Python dependencies come only from pyproject.toml through the project wheel (the one pin
-the CPU Dockerfile needs, torch/torchvision from the PyTorch CPU index, is extracted from
-pyproject.toml by the Dockerfile's own command, which is run here); and that build.sh and
+Python dependencies come only from requirements/runtime.lock with hashes, then the project
+wheel without resolving (the CPU image takes torch/torchvision from the PyTorch CPU index at
+pins extracted from pyproject.toml, and the lock without the CUDA build: both by the
+Dockerfile's own commands, which are run here); and that build.sh and
 ``pfedla.images.step_image()`` name the same image, also for a different pyproject.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from pfedla import images
+from test_lock import locked, locked_text
 
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11 (the images build on 3.11)
 
@@ -132,7 +134,9 @@ def test_structure_multi_stage_pinned_non_root(dockerfile):
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
-def test_python_dependencies_come_from_the_project_wheel(dockerfile):
+def test_python_dependencies_come_from_the_lock(dockerfile):
+    """Every install is the lock (hashes required), the project wheel, or (CPU image only) the torch
+    pins from the PyTorch CPU index; nothing resolves versions on its own (--no-deps everywhere)."""
     steps = instructions(dockerfile)
     commands = [cmd for keyword, args in steps if keyword == "RUN" for cmd in shell_commands(args)]
     pip = [cmd for cmd in commands if cmd[:1] == ["pip"] or cmd[1:3] == ["-m", "pip"]]
@@ -140,37 +144,56 @@ def test_python_dependencies_come_from_the_project_wheel(dockerfile):
     installs = [cmd for cmd in pip if "install" in cmd]
     assert wheel_builds and all("--no-deps" in cmd for cmd in wheel_builds)
     assert any(any(re.fullmatch(r"\S*/pfedla-\*\.whl", a) for a in cmd) for cmd in installs)
+    locks = []
     for cmd in installs:
         args = cmd[cmd.index("install") + 1 :]
-        skip_next = False
-        for arg in args:
-            if skip_next:
-                skip_next = False
-                continue
-            if arg in ("-r", "--requirement", "--index-url", "-i", "--extra-index-url"):
-                skip_next = True
-                continue
-            if arg.startswith("-"):
-                continue
-            assert arg.endswith(".whl"), f"{dockerfile.name}: package listed by hand: {arg}"
-        if "-r" in args:
-            assert dockerfile.name == "Dockerfile", "only the CPU image installs a pin list"
+        assert "--no-deps" in args, f"{dockerfile.name}: {' '.join(cmd)} resolves dependencies itself"
+        listed = [a for i, a in enumerate(args) if not a.startswith("-")
+                  and args[i - 1] not in ("-r", "--requirement", "--index-url", "-i")]
+        assert all(a.endswith(".whl") for a in listed), f"{dockerfile.name}: package listed by hand: {listed}"
+        if "-r" not in args:
+            continue
+        requirements = args[args.index("-r") + 1]
+        if requirements.endswith(".lock"):
+            assert "--require-hashes" in args
+            locks.append(Path(requirements).name)
+        else:
+            assert dockerfile.name == "Dockerfile" and requirements.endswith("/torch-cpu.txt")
             assert args[args.index("--index-url") + 1] == "${TORCH_CPU_INDEX}"
+    assert locks == (["cpu.lock"] if dockerfile.name == "Dockerfile" else ["runtime.lock"])
+    assert ["pip", "check"] in commands
+
+
+def _builder_python(marker: str) -> str:
+    steps = instructions(ROOT / "images" / "Dockerfile")
+    builder_run = next(args for keyword, args in steps if keyword == "RUN" and marker in args)
+    (command,) = [cmd for cmd in shell_commands(builder_run) if cmd[:2] == ["python", "-c"] and marker in cmd]
+    assert command[3:] == [">", marker]
+    return command[2]
 
 
 def test_cpu_image_torch_pins_are_extracted_from_pyproject(tmp_path):
-    steps = instructions(ROOT / "images" / "Dockerfile")
-    builder_run = next(args for keyword, args in steps if keyword == "RUN" and "torch-cpu.txt" in args)
-    (extract,) = [cmd for cmd in shell_commands(builder_run) if cmd[:2] == ["python", "-c"]]
-    assert extract[3:] == [">", "/dist/torch-cpu.txt"]
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
-    out = subprocess.run(
-        [sys.executable, "-c", extract[2]], cwd=tmp_path, capture_output=True, text=True, check=True
-    ).stdout.split()
+    out = subprocess.run([sys.executable, "-c", _builder_python("/dist/torch-cpu.txt")], cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout.split()
     pins = [d for d in pyproject()["project"]["dependencies"] if re.match(r"torch(vision)?\s*==", d)]
     assert len(pins) == 2 and out == pins
+    steps = instructions(ROOT / "images" / "Dockerfile")
     index = [args for keyword, args in steps if keyword == "ARG" and args.startswith("TORCH_CPU_INDEX=")]
     assert index == ["TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu"]
+
+
+def test_cpu_image_installs_the_runtime_lock_without_the_cuda_build_of_torch(tmp_path):
+    (tmp_path / "requirements").mkdir()
+    shutil.copy(ROOT / "requirements" / "runtime.lock", tmp_path / "requirements")
+    cpu_lock = subprocess.run([sys.executable, "-c", _builder_python("/dist/cpu.lock")], cwd=tmp_path,
+                              capture_output=True, text=True, check=True).stdout
+    runtime = locked(ROOT / "requirements" / "runtime.lock")
+    kept = locked_text(cpu_lock)
+    cuda_build = re.compile(r"torch|torchvision|triton|nvidia-.*|cuda-.*")
+    cuda_only = {name for name in runtime if cuda_build.fullmatch(name)}
+    assert {"torch", "torchvision", "triton"} <= cuda_only and any(n.startswith("nvidia-") for n in cuda_only)
+    assert kept == {name: entry for name, entry in runtime.items() if name not in cuda_only}
 
 
 def package_dirs() -> set[str]:
@@ -191,7 +214,8 @@ def test_build_context_holds_what_the_wheel_needs_and_nothing_else():
     ]
     assert patterns[0] == "*"
     allowed = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
-    needed = {"pyproject.toml", pyproject()["project"].get("readme", "README.md")} | package_dirs()
+    readme = pyproject()["project"].get("readme", "README.md")
+    needed = {"pyproject.toml", readme, "requirements"} | package_dirs()
     assert needed <= allowed, "the wheel build needs these in the context"
     assert not {"k8s", ".venv", ".git", "runs"} & allowed
     for dockerfile in DOCKERFILES:
