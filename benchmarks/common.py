@@ -137,3 +137,8 @@ def run_worker(spec: dict) -> dict:
         subprocess.run([sys.executable, str(ENTRY_POINT), "--worker", json.dumps(spec), "--out", str(out)],
                        check=True)
         return json.loads(out.read_text())
+
+
+def measured_sizes(result: dict) -> list[tuple[str, dict]]:
+    """A section result's rows keyed by the size measured (N or S), as the tables print them."""
+    return [(key, row) for key, row in result.items() if key.isdigit()]

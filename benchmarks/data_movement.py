@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import Settings, log, run_worker
+from common import Settings, log, measured_sizes, run_worker
 
 from pfedla.client import ClientUpdate
 from pfedla.config import config_from_dict
@@ -135,12 +135,11 @@ def table(result: dict) -> list[str]:
         f"{'S':>4}{'before GB':>11}{'after GB':>10}{'least GB':>10}{'after/least':>13}{'reduction':>11}"
         f"{'pod before GB':>15}{'pod after GB':>14}",
     ]
-    for key, row in result.items():
-        if key.isdigit():
-            after = row["after"]
-            before = row["before"]
-            lines.append(f"{key:>4}{before['moved_bytes'] / gb:>11.2f}{after['moved_bytes'] / gb:>10.2f}"
-                         f"{after['least_bytes'] / gb:>10.2f}{after['ratio']:>12.3f}x"
-                         f"{row['reduction']:>10.1f}x{before['client_pod_bytes'] / gb:>15.3f}"
-                         f"{row['client_pod_bytes'] / gb:>14.3f}")
+    for key, row in measured_sizes(result):
+        after = row["after"]
+        before = row["before"]
+        lines.append(f"{key:>4}{before['moved_bytes'] / gb:>11.2f}{after['moved_bytes'] / gb:>10.2f}"
+                     f"{after['least_bytes'] / gb:>10.2f}{after['ratio']:>12.3f}x"
+                     f"{row['reduction']:>10.1f}x{before['client_pod_bytes'] / gb:>15.3f}"
+                     f"{row['client_pod_bytes'] / gb:>14.3f}")
     return lines

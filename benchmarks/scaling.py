@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from common import MIB, RESULTS_DIR, PeakRss, Settings, log, run_worker, timed_into
+from common import MIB, RESULTS_DIR, PeakRss, Settings, log, measured_sizes, run_worker, timed_into
 
 from pfedla.algorithms import make_strategy
 from pfedla.algorithms.pfedla import PFedLAStrategy
@@ -119,10 +119,9 @@ def table(result: dict) -> list[str]:
         "scaling: synthetic + MLP, 10% participation, median s/round; peak = whole-process RSS",
         f"{'N':>6}{'s/round':>10}{'server s':>10}{'peak MiB':>10}{'HN MiB':>9}{'HN+Adam MiB':>13}",
     ]
-    for key, row in result.items():
-        if key.isdigit():
-            lines.append(f"{key:>6}{row['round_s']:>10.3f}{row['server_s']:>10.3f}"
-                         f"{row['peak_rss_mb']:>10.0f}{row['hn_param_mb']:>9.1f}"
-                         f"{row['hn_with_adam_mb']:>13.1f}")
+    for key, row in measured_sizes(result):
+        lines.append(f"{key:>6}{row['round_s']:>10.3f}{row['server_s']:>10.3f}"
+                     f"{row['peak_rss_mb']:>10.0f}{row['hn_param_mb']:>9.1f}"
+                     f"{row['hn_with_adam_mb']:>13.1f}")
     lines.append("")
     return lines

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from common import PeakRss, Settings, log, median_seconds, run_worker
+from common import PeakRss, Settings, log, measured_sizes, median_seconds, run_worker
 from torch import nn
 
 from pfedla.algorithms.pfedla import PFedLAStrategy
@@ -284,8 +284,6 @@ def bench(settings: Settings) -> dict:
     return result
 
 
-
-
 def table(result: dict) -> list[str]:
     """The section's lines of the printed table, ending with a blank separator line."""
     lines = [
@@ -294,10 +292,9 @@ def table(result: dict) -> list[str]:
         f"{'N':>6}{'ours s':>10}{'naive s':>10}{'speedup':>9}{'ours MiB':>10}{'naive MiB':>11}"
         f"{'naive/ours':>12}",
     ]
-    for key, row in result.items():
-        if key.isdigit():
-            lines.append(f"{key:>6}{row['ours_s']:>10.2f}{row['naive_s']:>10.2f}{row['speedup']:>8.1f}x"
-                         f"{row['ours_peak_mb']:>10.0f}{row['naive_peak_mb']:>11.0f}"
-                         f"{row['memory_ratio']:>11.2f}x")
+    for key, row in measured_sizes(result):
+        lines.append(f"{key:>6}{row['ours_s']:>10.2f}{row['naive_s']:>10.2f}{row['speedup']:>8.1f}x"
+                     f"{row['ours_peak_mb']:>10.0f}{row['naive_peak_mb']:>11.0f}"
+                     f"{row['memory_ratio']:>11.2f}x")
     lines.append("")
     return lines
