@@ -1,11 +1,15 @@
 """Config loading, overrides and validation errors that name the key and what is allowed."""
 
 import contextlib
+import time
 
 import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pfedla.config import ExperimentConfig, config_from_dict, load_config
-from pfedla.errors import ConfigError
+from pfedla.errors import MESSAGE_CHARS, ConfigError
 
 
 def test_defaults_are_valid_and_offline():
@@ -96,8 +100,7 @@ def test_shipped_example_configs_are_valid():
 
 
 # Property-based: whatever a user writes, the answer is a config or a ConfigError, nothing else.
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck  # noqa: E402
 
 from pfedla.config import PartitionConfig  # noqa: E402
 
@@ -128,3 +131,65 @@ def test_random_configs_are_accepted_or_rejected_with_a_config_error(raw):
 def test_random_overrides_are_accepted_or_rejected_with_a_config_error(overrides):
     with contextlib.suppress(ConfigError):
         load_config(None, overrides)
+
+
+# -- bounded inputs and messages ----------------------------------------------------------------------------
+
+def alias_bomb(levels: int, width: int = 9) -> str:
+    """YAML whose value under ``algorithms`` expands to width**levels items through aliases."""
+    lines = ["algorithms:", f"  - &l0 [{', '.join(['x'] * width)}]"]
+    for level in range(1, levels):
+        lines.append(f"  - &l{level} [{', '.join([f'*l{level - 1}'] * width)}]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("levels", [6, 9])
+def test_an_alias_bomb_gives_a_short_error_quickly(tmp_path, levels):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(alias_bomb(levels))
+    assert path.stat().st_size < 600
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match="config key 'algorithms': expected a list of names") as error:
+        load_config(path)
+    assert len(str(error.value)) < 500 and time.perf_counter() - started < 5
+
+
+def test_oversized_config_files_and_overrides_are_refused_before_parsing(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("algorithms: [" + ", ".join(["pfedla"] * 200_000) + "]\n")
+    with pytest.raises(ConfigError, match=r"is \d+ bytes; a config file may hold at most 1048576 bytes"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="an override may hold at most 10000"):
+        load_config(None, ["output_dir=" + "x" * 20_000])
+
+
+def test_values_yaml_cannot_hold_give_config_errors(tmp_path):
+    path = tmp_path / "digits.yaml"
+    path.write_text("rounds: 1" + "0" * 5000 + "\n")  # past Python's int-from-string limit
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(path)
+    path.write_text("1: 2\nrounds: 3\n")  # a number as a key
+    with pytest.raises(ConfigError, match="config key '1': unknown key"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="config key 'rounds'"):
+        load_config(None, ["rounds=1" + "0" * 5000])
+
+
+_SCALARS = st.one_of(st.integers(-10, 10), st.floats(allow_nan=False), st.text(max_size=5), st.booleans(),
+                     st.none())
+
+
+@settings(max_examples=80, deadline=None)
+@given(key=st.sampled_from(["algorithms", "rounds", "lr", "partition", "pipeline", "dataset", "unknown_key"]),
+       depth=st.integers(1, 7), width=st.integers(1, 8), leaf=_SCALARS)
+def test_random_aliased_configs_load_or_fail_with_a_short_config_error(tmp_path_factory, key, depth, width,
+                                                                       leaf):
+    lines = [f"{key}:", f"  - &l0 {yaml.safe_dump(leaf).splitlines()[0]}"]
+    for level in range(1, depth):
+        lines.append(f"  - &l{level} [{', '.join([f'*l{level - 1}'] * width)}]")
+    path = tmp_path_factory.mktemp("aliases") / "c.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    try:
+        load_config(path)
+    except ConfigError as error:
+        assert len(str(error)) <= MESSAGE_CHARS + 40

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from pfedla.errors import ConfigError
+from pfedla.errors import ConfigError, shown
 
 DATASETS = ("digits", "mnist", "fmnist", "emnist", "cifar10", "cifar100", "synthetic")
 PARTITIONS = ("iid", "dirichlet", "pathological")
@@ -164,13 +164,21 @@ def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     return config
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few dozen keys; anything this large is a mistake or an attack
+MAX_OVERRIDE_CHARS = 10_000
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError("--config", f"file not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError("--config", f"{path} is {size} bytes; a config file may hold at most "
+                                      f"{MAX_CONFIG_BYTES} bytes")
     try:
         data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ConfigError("--config", f"{path} is not valid YAML: {error}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as error:  # ValueError: a 5000-digit int
+        raise ConfigError("--config", f"{path} is not valid YAML: {str(error)[:500]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -179,10 +187,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _parse_value(key: str, text: str) -> Any:
+    if len(text) > MAX_OVERRIDE_CHARS:
+        raise ConfigError(key, f"the value is {len(text)} characters; an override may hold at most "
+                               f"{MAX_OVERRIDE_CHARS}")
     try:
         return yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        raise ConfigError(key, f"cannot parse value {text!r}") from None
+    except (yaml.YAMLError, ValueError):
+        raise ConfigError(key, f"cannot parse value {shown(text)}") from None
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -198,7 +209,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(raw) - set(known))
+    unknown = sorted(map(str, set(raw) - set(known)))  # YAML keys may be numbers
     if unknown:
         key = f"{prefix}{unknown[0]}"
         raise ConfigError(key, f"unknown key; known keys here: {', '.join(sorted(known))}")
@@ -228,25 +239,25 @@ def _coerce(key: str, value: Any, spec: dataclasses.Field) -> Any:
         raise ConfigError(key, "a value is required")
     if kind == "bool":
         if not isinstance(value, bool):
-            raise ConfigError(key, f"expected true or false, got {value!r}")
+            raise ConfigError(key, f"expected true or false, got {shown(value)}")
         return value
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"expected an integer, got {value!r}")
+            raise ConfigError(key, f"expected an integer, got {shown(value)}")
         return value
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, f"expected a number, got {value!r}")
+            raise ConfigError(key, f"expected a number, got {shown(value)}")
         if not math.isfinite(value):
-            raise ConfigError(key, f"expected a finite number, got {value!r}")
+            raise ConfigError(key, f"expected a finite number, got {shown(value)}")
         return float(value)
     if kind == "list[str]":
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
-            raise ConfigError(key, f"expected a list of names, got {value!r}")
+            raise ConfigError(key, f"expected a list of names, got {shown(value)}")
         return list(items)
     if not isinstance(value, str):
-        raise ConfigError(key, f"expected a string, got {value!r}")
+        raise ConfigError(key, f"expected a string, got {shown(value)}")
     return value
 
 
@@ -256,7 +267,7 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 
 def _choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
-    _require(value in allowed, key, f"got {value!r}; allowed: {', '.join(allowed)}")
+    _require(value in allowed, key, f"got {shown(value)}; allowed: {', '.join(allowed)}")
 
 
 def num_classes_of(config: ExperimentConfig) -> int:
@@ -326,7 +337,7 @@ def validate(config: ExperimentConfig) -> None:
         _require(
             config.data_dir is not None,
             "data_dir",
-            f"dataset {config.dataset!r} needs data_dir (a local directory or s3:// prefix)",
+            f"dataset {shown(config.dataset)} needs data_dir (a local directory or s3:// prefix)",
         )
     _require(config.keep_checkpoints >= 1, "keep_checkpoints",
              f"must be >= 1, got {config.keep_checkpoints}")
@@ -368,8 +379,8 @@ def _validate_pipeline(config: ExperimentConfig) -> None:
     for key in ("cpu_request", "memory_request"):
         value = getattr(pipe, key)
         _require(bool(_QUANTITY.match(value)), f"pipeline.{key}",
-                 f"not a Kubernetes quantity: {value!r} (e.g. 500m, 2, 4Gi)")
+                 f"not a Kubernetes quantity: {shown(value)} (e.g. 500m, 2, 4Gi)")
     if pipe.gpu_node_selector is not None:
         _require(bool(_LABEL.match(pipe.gpu_node_selector)), "pipeline.gpu_node_selector",
-                 f"expected label=value, got {pipe.gpu_node_selector!r}")
+                 f"expected label=value, got {shown(pipe.gpu_node_selector)}")
     _require(bool(pipe.registered_model), "pipeline.registered_model", "must not be empty")

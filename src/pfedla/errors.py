@@ -1,5 +1,25 @@
 """The project's error types: every expected failure is one of these, with a specific message."""
 
+import reprlib
+
+MESSAGE_CHARS = 2000  # an error is one readable line, whatever the input that caused it
+
+# Values echoed in messages are shown shortened, never rendered whole: a YAML alias bomb or a
+# huge list would otherwise cost gigabytes to print.
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 120, 120, 60
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
+_SHORT.maxlevel = 2
+
+
+def shown(value: object) -> str:
+    """``repr(value)``, bounded in size and cost."""
+    return _SHORT.repr(value)
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= MESSAGE_CHARS else f"{text[:MESSAGE_CHARS]}... ({len(text)} characters)"
+
 
 class PfedlaError(Exception):
     """Base class for every error pfedla reports to a user."""
@@ -9,8 +29,8 @@ class ConfigError(PfedlaError):
     """An invalid configuration value; the message names the key and what is allowed."""
 
     def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(f"config key '{key}': {message}")
+        self.key = key[:200]
+        super().__init__(_bounded(f"config key '{self.key}': {message}"))
 
 
 class DataError(PfedlaError):
