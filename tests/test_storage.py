@@ -114,3 +114,26 @@ def test_objects_past_the_multipart_threshold_round_trip_and_copy_on_the_real_s3
     storage.copy(uri, uri + ".copy")
     assert storage.read_bytes(uri + ".copy") == data
     assert storage.delete_prefix(uri.rsplit("/", 1)[0]) == 2
+
+
+@pytest.mark.parametrize("suffix", ["../x", "a/../../x", "/etc/x", "a//b", "./a", "a\\..\\x", ""])
+def test_cache_paths_never_leave_their_folder(tmp_path, suffix):
+    with pytest.raises(storage.StorageError, match="refusing object key suffix"):
+        storage.cache_path(tmp_path / "cache", suffix)
+
+
+def test_plain_keys_map_below_the_cache_folder(tmp_path):
+    assert storage.cache_path(tmp_path, "mnist/t10k-images-idx3-ubyte.gz") == \
+        tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz"
+
+
+def test_a_bucket_listing_with_a_traversing_key_stops_the_download_before_any_write(tmp_path, monkeypatch):
+    """SeaweedFS refuses keys with ``..`` (InvalidRequest) while AWS S3 stores them, so the listing
+    is the one stand-in here: the keys a hostile or careless bucket can return."""
+    listing = [{"Key": "data/ok.bin", "Size": 1}, {"Key": "data/../../escape.bin", "Size": 1}]
+    monkeypatch.setattr(storage, "_s3_objects", lambda uri, bucket, prefix: listing)
+    monkeypatch.setattr(storage, "read_bytes", lambda location: b"x")
+    cache = tmp_path / "a" / "cache"
+    with pytest.raises(storage.StorageError, match=r"refusing object key suffix '\.\./\.\./escape\.bin'"):
+        storage.download_prefix("s3://bucket/data", cache)
+    assert not cache.exists() and not list(tmp_path.rglob("escape.bin"))

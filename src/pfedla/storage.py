@@ -251,14 +251,28 @@ def read_json(location: str | Path) -> Any:
     return json_from_bytes(read_bytes(location), location)
 
 
+def cache_path(destination: Path, key_suffix: str) -> Path:
+    """Where the object ``<prefix>/<key_suffix>`` goes under ``destination``, refusing keys that
+    would land outside it: S3 keys are free-form, and AWS accepts ``a/../../x`` or ``/etc/x``."""
+    parts = key_suffix.split("/")
+    if "\\" in key_suffix or any(part in ("", ".", "..") for part in parts):  # also catches a leading /
+        raise StorageError(f"refusing object key suffix {key_suffix[:200]!r}: it is not a plain relative "
+                           f"path and could write outside {destination}")
+    return destination.joinpath(*parts)
+
+
 def download_prefix(prefix: str, destination: Path) -> Path:
-    """Copy every object under an s3:// prefix into ``destination`` (skipping unchanged sizes)."""
+    """Copy every object under an s3:// prefix into ``destination`` (skipping unchanged sizes).
+
+    Every key is checked before anything is written: a key that would land outside
+    ``destination`` stops the download with an error naming it.
+    """
     bucket, key_prefix = split_s3(prefix.rstrip("/") + "/")
     objects = _s3_objects(prefix, bucket, key_prefix)
     if not objects:
         raise StorageError(f"no objects under {prefix}")
-    for item in objects:
-        target = destination / item["Key"][len(key_prefix) :]
+    targets = [(item, cache_path(destination, item["Key"][len(key_prefix) :])) for item in objects]
+    for item, target in targets:
         if target.is_file() and target.stat().st_size == item["Size"]:
             continue
         write_bytes(target, read_bytes(f"s3://{bucket}/{item['Key']}"))
