@@ -1,10 +1,15 @@
 """`pfedla` command line: it parses, calls the library, and reports errors without tracebacks."""
 
 import json
+import os
+import socket
 import subprocess
 import sys
 
+import pytest
+
 from pfedla.cli import main
+from pfedla.errors import without_credentials
 
 
 def test_run_prints_the_table_and_where_outputs_are(tmp_path, capsys, monkeypatch):
@@ -73,3 +78,43 @@ def test_a_fresh_run_refuses_to_wipe_an_unfinished_one_unless_told(tmp_path, cap
     assert f"{out} holds an unfinished run: continue it with `pfedla run --resume {out}`" in refused
     assert sorted((out / "checkpoints" / "rounds" / "local").iterdir()) == checkpoints
     assert main(args + ["--overwrite"]) == 0 and (out / "summary.json").is_file()
+
+
+PASSWORD = "s3cret-PW-7d1e"
+
+
+def test_an_unreachable_tracking_server_is_one_error_line_without_its_password(tmp_path):
+    with socket.socket() as probe:  # a loopback port with nothing listening
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://alice:{PASSWORD}@127.0.0.1:{port}",
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pfedla.cli", "run", "--quiet", "--set", "clients=2", "--set", "rounds=1",
+         "--set", "algorithms=[local]", "--set", f"output_dir={tmp_path / 'out'}"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert result.returncode == 2, result.stderr
+    assert PASSWORD not in result.stdout + result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.strip()]
+    assert line.startswith(f"pfedla: error: MLflow at http://alice:***@127.0.0.1:{port} failed to ")
+
+
+def test_credentials_in_urls_are_masked():
+    assert without_credentials("to http://u:pw@h:5/x and s3://key:secret@bucket/p") == \
+        "to http://u:***@h:5/x and s3://key:***@bucket/p"
+    assert without_credentials("http://h:5000/api https://user@h/") == "http://h:5000/api https://user@h/"
+
+
+@pytest.mark.integration
+def test_a_run_tracked_with_a_password_in_the_uri_never_prints_it(tmp_path, capsys, monkeypatch,
+                                                                    mlflow_server):
+    """The real mlflow server (no auth of its own: it ignores the credentials requests sends)."""
+    uri = mlflow_server.tracking_uri.replace("http://", f"http://alice:{PASSWORD}@")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false")  # pfedla sets it; undone after
+    code = main(["run", "--quiet", "--set", "clients=2", "--set", "rounds=1", "--set", "algorithms=[local]",
+                 "--set", f"output_dir={tmp_path / 'out'}", "--set", f"experiment_name=pw-{tmp_path.name}"])
+    printed = capsys.readouterr()
+    assert code == 0 and PASSWORD not in printed.out + printed.err
+    assert "tracking: http://alice:***@127.0.0.1:" in printed.out

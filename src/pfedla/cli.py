@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pfedla.errors import PfedlaError
+from pfedla.errors import PfedlaError, without_credentials
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +30,7 @@ def _run(args: argparse.Namespace) -> None:
                              overwrite=args.overwrite)
     print(format_table(outcome.results))
     print(f"\noutputs:  {outcome.output_dir}/ (summary.json, partition.json, layer_weights.npy, models/)")
-    print(f"tracking: {outcome.tracking_uri}")
+    print(f"tracking: {without_credentials(outcome.tracking_uri)}")
     if outcome.tracking_uri.startswith("sqlite:"):
         print(f"view:     mlflow ui --backend-store-uri {outcome.tracking_uri}")
 

@@ -1,5 +1,6 @@
 """The project's error types: every expected failure is one of these, with a specific message."""
 
+import re
 import reprlib
 
 MESSAGE_CHARS = 2000  # an error is one readable line, whatever the input that caused it
@@ -15,6 +16,14 @@ _SHORT.maxlevel = 2
 def shown(value: object) -> str:
     """``repr(value)``, bounded in size and cost."""
     return _SHORT.repr(value)
+
+
+_URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*):[^/\s@]*@")
+
+
+def without_credentials(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` URL replaced by ***."""
+    return _URL_PASSWORD.sub(r"\g<scheme>:***@", text)
 
 
 def _bounded(text: str) -> str:

@@ -12,8 +12,11 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from pfedla.errors import PfedlaError, without_credentials
 
 METRIC_FLUSH_ROUNDS = 10  # one log_batch call per this many rounds (and at the end)
 SENTINEL_METRIC = "clients"  # logged every round by both orchestrations: tells how far a run got
@@ -42,6 +45,40 @@ def heatmap_png(alpha_layer: np.ndarray, title: str, path: Path) -> None:
     plt.close(fig)
 
 
+class TrackingError(PfedlaError):
+    """The MLflow tracking store could not be reached or refused a call."""
+
+
+class _GuardedClient:
+    """An ``MlflowClient`` whose failures become one ``TrackingError`` naming the store without
+    credentials: MLflow's own messages quote the full tracking URI, password included."""
+
+    def __init__(self, client: Any, tracking_uri: str):
+        self._client, self._where = client, without_credentials(tracking_uri)
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+        if not callable(method):
+            return method
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            import requests
+            from mlflow.exceptions import MlflowException
+
+            try:
+                return method(*args, **kwargs)
+            except MlflowException as error:
+                if error.error_code == "RESOURCE_ALREADY_EXISTS":  # an answer callers handle
+                    raise
+                detail = without_credentials(str(error))
+            except requests.RequestException as error:
+                detail = without_credentials(str(error))
+            raise TrackingError(f"MLflow at {self._where} failed to {name.replace('_', ' ')}: {detail[:1000]}"
+                                ) from None
+
+        return guarded
+
+
 class Tracker:
     """One MLflow run at a time; metrics are buffered and sent with ``log_batch``."""
 
@@ -50,7 +87,10 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        if without_credentials(tracking_uri) != tracking_uri:
+            # MLflow prints each finished run's link to stdout, password included
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+        self.client = _GuardedClient(MlflowClient(tracking_uri=tracking_uri), tracking_uri)
         self._metric_type = mlflow.entities.Metric
         self._param_type = mlflow.entities.Param
         self._tag_type = mlflow.entities.RunTag
