@@ -58,7 +58,8 @@ def run_local(config: ExperimentConfig, pipeline_root: str | Path | None = None)
     local_config = replace(config, pipeline=replace(config.pipeline, data_root=data_root, parallelism=1))
     started = time.perf_counter()
     steps: list[dict[str, Any]] = []
-    for segment in segments(local_config):
+    chain = segments(local_config)
+    for segment in chain:
         segment_root = root / f"segment-{segment.first:05d}"
         original_print = builtins.print  # kfp.local patches print during ParallelFor
         try:
@@ -70,7 +71,9 @@ def run_local(config: ExperimentConfig, pipeline_root: str | Path | None = None)
                                 f"{error}") from error
         finally:
             builtins.print = original_print
-        steps += step_manifests(segment_root)
+        # this run's own folder: a reused pipeline root also holds earlier runs
+        run_folder = segment_root / Path(task.output.path).relative_to(segment_root).parts[0]
+        steps += step_manifests(run_folder)
     evaluation, alpha = read_evaluation(local_config, task.output.path)
     result = AlgorithmResult(
         name=config.pipeline.algorithm, client_accuracies=evaluation["client_accuracies"],
@@ -81,7 +84,7 @@ def run_local(config: ExperimentConfig, pipeline_root: str | Path | None = None)
     movement = {"steps": [_ledger(m) for m in steps],
                 "rounds": {str(r): round_traffic(steps, r) for r in rounds}}
     summary = {result.name: {**result.summary(), "orchestration": "kfp.local", "data_plane": data_root,
-                             "segments": len(segments(local_config)), "data_movement": movement}}
+                             "segments": len(chain), "data_movement": movement}}
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if alpha is not None:
         np.save(output_dir / "layer_weights.npy", alpha)

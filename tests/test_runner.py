@@ -170,6 +170,11 @@ def test_a_round_in_which_every_client_fails_goes_on_with_launcher_safe_outputs(
     assert summary["rounds"] == 2
     assert simulated.history[0]["failed_clients"] == 3.0 and "train_loss" not in simulated.history[0]
     assert "train_loss" in simulated.history[1]
+    # again into the same pipeline root: the summary counts this run's steps only, and nothing changed
+    config = config_from_dict({**raw, "output_dir": str(tmp_path / "pipe")})
+    again = run_local(config, tmp_path / "root")["pfedla"]
+    assert again["client_accuracies"] == summary["client_accuracies"]
+    assert again["data_movement"] == summary["data_movement"]
 
 
 # -- submission to a KFP API --------------------------------------------------------------------------------
