@@ -469,15 +469,21 @@ def round_traffic(manifests: Sequence[dict[str, Any]], round_idx: int) -> dict[s
             "client_pods": len(clients), "clients": len(plan["clients"])}
 
 
-def read_evaluation(config: ExperimentConfig, evaluation_in: str | Path
-                    ) -> tuple[dict[str, Any], np.ndarray | None]:
-    """A final evaluation: its ``evaluation.json`` content and α (None unless pFedLA)."""
-    plane = data_plane(config)
+def _final_evaluation(plane: DataPlane, evaluation_in: str | Path
+                      ) -> tuple[dict[str, Any], dict[str, Any], np.ndarray | None]:
+    """A final evaluation's manifest, its ``evaluation.json`` content and α (None unless pFedLA)."""
     manifest = plane.read_manifest(evaluation_in, EVALUATION)
     evaluation = plane.get_json(ref_at(manifest, "evaluation"))
     alpha = None
     if "layer_weights" in manifest:
         alpha = plane.get_tensors(ref_at(manifest, "layer_weights"))[0]["alpha"].numpy()
+    return manifest, evaluation, alpha
+
+
+def read_evaluation(config: ExperimentConfig, evaluation_in: str | Path
+                    ) -> tuple[dict[str, Any], np.ndarray | None]:
+    """A final evaluation: its ``evaluation.json`` content and α (None unless pFedLA)."""
+    _, evaluation, alpha = _final_evaluation(data_plane(config), evaluation_in)
     return evaluation, alpha
 
 
@@ -518,8 +524,7 @@ def record(config_json: str, shards_in: str | Path, checkpoint_in: str | Path, e
     plane = data_plane(config)
     shards = plane.read_manifest(shards_in, SHARDS)
     checkpoint_manifest = plane.read_manifest(checkpoint_in, CHECKPOINT)
-    manifest = plane.read_manifest(evaluation_in, EVALUATION)
-    evaluation = plane.get_json(ref_at(manifest, "evaluation"))
+    manifest, evaluation, alpha = _final_evaluation(plane, evaluation_in)
     rounds_done, finished = evaluation["rounds"], evaluation["rounds"] >= config.rounds
     tracker = Tracker(tracking_uri or default_tracking_uri(config.output_dir), config.experiment_name)
     name, key = config.pipeline.algorithm, experiment_key(config)
@@ -533,8 +538,7 @@ def record(config_json: str, shards_in: str | Path, checkpoint_in: str | Path, e
         tracker.resume_run(run_id)
     for entry in evaluation["history"]:
         tracker.log_metrics(int(entry["round"]), {k: v for k, v in entry.items() if k != "round"})
-    if "layer_weights" in manifest:
-        alpha = plane.get_tensors(ref_at(manifest, "layer_weights"))[0]["alpha"].numpy()
+    if alpha is not None:
         context = ModelContext.of(config, shards["data"])
         tracker.log_layer_weights(alpha, context.layout.names, f"round_{rounds_done:04d}")
     tracker.log_json(evaluation, "evaluation.json")
