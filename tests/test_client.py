@@ -5,10 +5,12 @@ import torch
 
 from pfedla.client import (
     ClientTimeout,
+    ClientUpdate,
     LocalTrainer,
     TrainSettings,
     evaluate_client,
     failure_reason,
+    screen_updates,
     select_device,
 )
 from pfedla.errors import ConfigError
@@ -80,3 +82,42 @@ def test_device_selection():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="device"):
             select_device("cuda")
+
+
+def scaled_update(client_id: int, scale: float) -> ClientUpdate:
+    return ClientUpdate(client_id, 10, [torch.full((3, 4), scale), torch.full((4,), scale)], 0.1)
+
+
+def test_screening_leaves_out_an_update_far_above_the_others_median():
+    updates = [scaled_update(0, 1.0), scaled_update(1, 1.5), scaled_update(2, 0.8), scaled_update(3, 1e6)]
+    accepted, failures = screen_updates(updates, max_norm=None, norm_ratio=10.0)
+    assert [u.client_id for u in accepted] == [0, 1, 2]
+    assert [f.client_id for f in failures] == [3]
+    assert "exceeds update_norm_ratio=10 times the median" in failures[0].reason
+    # off: everything finite passes
+    assert len(screen_updates(updates, max_norm=None, norm_ratio=None)[0]) == 4
+
+
+def test_screening_two_clients_judges_each_by_the_other():
+    """The median of all norms would be (1 + 1e6) / 2: the attacker would pass at ratio 10."""
+    accepted, failures = screen_updates([scaled_update(0, 1.0), scaled_update(1, 1e6)], None, 10.0)
+    assert [u.client_id for u in accepted] == [0] and [f.client_id for f in failures] == [1]
+
+
+def test_screening_applies_the_absolute_limit_and_finiteness_first():
+    broken = scaled_update(3, 1.0)
+    broken.delta[0][0, 0] = float("nan")
+    updates = [scaled_update(2, 50.0), broken, scaled_update(0, 1.0), scaled_update(1, 8.0)]
+    accepted, failures = screen_updates(updates, max_norm=100.0, norm_ratio=10.0)
+    # client 2 (norm 200) is over the absolute limit, so client 1 (norm 32) is judged against
+    # client 0 alone (norm 4): within 10x
+    assert [u.client_id for u in accepted] == [0, 1]
+    assert [(f.client_id, f.reason) for f in failures] == [
+        (2, "update L2 norm 200 exceeds max_update_norm 100"), (3, "update has NaN or Inf values")]
+
+
+def test_screening_without_a_scale_accepts():
+    """Peers whose updates are all zero give no scale to judge by."""
+    accepted, _ = screen_updates([scaled_update(0, 0.0), scaled_update(1, 0.0), scaled_update(2, 3.0)],
+                                 None, 10.0)
+    assert [u.client_id for u in accepted] == [0, 1, 2]

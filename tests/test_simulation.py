@@ -237,11 +237,24 @@ def test_failing_and_hostile_clients_are_left_out_without_touching_honest_ones(t
     for name in raw["algorithms"]:  # tolerance: exact equality
         assert [hostile.results[name].client_accuracies[i] for i in honest] == \
             [absent.results[name].client_accuracies[i] for i in honest]
-    # Without the norm limit the huge update gets through and poisons every client's next round.
+    # With both norm limits off the huge update gets through and poisons every client's next round.
     monkeypatch.setattr(simulation, "fit_client", misbehaving({3: "huge"}))
-    unguarded = config_from_dict({**raw, "max_update_norm": None, "algorithms": ["fedavg"]})
+    unguarded = config_from_dict({**raw, "max_update_norm": None, "update_norm_ratio": None,
+                                  "algorithms": ["fedavg"]})
     with pytest.raises(simulation.RunAborted, match="round 1: 6 of 6 clients failed.*NaN or Inf"):
         run_experiment(unguarded, progress=False, track=False)
+    # With the defaults (no absolute limit, the relative one on) it is left out every round and
+    # the run ends as if client 3 had been absent.
+    defaults = {k: v for k, v in raw.items() if k != "max_update_norm"} | {"algorithms": ["fedavg"]}
+    with caplog.at_level(logging.WARNING, logger="pfedla"):
+        guarded = run_experiment(config_from_dict(defaults), progress=False, track=False,
+                                 overwrite=True).results["fedavg"]
+    assert "client 3 left out: update L2 norm" in caplog.text and "update_norm_ratio=10" in caplog.text
+    assert [h["failed_clients"] for h in guarded.history] == [1.0, 1.0, 1.0]
+    monkeypatch.setattr(simulation, "fit_client", misbehaving({3: "raise"}))
+    without_3 = run_experiment(config_from_dict(defaults), progress=False, track=False,
+                               overwrite=True).results["fedavg"]
+    assert guarded.client_accuracies == without_3.client_accuracies  # tolerance: exact equality
 
 
 def test_too_many_failures_abort_with_a_clear_error_and_keep_the_last_checkpoint(tmp_path, monkeypatch):

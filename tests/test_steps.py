@@ -145,10 +145,13 @@ def test_unusable_reports_leave_their_client_out_and_structural_errors_stop_the_
     delta, _ = plane.get_tensors(ObjectRef.from_dict(manifest["clients"]["1"]["update"], "update"))
     delta["delta.0"] = delta["delta.0"][:-1]
     wrong_shape = plane.put_tensors("forged/client_1.safetensors", delta).to_dict()
+    honest, _ = plane.get_tensors(ObjectRef.from_dict(manifest["clients"]["1"]["update"], "update"))
+    huge = plane.put_tensors("forged/huge_1.safetensors", {k: v * 1e6 for k, v in honest.items()}).to_dict()
     lies = {
         "shape": {**manifest["clients"]["1"], "update": wrong_shape},
         "samples": {**manifest["clients"]["1"], "num_samples": 10**12},  # FedAvg would follow the liar
         "ref": {**manifest["clients"]["1"], "update": {"uri": "x"}},
+        "huge": {**manifest["clients"]["1"], "update": huge},  # finite, caught by update_norm_ratio
         "type": "not a report",
     }
     for lie, report in lies.items():

@@ -6,6 +6,7 @@ import copy
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -150,12 +151,47 @@ def select_device(setting: str) -> torch.device:
     return torch.device("cpu")
 
 
+def update_norm(update: ClientUpdate) -> float:
+    """The L2 norm of the whole update (all layers), in float64."""
+    return float(torch.sqrt(sum((d.double() ** 2).sum() for d in update.delta)))
+
+
 def update_problem(update: ClientUpdate, max_norm: float | None) -> str | None:
-    """Why an update must be rejected (non-finite values, norm over the limit), or None."""
+    """Why an update must be rejected on its own (non-finite values, norm over the limit), or None."""
     if not all(bool(torch.isfinite(d).all()) for d in update.delta):
         return "update has NaN or Inf values"
     if max_norm is not None:
-        norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in update.delta)))
+        norm = update_norm(update)
         if norm > max_norm:
             return f"update L2 norm {norm:.4g} exceeds max_update_norm {max_norm:.4g}"
     return None
+
+
+def screen_updates(updates: list[ClientUpdate], max_norm: float | None, norm_ratio: float | None
+                   ) -> tuple[list[ClientUpdate], list[ClientFailure]]:
+    """Split a round's updates into the accepted ones and failures, in client order.
+
+    First each update on its own (``update_problem``); then, with ``norm_ratio``, an update whose
+    norm exceeds ``norm_ratio`` times the median norm of the round's *other* usable updates. The
+    median leaves the suspect out so that with two clients each is judged by the other, and one
+    finite but enormous update cannot drag the reference up to its own size.
+    """
+    usable, failures = [], []
+    for update in sorted(updates, key=lambda u: u.client_id):
+        if problem := update_problem(update, max_norm):
+            failures.append(ClientFailure(update.client_id, problem))
+        else:
+            usable.append(update)
+    accepted = usable
+    if norm_ratio is not None and len(usable) >= 2:
+        norms = [update_norm(u) for u in usable]
+        accepted = []
+        for index, update in enumerate(usable):
+            reference = float(np.median(norms[:index] + norms[index + 1:]))
+            if reference > 0 and norms[index] > norm_ratio * reference:  # all-zero peers: no scale
+                failures.append(ClientFailure(update.client_id, (
+                    f"update L2 norm {norms[index]:.4g} exceeds update_norm_ratio={norm_ratio:g} times "
+                    f"the median {reference:.4g} of the round's other updates")))
+            else:
+                accepted.append(update)
+    return accepted, sorted(failures, key=lambda f: f.client_id)

@@ -103,8 +103,10 @@ class ExperimentConfig:
     experiment_name: str = "pfedla"
     checkpoint_dir: str | None = None  # default: <output_dir>/checkpoints/rounds; may be s3://
     keep_checkpoints: int = 3
+    checkpoint_every: int = 1  # rounds between checkpoints (the last round is always checkpointed)
     max_failed_fraction: float = 0.5
     max_update_norm: float | None = None  # reject updates with a larger L2 norm (off by default)
+    update_norm_ratio: float | None = 10.0  # reject updates this many times the others' median norm
     client_timeout: float | None = None  # seconds of local training per client and round (no limit)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
@@ -121,7 +123,7 @@ class ExperimentConfig:
 # checkpoints and MLflow run), which is what lets a longer `rounds` or another segmenting
 # continue an experiment.
 _NOT_IN_KEY = {"rounds", "device", "algorithms", "output_dir", "eval_every", "heatmap_every",
-               "experiment_name", "checkpoint_dir", "keep_checkpoints"}
+               "experiment_name", "checkpoint_dir", "keep_checkpoints", "checkpoint_every"}
 
 
 def experiment_key(config: ExperimentConfig) -> str:
@@ -349,6 +351,11 @@ def validate(config: ExperimentConfig) -> None:
     if config.max_update_norm is not None:
         _require(config.max_update_norm > 0, "max_update_norm",
                  f"must be > 0 (or null for no limit), got {config.max_update_norm}")
+    if config.update_norm_ratio is not None:
+        _require(config.update_norm_ratio >= 1, "update_norm_ratio",
+                 f"must be >= 1 (or null for no relative limit), got {config.update_norm_ratio}")
+    _require(config.checkpoint_every >= 1, "checkpoint_every",
+             f"must be >= 1, got {config.checkpoint_every}")
     _validate_pipeline(config)
     if config.dataset == "synthetic":
         _require(config.model == "mlp", "model", "the synthetic dataset is a vector task: use model: mlp")

@@ -26,8 +26,8 @@ from pfedla.client import (
     TrainSettings,
     evaluate_client,
     failure_reason,
+    screen_updates,
     select_device,
-    update_problem,
 )
 from pfedla.config import ExperimentConfig, config_from_dict
 from pfedla.data import FederatedData, build_federated_data
@@ -262,19 +262,16 @@ class Simulation:
     def train_round_clients(self, instructions: dict[int, FitInstruction], round_idx: int
                             ) -> tuple[list[ClientUpdate], list[ClientFailure]]:
         """Every selected client's update; one that raises, times out or sends a bad update is left out."""
-        updates, failures = [], []
+        delivered, failures = [], []
         for client, instruction in instructions.items():
             try:
-                update = fit_client(self.trainer, instruction, self.shards[client].train, self.config,
-                                    round_idx, client)
+                delivered.append(fit_client(self.trainer, instruction, self.shards[client].train, self.config,
+                                            round_idx, client))
             except Exception as error:  # one client's crash must not take the round down
                 failures.append(ClientFailure(client, failure_reason(error)))
-                continue
-            problem = update_problem(update, self.config.max_update_norm)
-            if problem:
-                failures.append(ClientFailure(client, problem))
-            else:
-                updates.append(update)
+        config = self.config
+        updates, refused = screen_updates(delivered, config.max_update_norm, config.update_norm_ratio)
+        failures = sorted(failures + refused, key=lambda f: f.client_id)
         report_failures(round_idx, failures, len(instructions), self.config.max_failed_fraction)
         return updates, failures
 

@@ -37,6 +37,7 @@ from pfedla.client import (
     ClientUpdate,
     LocalTrainer,
     failure_reason,
+    screen_updates,
     select_device,
     update_problem,
 )
@@ -369,14 +370,10 @@ def server_round(config_json: str, round_idx: int, configure_next: bool, shards_
     if delivered != selected:
         raise ArtifactError(f"round {round_idx}: reports came from clients {delivered}, "
                             f"but the round selected {selected}")
-    failures = [o for o in outcomes if isinstance(o, ClientFailure)]
-    updates = []
-    for update in sorted((o for o in outcomes if isinstance(o, ClientUpdate)), key=lambda u: u.client_id):
-        if problem := update_problem(update, config.max_update_norm):
-            failures.append(ClientFailure(update.client_id, problem))  # never reaches another client
-        else:
-            updates.append(update)
-    failures.sort(key=lambda f: f.client_id)
+    updates, refused = screen_updates([o for o in outcomes if isinstance(o, ClientUpdate)],
+                                      config.max_update_norm, config.update_norm_ratio)
+    failures = sorted([o for o in outcomes if isinstance(o, ClientFailure)] + refused,
+                      key=lambda f: f.client_id)
     report_failures(round_idx, failures, len(selected), config.max_failed_fraction)
     metrics = strategy.aggregate_fit(round_idx, updates, failures)
     bytes_down = sum(entry["bytes_down"] for entry in _entries(plan, "clients", plan_in).values())
