@@ -14,6 +14,8 @@ Sections, one module each in benchmarks/ (``bench(settings)`` returns plain JSON
   pipeline_overhead  the pipeline under kfp.local against the same steps in-process
   data_movement   bytes per round through object storage at N=30 with the 18M CNN, before
                   (whole artifacts per pod) and after (the data plane)
+  checkpointing   a checkpoint's share of simulation round time at N=30 with the 18M CNN,
+                  for checkpoint_every = 1, 5, 10
 
 What they share (settings, timing, peak memory, worker processes) is in common.py. Memory is
 measured in a fresh subprocess per measurement (``run.py --worker``, dispatched through
@@ -39,6 +41,7 @@ from collections.abc import Callable, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import ModuleType  # noqa: E402
 
+import checkpointing  # noqa: E402
 import data_movement  # noqa: E402
 import pipeline_overhead  # noqa: E402
 import round_overhead  # noqa: E402
@@ -54,6 +57,7 @@ SECTIONS: dict[str, ModuleType] = {
     "scaling": scaling,
     "pipeline_overhead": pipeline_overhead,
     "data_movement": data_movement,
+    "checkpointing": checkpointing,
 }
 
 # spec["kind"] -> the function run_worker runs in a fresh interpreter (this file with --worker).

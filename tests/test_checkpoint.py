@@ -8,42 +8,81 @@ import torch
 from pfedla import storage
 from pfedla.checkpoint import CheckpointStore
 
+RUN = "0123456789abcdef-00000001"
+OTHER_RUN = "0123456789abcdef-00000002"
+
 
 def state(value: float) -> dict[str, torch.Tensor]:
     return {"models.0": torch.full((3, 4), value), "hn.w": torch.arange(5.0) * value}
 
 
+def meta(rounds: int) -> dict:
+    """What the simulation stores beside the tensors."""
+    return {"history": [{"round": float(r)} for r in range(rounds)], "seconds": 1.5, "mlflow_run_id": None}
+
+
 def test_save_keeps_the_last_k_and_writes_a_pointer(tmp_path):
-    store = CheckpointStore(tmp_path / "ckpt", keep=2)
+    store = CheckpointStore(tmp_path / "ckpt", keep=2, run=RUN)
     for rounds in (1, 2, 3):
-        store.save("pfedla", rounds, state(rounds), {"history": [rounds]})
-    files = sorted(p.name for p in (tmp_path / "ckpt" / "pfedla").iterdir())
+        store.save("pfedla", rounds, state(rounds), meta(rounds))
+    folder = tmp_path / "ckpt" / RUN / "pfedla"
+    files = sorted(p.name for p in folder.iterdir())
     assert files == ["LATEST", "round_00002.safetensors", "round_00003.safetensors"]
-    assert (tmp_path / "ckpt" / "pfedla" / "LATEST").read_text() == "round_00003.safetensors"
+    assert (folder / "LATEST").read_text() == "round_00003.safetensors"
     latest = store.latest("pfedla")
-    assert latest.rounds_done == 3 and latest.meta["history"] == [3]
+    assert latest.rounds_done == 3 and latest.meta["history"] == meta(3)["history"]
+    assert latest.meta["run"] == RUN
     assert torch.equal(latest.tensors["hn.w"], state(3)["hn.w"])
     assert store.latest("fedavg") is None
 
 
 def test_corrupt_newest_falls_back_to_the_previous_good_one(tmp_path, caplog):
-    store = CheckpointStore(tmp_path, keep=3)
+    store = CheckpointStore(tmp_path, keep=3, run=RUN)
     for rounds in (1, 2):
-        store.save("local", rounds, state(rounds), {})
-    newest = tmp_path / "local" / "round_00002.safetensors"
+        store.save("local", rounds, state(rounds), meta(rounds))
+    newest = tmp_path / RUN / "local" / "round_00002.safetensors"
     newest.write_bytes(newest.read_bytes()[:-7])  # a torn write
-    (tmp_path / "local" / "round_00003.safetensors.partial").write_bytes(b"half")
+    (tmp_path / RUN / "local" / "round_00003.safetensors.partial").write_bytes(b"half")
     with caplog.at_level(logging.WARNING):
         latest = store.latest("local")
     assert latest.rounds_done == 1
     assert "round_00002.safetensors is unusable" in caplog.text and "falling back" in caplog.text
 
 
-def test_clear_forgets_an_earlier_run(tmp_path):
-    store = CheckpointStore(tmp_path, keep=3)
-    store.save("pfedla", 7, state(1), {})
-    store.clear("pfedla")
-    assert store.latest("pfedla") is None
+def test_runs_sharing_a_location_never_see_prune_or_clear_each_others_checkpoints(tmp_path, caplog):
+    """Two runs with one checkpoint_dir: on the old layout a fresh run cleared the other's
+    checkpoints and a resume continued from whichever run had written last."""
+    mine = CheckpointStore(tmp_path, keep=1, run=RUN)
+    theirs = CheckpointStore(tmp_path, keep=1, run=OTHER_RUN)
+    mine.save("pfedla", 2, state(2), meta(2))
+    for rounds in (1, 2, 3):
+        theirs.save("pfedla", rounds, state(10 + rounds), meta(rounds))
+    assert mine.latest("pfedla").rounds_done == 2
+    assert torch.equal(mine.latest("pfedla").tensors["hn.w"], state(2)["hn.w"])
+    # a checkpoint copied into my folder from another run is refused by its metadata
+    foreign = tmp_path / OTHER_RUN / "pfedla" / "round_00003.safetensors"
+    (tmp_path / RUN / "pfedla" / "round_00009.safetensors").write_bytes(foreign.read_bytes())
+    with caplog.at_level(logging.WARNING):
+        assert mine.latest("pfedla").rounds_done == 2
+    assert f"is not this run's (written by run {OTHER_RUN})" in caplog.text
+    mine.clear()
+    assert mine.latest("pfedla") is None and not (tmp_path / RUN).exists()
+    assert theirs.latest("pfedla").rounds_done == 3
+
+
+@pytest.mark.parametrize("damage", [
+    {"rounds_done": "3"}, {"history": "x"}, {"history": [1, 2, 3]}, {"history": [{}]},
+    {"seconds": None}, {"mlflow_run_id": 7}, {"algorithm": "local"},
+])
+def test_checkpoints_with_damaged_metadata_are_skipped_not_trusted(tmp_path, damage, caplog):
+    store = CheckpointStore(tmp_path, keep=3, run=RUN)
+    store.save("pfedla", 2, state(2), meta(2))
+    tensors = state(3)
+    storage.save_tensors(tmp_path / RUN / "pfedla" / "round_00003.safetensors", tensors,
+                         {**meta(3), "algorithm": "pfedla", "rounds_done": 3, "run": RUN, **damage})
+    with caplog.at_level(logging.WARNING):
+        assert store.latest("pfedla").rounds_done == 2
+    assert "round_00003.safetensors is not this run's" in caplog.text
 
 
 def test_s3_outage_saves_locally_and_says_so(tmp_path, monkeypatch):
@@ -57,13 +96,13 @@ def test_s3_outage_saves_locally_and_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     monkeypatch.setenv("PFEDLA_S3_RETRIES", "1")
-    store = CheckpointStore("s3://bucket/ckpt", keep=2, fallback=tmp_path / "fallback")
+    store = CheckpointStore("s3://bucket/ckpt", keep=2, run=RUN, fallback=tmp_path / "fallback")
     with pytest.raises(storage.StorageError) as caught:
-        store.save("pfedla", 4, state(4), {})
+        store.save("pfedla", 4, state(4), meta(4))
     message = str(caught.value)
     assert "checkpoint after round 4 could not be stored" in message
     assert "object store unreachable" in message and str(tmp_path / "fallback") in message
-    local = CheckpointStore(tmp_path / "fallback", keep=2)
+    local = CheckpointStore(tmp_path / "fallback", keep=2, run=RUN)
     assert local.latest("pfedla").rounds_done == 4
 
 
@@ -91,8 +130,8 @@ def test_store_outage_mid_run_stops_clearly_then_resume_completes(tmp_path, s3_s
     s3 = s3_server.client()
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        listed = s3.list_objects_v2(Bucket=s3_server.bucket, Prefix=f"{prefix}/pfedla/round_00003")
-        if listed.get("KeyCount"):
+        listed = s3.list_objects_v2(Bucket=s3_server.bucket, Prefix=f"{prefix}/")
+        if any("/pfedla/round_00003" in item["Key"] for item in listed.get("Contents", [])):
             break
         time.sleep(0.05)
     s3_server.stop(grace=0)  # a sudden outage
@@ -106,7 +145,8 @@ def test_store_outage_mid_run_stops_clearly_then_resume_completes(tmp_path, s3_s
     assert f"s3://{s3_server.bucket}/{prefix}" in stderr and "saved locally in" in stderr
     assert "--resume" in stderr and "Traceback" not in stderr
     assert not (out / "summary.json").exists()
-    assert list((out / "checkpoints" / "fallback" / "pfedla").glob("round_*.safetensors"))
+    identity = json.loads((out / "run.json").read_text())["identity"]
+    assert list((out / "checkpoints" / "fallback" / identity / "pfedla").glob("round_*.safetensors"))
 
     resumed = subprocess.run(command + ["--resume", str(out)], env=env, capture_output=True, text=True,
                              timeout=600)
@@ -119,5 +159,5 @@ def test_store_outage_mid_run_stops_clearly_then_resume_completes(tmp_path, s3_s
     summary = json.loads((out / "summary.json").read_text())["pfedla"]
     reference = json.loads((tmp_path / "ref" / "summary.json").read_text())["pfedla"]
     assert summary["client_accuracies"] == reference["client_accuracies"]
-    stored = s3.list_objects_v2(Bucket=s3_server.bucket, Prefix=f"{prefix}/pfedla/")["Contents"]
-    assert f"{prefix}/pfedla/round_00040.safetensors" in {o["Key"] for o in stored}
+    stored = s3.list_objects_v2(Bucket=s3_server.bucket, Prefix=f"{prefix}/{identity}/pfedla/")["Contents"]
+    assert f"{prefix}/{identity}/pfedla/round_00040.safetensors" in {o["Key"] for o in stored}

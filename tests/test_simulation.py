@@ -68,7 +68,7 @@ def test_tracking_uri_from_the_environment_wins(tmp_path, monkeypatch):
 def test_same_seed_same_numbers_and_shared_client_schedule(tmp_path):
     config = small_config(tmp_path, participation=0.5, rounds=4)
     first = run_experiment(config, progress=False, track=False)
-    second = run_experiment(config, progress=False, track=False)
+    second = run_experiment(config, progress=False, track=False, overwrite=True)
     for name in config.algorithms:
         assert first.results[name].client_accuracies == second.results[name].client_accuracies
     schedule = [participants(config, r) for r in range(4)]
@@ -78,7 +78,7 @@ def test_same_seed_same_numbers_and_shared_client_schedule(tmp_path):
 def test_heurpfedla_sends_fewer_bytes(tmp_path):
     plain = run_experiment(small_config(tmp_path, algorithms=["pfedla"]), progress=False, track=False)
     heur = run_experiment(small_config(tmp_path, algorithms=["pfedla"], heur_k=2), progress=False,
-                          track=False)
+                          track=False, overwrite=True)
     down_plain = plain.results["pfedla"].history[0]["bytes_down"]
     down_heur = heur.results["pfedla"].history[0]["bytes_down"]
     assert 0 < down_heur < down_plain
@@ -155,13 +155,12 @@ def test_sigkill_mid_round_and_inside_checkpoint_writes_then_resume_gives_the_un
     subprocess.run(command + ["--config", str(tmp_path / "ref.yaml")], env=env, check=True, timeout=600,
                    capture_output=True)
     out = tmp_path / "killed"
-    rounds_dir = out / "checkpoints" / "rounds"
     resume = ["run", "--quiet", "--resume", str(out)]
 
     def kill_when_written(args, checkpoint):
         process = subprocess.Popen(command + args, env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
-        wait_for(checkpoint, rounds_dir)
+        wait_for(f"*/{checkpoint}", out / "checkpoints" / "rounds")
         process.send_signal(signal.SIGKILL)
         assert process.wait(timeout=30) == -signal.SIGKILL
 
@@ -173,6 +172,7 @@ def test_sigkill_mid_round_and_inside_checkpoint_writes_then_resume_gives_the_un
         assert not (rounds_dir / file).exists() or file.endswith("LATEST")
 
     kill_when_written(["--config", str(tmp_path / "killed.yaml")], "pfedla/round_00002.safetensors")
+    rounds_dir = out / "checkpoints" / "rounds" / json.loads((out / "run.json").read_text())["identity"]
     kill_inside_write("open", "pfedla/round_00004.safetensors")  # the file has just been created
     kill_inside_write("os.rename", "pfedla/round_00005.safetensors")  # written, not yet renamed
     kill_when_written(["--resume", str(out)], "local/round_00003.safetensors")
@@ -232,7 +232,7 @@ def test_failing_and_hostile_clients_are_left_out_without_touching_honest_ones(t
         assert all(np.isfinite(result.client_accuracies))
     # The same clients simply absent (every attempt raises): honest clients see exactly the same.
     monkeypatch.setattr(simulation, "fit_client", misbehaving({1: "raise", 2: "raise", 3: "raise"}))
-    absent = run_experiment(config_from_dict(raw), progress=False, track=False)
+    absent = run_experiment(config_from_dict(raw), progress=False, track=False, overwrite=True)
     honest = [0, 4, 5]
     for name in raw["algorithms"]:  # tolerance: exact equality
         assert [hostile.results[name].client_accuracies[i] for i in honest] == \
@@ -242,7 +242,7 @@ def test_failing_and_hostile_clients_are_left_out_without_touching_honest_ones(t
     unguarded = config_from_dict({**raw, "max_update_norm": None, "update_norm_ratio": None,
                                   "algorithms": ["fedavg"]})
     with pytest.raises(simulation.RunAborted, match="round 1: 6 of 6 clients failed.*NaN or Inf"):
-        run_experiment(unguarded, progress=False, track=False)
+        run_experiment(unguarded, progress=False, track=False, overwrite=True)
     # With the defaults (no absolute limit, the relative one on) it is left out every round and
     # the run ends as if client 3 had been absent.
     defaults = {k: v for k, v in raw.items() if k != "max_update_norm"} | {"algorithms": ["fedavg"]}
@@ -273,12 +273,15 @@ def test_too_many_failures_abort_with_a_clear_error_and_keep_the_last_checkpoint
                                "output_dir": str(tmp_path / "out")})
     with pytest.raises(simulation.RunAborted, match="round 2: 3 of 4 clients failed.*disk full"):
         run_experiment(config, progress=False, track=False)
-    latest = CheckpointStore(tmp_path / "out" / "checkpoints" / "rounds", keep=3).latest("pfedla")
+    identity = json.loads((tmp_path / "out" / "run.json").read_text())["identity"]
+    store = CheckpointStore(tmp_path / "out" / "checkpoints" / "rounds", keep=3, run=identity)
+    latest = store.latest("pfedla")
     assert latest.rounds_done == 2
 
 
 def test_a_client_past_client_timeout_is_left_out_like_an_absent_one(tmp_path, monkeypatch, caplog):
-    """Fault injection: a forward hook makes every batch of client 2 take 0.4 s; the limit is 1 s."""
+    """Fault injection: a forward hook makes every batch of client 2 take 1.2 s; the limit is 3 s, so
+    honest clients (18 batches in well under a second) keep a wide margin on a loaded machine."""
     import logging
     import time
 
@@ -292,21 +295,202 @@ def test_a_client_past_client_timeout_is_left_out_like_an_absent_one(tmp_path, m
                 return real_fit(trainer, instruction, shard, config, round_idx, client_id)
             if slow_or_absent == "absent":
                 raise RuntimeError("absent")
-            hook = trainer.model.register_forward_pre_hook(lambda *_: time.sleep(0.4))
+            hook = trainer.model.register_forward_pre_hook(lambda *_: time.sleep(1.2))
             try:
                 return real_fit(trainer, instruction, shard, config, round_idx, client_id)
             finally:
                 hook.remove()
         return fit_client
 
-    raw = {"clients": 4, "rounds": 2, "device": "cpu", "algorithms": ["pfedla"], "client_timeout": 1.0,
+    raw = {"clients": 4, "rounds": 2, "device": "cpu", "algorithms": ["pfedla"], "client_timeout": 3.0,
            "output_dir": str(tmp_path / "out")}
     monkeypatch.setattr(simulation, "fit_client", fit("slow"))
     with caplog.at_level(logging.WARNING, logger="pfedla"):
         slow = run_experiment(config_from_dict(raw), progress=False, track=False).results["pfedla"]
-    assert re.search(r"client 2 left out: timed out: \d of 18 batches done when client_timeout=1 s ran out",
+    assert re.search(r"client 2 left out: timed out: \d of 18 batches done when client_timeout=3 s ran out",
                      caplog.text)
     assert [h["failed_clients"] for h in slow.history] == [1.0, 1.0]
     monkeypatch.setattr(simulation, "fit_client", fit("absent"))
-    absent = run_experiment(config_from_dict(raw), progress=False, track=False).results["pfedla"]
+    absent = run_experiment(config_from_dict(raw), progress=False, track=False,
+                            overwrite=True).results["pfedla"]
     assert slow.client_accuracies == absent.client_accuracies  # tolerance: exact equality
+
+
+def interrupted_run(config, monkeypatch, after_calls):
+    """Run ``config`` until the client training call number ``after_calls``, where a Ctrl-C lands."""
+    from pfedla import simulation
+
+    real_fit, calls = simulation.fit_client, []
+
+    def fit(*args):
+        calls.append(1)
+        if len(calls) == after_calls:
+            raise KeyboardInterrupt
+        return real_fit(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(simulation, "fit_client", fit)
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment(config, progress=False)
+
+
+def resumed(output_dir):
+    from pfedla.simulation import load_run_config
+
+    return run_experiment(load_run_config(output_dir), progress=False, resume=True)
+
+
+def files_of(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".pfedla.lock"}
+
+
+@pytest.mark.integration
+def test_resume_continues_its_own_state_wherever_the_directory_is(tmp_path, monkeypatch):
+    """On the old main: a resumed copy wrote into the original directory, a relative output_dir
+    resumed from elsewhere failed (leaving an empty directory), and a fresh run sharing the
+    checkpoint_dir deleted the interrupted run's checkpoints, or was resumed from."""
+    import os
+    import shutil
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    raw = {"clients": 3, "rounds": 3, "algorithms": ["pfedla", "local"], "device": "cpu",
+           "checkpoint_dir": str(tmp_path / "shared-checkpoints")}
+    reference = run_experiment(config_from_dict({**raw, "output_dir": str(tmp_path / "ref"),
+                                                 "checkpoint_dir": None}), progress=False)
+    expected = comparable({n: r.summary() for n, r in reference.results.items()})
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    interrupted_run(config_from_dict({**raw, "output_dir": "orig"}), monkeypatch, after_calls=9 + 4)
+    orig = tmp_path / "a" / "orig"
+    # another run with the same checkpoint_dir, started and finished meanwhile
+    other = run_experiment(config_from_dict({**raw, "seed": 5, "output_dir": str(tmp_path / "other")}),
+                           progress=False)
+    assert len(os.listdir(tmp_path / "shared-checkpoints")) == 2
+    shutil.copytree(orig, tmp_path / "copy")
+    before = files_of(orig)
+
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "b")
+    copy = resumed("../copy")
+    assert comparable({n: r.summary() for n, r in copy.results.items()}) == expected
+    assert files_of(orig) == before  # the original was not touched
+    assert not (tmp_path / "b" / "orig").exists() and not (tmp_path / "b" / "copy").exists()
+
+    moved = tmp_path / "moved"
+    os.rename(orig, moved)
+    from_moved = resumed(moved)
+    assert comparable({n: r.summary() for n, r in from_moved.results.items()}) == expected
+    assert not orig.exists()  # nothing was recreated at the old place (MLflow artifacts included)
+    store = MlflowClient(f"sqlite:///{moved}/mlflow.db")
+    for result in from_moved.results.values():
+        run = store.get_run(result.run_id)
+        assert run.info.status == "FINISHED"
+        assert run.info.artifact_uri.startswith(moved.as_uri())
+        assert run.data.tags["pfedla.run"] == json.loads((moved / "run.json").read_text())["identity"]
+    # the other run's checkpoints are intact and still its own
+    assert other.results["pfedla"].summary()["client_accuracies"] == json.loads(
+        (tmp_path / "other" / "summary.json").read_text())["pfedla"]["client_accuracies"]
+    assert len(os.listdir(tmp_path / "shared-checkpoints")) == 2
+
+
+# Kills the CLI at the first `open` of a path containing the needle (see KILL_AT_EVENT).
+@pytest.mark.integration
+@pytest.mark.parametrize("needle", [
+    "round_00001.safetensors.partial",  # round 0 done and tracked, no checkpoint yet: an orphan run
+    "artifacts/models/.artifact.uploading",  # outputs being logged to MLflow, run not ended
+    "results/local.json.partial",  # MLflow run ended, result not yet written
+])
+def test_mlflow_is_consistent_after_a_kill_at_any_point_of_the_finish(tmp_path, monkeypatch, needle):
+    """On the old main results/<alg>.json was written before the MLflow run ended: a kill there left
+    the run RUNNING without its final metrics, and a resume took the algorithm as finished; a resume
+    without a checkpoint left the first run RUNNING for good."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    args = ["run", "--quiet", "--set", "clients=3", "--set", "rounds=2", "--set", "algorithms=[local]",
+            "--set", "heatmap_every=1"]
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_EVENT, "open", needle, *args,
+                             "--set", f"output_dir={out}"], env=env, capture_output=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    finished = subprocess.run([sys.executable, "-m", "pfedla.cli", "run", "--quiet", "--resume", str(out)],
+                              env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    reference = subprocess.run([sys.executable, "-m", "pfedla.cli", *args, "--set",
+                                f"output_dir={tmp_path / 'ref'}"], env=env, capture_output=True, timeout=600)
+    assert reference.returncode == 0
+    assert comparable(json.loads((out / "summary.json").read_text())) == \
+        comparable(json.loads((tmp_path / "ref" / "summary.json").read_text()))
+    store = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    runs = store.search_runs([store.get_experiment_by_name("pfedla").experiment_id])
+    final_id = json.loads((out / "summary.json").read_text())["local"]["mlflow_run_id"]
+    statuses = {run.info.run_id: run.info.status for run in runs}
+    assert statuses.pop(final_id) == "FINISHED"
+    assert set(statuses.values()) <= {"KILLED"}  # an orphan is closed, never left RUNNING
+    assert bool(statuses) == needle.startswith("round_"), statuses
+    for metric in ("final_accuracy_mean", "clients", "accuracy_mean"):
+        steps = [m.step for m in store.get_metric_history(final_id, metric)]
+        assert sorted(steps) == ([2] if metric.startswith("final") else [0, 1]), metric
+    assert (store.get_metric_history(final_id, "final_accuracy_mean")[0].value
+            == json.loads((out / "summary.json").read_text())["local"]["mean_accuracy"])
+
+
+@pytest.mark.integration
+def test_a_full_disk_mid_run_is_one_error_line_and_the_run_resumes_exactly(tmp_path, monkeypatch):
+    """RLIMIT_FSIZE stands in for a full disk: the first file past 1 MB (a round-1 checkpoint) fails
+    with EFBIG, as ENOSPC would. On the old main that was an OSError traceback."""
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "pfedla.cli", "run", "--quiet", "--set", "clients=10", "--set", "rounds=3",
+            "--set", "algorithms=[pfedla]"]
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # stays ignored across exec: writes fail instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+
+    out = tmp_path / "out"
+    full = subprocess.run(args + ["--set", f"output_dir={out}"], env=env, capture_output=True, text=True,
+                          timeout=600, preexec_fn=small_disk)
+    assert full.returncode == 2, full.stderr
+    (line,) = [line for line in full.stderr.splitlines() if not line.startswith("20")]  # MLflow's INFO
+    assert line.startswith("pfedla: error: checkpoint after round 1 could not be stored: cannot write ")
+    assert "File too large" in line and "--resume" in line
+    finished = subprocess.run([sys.executable, "-m", "pfedla.cli", "run", "--quiet", "--resume", str(out)],
+                              env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    subprocess.run(args + ["--set", f"output_dir={tmp_path / 'ref'}"], env=env, check=True, timeout=600,
+                   capture_output=True)
+    assert comparable(json.loads((out / "summary.json").read_text())) == \
+        comparable(json.loads((tmp_path / "ref" / "summary.json").read_text()))
+
+
+@pytest.mark.integration
+def test_checkpoint_every_n_rounds_resumes_to_the_same_numbers_without_duplicate_metrics(
+        tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    raw = {"clients": 3, "rounds": 7, "algorithms": ["pfedla"], "device": "cpu", "checkpoint_every": 3,
+           "keep_checkpoints": 5}
+    reference = run_experiment(config_from_dict({**raw, "output_dir": str(tmp_path / "ref")}), progress=False)
+    out = tmp_path / "out"
+    interrupted_run(config_from_dict({**raw, "output_dir": str(out)}), monkeypatch, after_calls=3 * 4 + 2)
+    identity = json.loads((out / "run.json").read_text())["identity"]
+    saved = sorted(p.name for p in (out / "checkpoints" / "rounds" / identity / "pfedla").glob("round_*"))
+    assert saved == ["round_00003.safetensors"]  # round 4 was done, but not checkpointed
+    finished = resumed(out)
+    assert sorted(p.name for p in (out / "checkpoints" / "rounds" / identity / "pfedla").glob("round_*")) == [
+        "round_00003.safetensors", "round_00006.safetensors", "round_00007.safetensors"]
+    assert finished.results["pfedla"].client_accuracies == reference.results["pfedla"].client_accuracies
+    store = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    steps = [m.step for m in store.get_metric_history(finished.results["pfedla"].run_id, "clients")]
+    assert sorted(steps) == list(range(7))

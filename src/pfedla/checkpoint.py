@@ -2,8 +2,11 @@
 
 Layout under the checkpoint location (a local directory or an ``s3://`` prefix)::
 
-    <algorithm>/round_00012.safetensors   server state after 12 rounds, metadata in the header
-    <algorithm>/LATEST                    name of the newest complete checkpoint
+    <run>/<algorithm>/round_00012.safetensors   server state after 12 rounds, metadata in the header
+    <run>/<algorithm>/LATEST                    name of the newest complete checkpoint
+
+``<run>`` is the run's identity (``run.json``), also in every checkpoint's metadata: runs that
+share a checkpoint location never read, prune or clear each other's checkpoints.
 
 Locally a file is written to ``*.partial`` and renamed, so a crash never leaves a torn
 checkpoint under its final name; on S3 a PUT is atomic and the pointer is updated after it.
@@ -44,20 +47,21 @@ class Checkpoint:
 class CheckpointStore:
     """Writes and finds checkpoints of one experiment, per algorithm."""
 
-    def __init__(self, location: str | Path, keep: int, fallback: Path | None = None):
+    def __init__(self, location: str | Path, keep: int, run: str, fallback: Path | None = None):
         self.location = str(location).rstrip("/")
         self.keep = keep
+        self.run = run
         self.fallback = fallback  # local directory used when the object store is down
 
     def _folder(self, root: str, algorithm: str) -> str:
-        return f"{root}/{algorithm}"
+        return f"{root}/{self.run}/{algorithm}"
 
     def save(self, algorithm: str, rounds_done: int, tensors: dict[str, torch.Tensor],
              meta: dict[str, Any]) -> str:
         """Write the checkpoint after ``rounds_done`` rounds, then the pointer, then prune."""
         folder = self._folder(self.location, algorithm)
         name = f"round_{rounds_done:05d}.safetensors"
-        full_meta = {**meta, "algorithm": algorithm, "rounds_done": rounds_done}
+        full_meta = {**meta, "algorithm": algorithm, "rounds_done": rounds_done, "run": self.run}
         try:
             storage.save_tensors(f"{folder}/{name}", tensors, full_meta)
             storage.write_bytes(f"{folder}/LATEST", name.encode())
@@ -71,7 +75,7 @@ class CheckpointStore:
                 saved = f"; this round's checkpoint was saved locally in {local}"
             raise storage.StorageError(
                 f"checkpoint after round {rounds_done} could not be stored: {error}{saved}. "
-                "Resume with `pfedla run --resume <output_dir>` once the store is back"
+                "Resume with `pfedla run --resume <output_dir>` once it can be written again"
             ) from None
         return f"{folder}/{name}"
 
@@ -85,12 +89,10 @@ class CheckpointStore:
         """The main location, then the local fallback if there is one."""
         return [self.location] + ([str(self.fallback)] if self.fallback is not None else [])
 
-    def clear(self, algorithm: str) -> None:
-        """Forget earlier checkpoints of ``algorithm`` (a fresh run in a used output_dir)."""
+    def clear(self) -> None:
+        """Delete every checkpoint of this run (all algorithms), and nothing else."""
         for root in self._roots:
-            folder = self._folder(root, algorithm)
-            for name in self._round_files(folder):
-                storage.delete(f"{folder}/{name}")
+            storage.delete_prefix(f"{root}/{self.run}")
 
     @staticmethod
     def _round_files(folder: str) -> list[str]:
@@ -110,9 +112,29 @@ class CheckpointStore:
                 log.warning("checkpoint %s is unusable (%s); falling back to the previous one",
                             location, error)
                 continue
-            if meta.get("algorithm") != algorithm or "rounds_done" not in meta:
-                log.warning("checkpoint %s has foreign metadata; falling back", location)
+            if problem := _foreign(meta, algorithm, self.run):
+                log.warning("checkpoint %s is not this run's (%s); falling back to the previous one",
+                            location, problem)
                 continue
             return Checkpoint(tensors, meta, location)
         return None
 
+
+
+def _foreign(meta: dict[str, Any], algorithm: str, run: str) -> str | None:
+    """Why a checkpoint's metadata does not belong to ``run``'s ``algorithm``, or None."""
+    if meta.get("run") != run:
+        return f"written by run {str(meta.get('run'))[:80]}"
+    if meta.get("algorithm") != algorithm:
+        return f"holds algorithm {str(meta.get('algorithm'))[:80]}"
+    rounds_done, history = meta.get("rounds_done"), meta.get("history")
+    if type(rounds_done) is not int or rounds_done < 1:
+        return "no valid rounds_done"
+    if not isinstance(history, list) or len(history) != rounds_done or not all(
+            isinstance(entry, dict) for entry in history):
+        return "its history does not match rounds_done"
+    if not isinstance(meta.get("seconds"), (int, float)):
+        return "no valid seconds"
+    if not isinstance(meta.get("mlflow_run_id"), (str, type(None))):
+        return "no valid mlflow_run_id"
+    return None

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import json
 import logging
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pfedla import storage
+from pfedla import rundir, storage
 from pfedla.algorithms import FitInstruction, Strategy, make_strategy
 from pfedla.algorithms.pfedla import PFedLAStrategy
 from pfedla.checkpoint import CheckpointStore
@@ -29,13 +31,13 @@ from pfedla.client import (
     screen_updates,
     select_device,
 )
-from pfedla.config import ExperimentConfig, config_from_dict
+from pfedla.config import ExperimentConfig, experiment_key
 from pfedla.data import FederatedData, build_federated_data
-from pfedla.errors import PfedlaError
+from pfedla.errors import ArtifactError, PfedlaError, shown
 from pfedla.models import LayerLayout, build_model, initial_layers
 from pfedla.progress import RoundProgress
 from pfedla.seeding import numpy_rng, torch_generator
-from pfedla.tracking import Tracker, default_tracking_uri
+from pfedla.tracking import FINAL_METRIC, Tracker, default_tracking_uri, relocate_local_store
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +186,7 @@ class Simulation:
         self.trainer = LocalTrainer(self.model, self.layout)
         self.output_dir = Path(config.output_dir)
 
-    def run(self, name: str, group: str, resume: bool = False) -> AlgorithmResult:
+    def run(self, name: str, identity: str, resume: bool = False) -> AlgorithmResult:
         """Run all rounds of one algorithm, or continue it from its newest good checkpoint."""
         config = self.config
         strategy = make_strategy(name, config, initial_layers(self.model))
@@ -193,11 +195,11 @@ class Simulation:
         if checkpoint is not None:
             strategy.load_state_dict(checkpoint.tensors)
             first_round, history = checkpoint.rounds_done, list(checkpoint.meta["history"])
-            earlier_seconds, run_id = checkpoint.meta["seconds"], checkpoint.meta.get("run_id")
+            earlier_seconds, run_id = checkpoint.meta["seconds"], checkpoint.meta["mlflow_run_id"]
             log.info("%s: resuming after round %d from %s", name, first_round, checkpoint.location)
-        elif self.checkpoints:
-            self.checkpoints.clear(name)
-        self.start_tracking(name, group, run_id, history)
+        elif resume:
+            log.warning("%s: no usable checkpoint of this run: starting at round 0", name)
+        self.start_tracking(name, identity, run_id, history, resume)
         started = time.perf_counter()
         progress = RoundProgress(name, first_round, config.rounds, enabled=self.progress)
         evaluation: list[EvalResult] = []
@@ -210,9 +212,9 @@ class Simulation:
             progress.round_done(round_idx, metrics)
             history.append(metrics)
             self.track_round(strategy, round_idx, metrics, last)
-            if self.checkpoints:
+            if self.checkpoints and (last or (round_idx + 1) % config.checkpoint_every == 0):
                 self.checkpoints.save(name, round_idx + 1, strategy.state_dict(), {
-                    "history": history, "run_id": self.tracker.run_id if self.tracker else None,
+                    "history": history, "mlflow_run_id": self.tracker.run_id if self.tracker else None,
                     "seconds": earlier_seconds + time.perf_counter() - started})
         progress.close()
         if not evaluation:  # resumed after the last round had been checkpointed
@@ -229,20 +231,25 @@ class Simulation:
         if isinstance(strategy, PFedLAStrategy):
             result.layer_weights = strategy.layer_weights().cpu().numpy()
         self.save_outputs(strategy, result)
-        if self.tracker:
-            self.tracker.log_metrics(config.rounds, {"final_accuracy_mean": result.mean_accuracy,
-                                                     "wall_seconds": result.wall_seconds})
-            self.tracker.end_run()
         return result
 
-    def start_tracking(self, name: str, group: str, run_id: str | None,
-                       history: list[dict[str, float]]) -> None:
-        """Open the algorithm's MLflow run, or reopen it and send the rounds it is missing."""
+    def start_tracking(self, name: str, identity: str, run_id: str | None,
+                       history: list[dict[str, float]], resume: bool) -> None:
+        """Open the algorithm's MLflow run, or reopen it and send the rounds it is missing.
+
+        A resume first ends, as KILLED, any other run of this run and algorithm still marked
+        RUNNING (one whose checkpoint was lost), so no orphan is left behind.
+        """
         if not self.tracker:
             return
+        tags = {"pfedla.run": identity, "pfedla.algorithm": name}
+        if resume:
+            for orphan in self.tracker.close_running(tags, keep=run_id):
+                log.warning("%s: MLflow run %s had no usable checkpoint: marked KILLED", name, orphan)
         if run_id is None:
-            self.tracker.start_run(name, self.config.flat_params(),
-                                   {"pfedla.group": group, "pfedla.algorithm": name})
+            self.tracker.start_run(name, self.config.flat_params(), {
+                **tags, "pfedla.experiment_key": experiment_key(self.config),
+                "pfedla.orchestration": "simulation"})
             return
         logged_through = self.tracker.resume_run(run_id)
         for round_idx, metrics in enumerate(history):
@@ -288,7 +295,9 @@ class Simulation:
         return metrics
 
     def save_outputs(self, strategy: Strategy, result: AlgorithmResult) -> None:
-        """Personalized models and server state as safetensors; α as .npy for pFedLA; the result."""
+        """Personalized models and server state as safetensors, α as .npy for pFedLA, the MLflow run
+        ended, and last the result file: its presence marks the algorithm finished, so a kill at
+        any point before it makes a resume redo (idempotently) every step here."""
         models = personalized_models(strategy, self.layout, self.config.clients)
         model_path = self.output_dir / "models" / f"{result.name}.safetensors"
         storage.save_tensors(model_path, models, {"algorithm": result.name, "model": self.config.model,
@@ -298,12 +307,17 @@ class Simulation:
                              {"algorithm": result.name, "rounds": result.rounds})
         if result.layer_weights is not None:
             suffix = "" if result.name == "pfedla" else f"_{result.name}"
-            np.save(self.output_dir / f"layer_weights{suffix}.npy", result.layer_weights)
-        storage.write_json(self.output_dir / "results" / f"{result.name}.json",
-                           {**result.summary(), "history": result.history})
+            buffer = io.BytesIO()
+            np.save(buffer, result.layer_weights)
+            storage.write_bytes(self.output_dir / f"layer_weights{suffix}.npy", buffer.getvalue())
         if self.tracker:
             self.tracker.log_file(model_path, "models")
             self.tracker.log_file(state_path, "checkpoint")
+            self.tracker.log_metrics(self.config.rounds, {FINAL_METRIC: result.mean_accuracy,
+                                                          "wall_seconds": result.wall_seconds})
+            self.tracker.end_run()
+        storage.write_json(self.output_dir / "results" / f"{result.name}.json",
+                           {**result.summary(), "history": result.history})
 
 
 def format_table(results: dict[str, AlgorithmResult]) -> str:
@@ -318,67 +332,102 @@ def format_table(results: dict[str, AlgorithmResult]) -> str:
     return "\n".join(rows)
 
 
-RUN_FILE = "run.json"
-
-
-def load_run_config(output_dir: str | Path) -> ExperimentConfig:
-    """The config an earlier ``pfedla run`` recorded in ``output_dir`` (for --resume)."""
-    path = Path(output_dir) / RUN_FILE
-    if not path.is_file():
-        raise PfedlaError(f"cannot resume: {path} does not exist (was {output_dir} written by pfedla run?)")
-    recorded = storage.read_json(path)
-    return config_from_dict(recorded["config"])
-
-
 def _finished_result(output_dir: Path, name: str) -> AlgorithmResult | None:
     path = output_dir / "results" / f"{name}.json"
     if not path.is_file():
         return None
     saved = storage.read_json(path)
     weights_file = output_dir / ("layer_weights.npy" if name == "pfedla" else f"layer_weights_{name}.npy")
-    return AlgorithmResult(
-        name=name, client_accuracies=saved["client_accuracies"], mean_accuracy=saved["mean_accuracy"],
-        rounds=saved["rounds"], wall_seconds=saved["wall_seconds"], run_id=saved["mlflow_run_id"],
-        layer_weights=np.load(weights_file) if weights_file.is_file() else None, history=saved["history"],
-    )
+    try:
+        return AlgorithmResult(
+            name=name, client_accuracies=saved["client_accuracies"], mean_accuracy=saved["mean_accuracy"],
+            rounds=saved["rounds"], wall_seconds=saved["wall_seconds"], run_id=saved["mlflow_run_id"],
+            layer_weights=np.load(weights_file, allow_pickle=False) if weights_file.is_file() else None,
+            history=saved["history"],
+        )
+    except (KeyError, TypeError, ValueError, OSError) as error:
+        raise ArtifactError(f"{path} (or {weights_file.name}) is damaged: {shown(error)}; start over "
+                            "with --overwrite") from None
+
+
+def load_run_config(output_dir: str | Path) -> ExperimentConfig:
+    """The config an earlier ``pfedla run`` recorded in ``output_dir``, rooted at ``output_dir``
+    wherever it is now (for --resume)."""
+    directory = Path(output_dir)
+    rundir.check_state(directory, resume=True, overwrite=False)
+    return rundir.resumed_config(directory, rundir.read_record(directory))
+
+
+def _anchored(config: ExperimentConfig) -> ExperimentConfig:
+    """``config`` with relative local data and checkpoint paths made absolute, so that a resume
+    from another working directory finds the same files."""
+    paths = {key: str(Path(value).resolve()) for key in ("data_dir", "checkpoint_dir")
+             if (value := getattr(config, key)) and not storage.is_s3(value)
+             and not Path(value).is_absolute()}
+    return dataclasses.replace(config, **paths) if paths else config
+
+
+def _tracker(config: ExperimentConfig, output_dir: Path) -> tuple[str, Tracker | None]:
+    tracking_uri = default_tracking_uri(output_dir)
+    # A tracking server stores artifacts itself (e.g. proxied to S3); a file store keeps them beside us.
+    served = tracking_uri.startswith(("http://", "https://", "databricks"))
+    return tracking_uri, Tracker(tracking_uri, config.experiment_name,
+                                 None if served else output_dir / "mlartifacts")
 
 
 def run_experiment(config: ExperimentConfig, progress: bool = True, track: bool = True,
                    resume: bool = False, overwrite: bool = False) -> ExperimentResult:
     """Run every algorithm of ``config`` and write summary.json and partition.json.
 
-    With ``resume``, finished algorithms are read back and the unfinished one continues
-    from its newest good checkpoint (its MLflow run continues too). A fresh run refuses an
-    ``output_dir`` holding an unfinished run (its checkpoints would be lost) unless ``overwrite``.
+    With ``resume``, finished algorithms are read back and the unfinished one continues from its
+    newest good checkpoint of this run (its MLflow run continues too). A fresh run refuses an
+    ``output_dir`` holding a run unless ``overwrite``, which then deletes only that run's files.
+    Everything that can fail (config, device, output location, data, a remote tracking server)
+    is checked before anything in ``output_dir`` is written or deleted.
     """
     device = select_device(config.device)
     output_dir = Path(config.output_dir)
-    unfinished = (output_dir / RUN_FILE).is_file() and not (output_dir / "summary.json").is_file()
-    if unfinished and not (resume or overwrite):
-        raise PfedlaError(f"{output_dir} holds an unfinished run: continue it with `pfedla run --resume "
-                          f"{output_dir}`, or start over there with --overwrite (deletes its checkpoints)")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    group = uuid.uuid4().hex[:12]
-    if resume:
-        group = storage.read_json(output_dir / RUN_FILE)["group"]
-    else:
-        for stale in [output_dir / "summary.json", *(output_dir / "results").glob("*.json")]:
-            stale.unlink(missing_ok=True)
-        storage.write_json(output_dir / RUN_FILE, {"config": config.to_dict(), "group": group})
-    data = build_federated_data(config)
-    storage.write_json(output_dir / "partition.json", {"clients": data.class_counts()})
-    tracking_uri = default_tracking_uri(output_dir)
-    # A tracking server stores artifacts itself (e.g. proxied to S3); a file store keeps them beside us.
-    served = tracking_uri.startswith(("http://", "https://", "databricks"))
-    artifact_root = None if served else output_dir / "mlartifacts"
-    tracker = Tracker(tracking_uri, config.experiment_name, artifact_root) if track else None
-    checkpoints = CheckpointStore(config.checkpoint_dir or output_dir / "checkpoints" / "rounds",
-                                  config.keep_checkpoints, fallback=output_dir / "checkpoints" / "fallback")
-    simulation = Simulation(config, data, device, tracker, progress, checkpoints)
-    results = {}
-    for name in config.algorithms:
-        finished = _finished_result(output_dir, name) if resume else None
-        results[name] = finished or simulation.run(name, group, resume)
-    summary = {name: r.summary() for name, r in results.items()}
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    rundir.check_writable(output_dir)
+    existed = output_dir.is_dir()
+    with contextlib.ExitStack() as held:
+        if existed:  # a concurrent writer must be ruled out before the state is read
+            held.enter_context(rundir.RunLock(output_dir))
+        previous = rundir.check_state(output_dir, resume, overwrite)
+        if resume and previous is not None:
+            identity = previous.identity
+        else:
+            config, identity = _anchored(config), rundir.new_identity(config)
+        data = build_federated_data(config)
+        tracking_uri = default_tracking_uri(output_dir)
+        local_store = tracking_uri == f"sqlite:///{output_dir.resolve()}/mlflow.db"
+        tracker = None
+        if track and not local_store:  # a remote server: reachable before anything is touched
+            tracking_uri, tracker = _tracker(config, output_dir)
+        rundir.create(output_dir)
+        if not existed:
+            held.enter_context(rundir.RunLock(output_dir))
+        checkpoints = _checkpoint_store(config, output_dir, identity)
+        if previous is not None and not resume:  # --overwrite: only the replaced run's own files go
+            rundir.remove_outputs(output_dir, sorted({*previous.config.algorithms, *config.algorithms}))
+            _checkpoint_store(previous.config, output_dir, previous.identity).clear()
+        if resume and track and local_store:  # the directory may have been copied or moved since
+            relocate_local_store(tracking_uri, output_dir / "mlartifacts")
+        storage.write_json(output_dir / rundir.RUN_FILE, rundir.RunRecord(identity, config).to_dict())
+        storage.write_json(output_dir / "partition.json", {"clients": data.class_counts()})
+        if track and local_store:
+            tracking_uri, tracker = _tracker(config, output_dir)
+        simulation = Simulation(config, data, device, tracker, progress, checkpoints)
+        results = {}
+        for name in config.algorithms:
+            finished = _finished_result(output_dir, name) if resume else None
+            results[name] = finished or simulation.run(name, identity, resume)
+        summary = {name: r.summary() for name, r in results.items()}
+        # in the config's algorithm order (write_json would sort the keys)
+        storage.write_bytes(output_dir / rundir.SUMMARY_FILE, json.dumps(summary, indent=2).encode())
     return ExperimentResult(results, output_dir, tracking_uri)
+
+
+def _checkpoint_store(config: ExperimentConfig, output_dir: Path, identity: str) -> CheckpointStore:
+    location = config.checkpoint_dir or output_dir / "checkpoints" / "rounds"
+    return CheckpointStore(location, config.keep_checkpoints, identity,
+                           fallback=output_dir / "checkpoints" / "fallback")

@@ -105,10 +105,13 @@ def write_bytes(location: str | Path, data: bytes) -> None:
                 io.BytesIO(data), bucket, key, Config=_transfer_config()))
         return
     path = Path(location)
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    except OSError as error:  # a full or read-only disk: the file keeps its previous content
+        raise StorageError(f"cannot write {location}: {error.strerror or error}") from None
 
 
 def read_bytes(location: str | Path) -> bytes:

@@ -6,6 +6,8 @@ wins when set (e.g. a remote ``mlflow server`` whose artifacts are proxied to S3
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -20,11 +22,34 @@ from pfedla.errors import PfedlaError, without_credentials
 
 METRIC_FLUSH_ROUNDS = 10  # one log_batch call per this many rounds (and at the end)
 SENTINEL_METRIC = "clients"  # logged every round by both orchestrations: tells how far a run got
+FINAL_METRIC = "final_accuracy_mean"  # logged once, at step `rounds`, when a run's outputs are final
 
 
 def default_tracking_uri(output_dir: str | Path) -> str:
     """``MLFLOW_TRACKING_URI`` if set, else a sqlite file in ``output_dir``."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output_dir).resolve()}/mlflow.db"
+
+
+def relocate_local_store(tracking_uri: str, artifact_root: Path) -> None:
+    """Point a local sqlite store's artifact locations at ``artifact_root`` after its output
+    directory was copied or moved: MLflow keeps absolute ``file://`` URIs, which would still name
+    the old place, so a resumed run would write its artifacts into another directory."""
+    import sqlite3
+
+    database = Path(tracking_uri.removeprefix("sqlite:///"))
+    if not tracking_uri.startswith("sqlite:///") or not database.is_file():
+        return
+    new_root = artifact_root.resolve().as_uri()
+    with contextlib.closing(sqlite3.connect(database)) as connection, connection:
+        # experiments were created with the artifact root itself as their location
+        roots = {location for (location,) in connection.execute("SELECT artifact_location FROM experiments")
+                 if location and location.startswith("file://") and location.endswith("/mlartifacts")}
+        for old_root in roots - {new_root}:
+            for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
+                connection.execute(
+                    f"UPDATE {table} SET {column} = ? || substr({column}, ?) "  # noqa: S608 - fixed names
+                    f"WHERE substr({column}, 1, ?) = ?",
+                    (new_root, len(old_root) + 1, len(old_root), old_root))
 
 
 def heatmap_png(alpha_layer: np.ndarray, title: str, path: Path) -> None:
@@ -49,34 +74,40 @@ class TrackingError(PfedlaError):
     """The MLflow tracking store could not be reached or refused a call."""
 
 
+def _guarded_call(where: str, action: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+    """``call(*args, **kwargs)``, its failures as one ``TrackingError`` naming the store ``where``."""
+    import requests
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return call(*args, **kwargs)
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_ALREADY_EXISTS":  # an answer callers handle
+            raise
+        detail = without_credentials(str(error))
+    except (requests.RequestException, SQLAlchemyError, OSError) as error:
+        # a database store on a full or read-only disk fails in SQLAlchemy, not in MLflow
+        detail = without_credentials((str(error) or repr(error)).splitlines()[0])
+    raise TrackingError(f"MLflow at {where} failed to {action}: {detail[:1000]}") from None
+
+
 class _GuardedClient:
     """An ``MlflowClient`` whose failures become one ``TrackingError`` naming the store without
     credentials: MLflow's own messages quote the full tracking URI, password included."""
 
-    def __init__(self, client: Any, tracking_uri: str):
-        self._client, self._where = client, without_credentials(tracking_uri)
+    def __init__(self, tracking_uri: str):
+        from mlflow.tracking import MlflowClient
+
+        self._where = without_credentials(tracking_uri)
+        # a database store is created (its tables migrated) right here
+        self._client = _guarded_call(self._where, "open the store", MlflowClient, tracking_uri=tracking_uri)
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._client, name)
         if not callable(method):
             return method
-
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            import requests
-            from mlflow.exceptions import MlflowException
-
-            try:
-                return method(*args, **kwargs)
-            except MlflowException as error:
-                if error.error_code == "RESOURCE_ALREADY_EXISTS":  # an answer callers handle
-                    raise
-                detail = without_credentials(str(error))
-            except requests.RequestException as error:
-                detail = without_credentials(str(error))
-            raise TrackingError(f"MLflow at {self._where} failed to {name.replace('_', ' ')}: {detail[:1000]}"
-                                ) from None
-
-        return guarded
+        return functools.partial(_guarded_call, self._where, name.replace("_", " "), method)
 
 
 class Tracker:
@@ -84,13 +115,12 @@ class Tracker:
 
     def __init__(self, tracking_uri: str, experiment_name: str, artifact_root: Path | None = None):
         import mlflow
-        from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri
         if without_credentials(tracking_uri) != tracking_uri:
             # MLflow prints each finished run's link to stdout, password included
             os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
-        self.client = _GuardedClient(MlflowClient(tracking_uri=tracking_uri), tracking_uri)
+        self.client = _GuardedClient(tracking_uri)
         self._metric_type = mlflow.entities.Metric
         self._param_type = mlflow.entities.Param
         self._tag_type = mlflow.entities.RunTag
@@ -129,9 +159,21 @@ class Tracker:
         """
         self.run_id = run_id
         self.client.update_run(run_id, status="RUNNING")
-        stored = self.client.get_metric_history(run_id, SENTINEL_METRIC)
-        self._stored_through = max((m.step for m in stored), default=-1)
+        stored = [m.step for name in (SENTINEL_METRIC, FINAL_METRIC)
+                  for m in self.client.get_metric_history(run_id, name)]
+        self._stored_through = max(stored, default=-1)
         return self._stored_through
+
+    def close_running(self, tags: dict[str, str], keep: str | None) -> list[str]:
+        """End as KILLED every RUNNING run of this experiment carrying ``tags``, except ``keep``."""
+        query = " and ".join([f"tags.`{key}` = '{value}'" for key, value in sorted(tags.items())]
+                             + ["attributes.status = 'RUNNING'"])
+        closed = []
+        for run in self.client.search_runs([self.experiment_id], query, max_results=1000):
+            if run.info.run_id != keep:
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+                closed.append(run.info.run_id)
+        return closed
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """Queue one round's metrics; they are sent every few rounds in one batch."""

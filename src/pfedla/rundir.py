@@ -1,0 +1,155 @@
+"""The output directory of a simulation run: its identity, its lock, and what a run may touch.
+
+``run.json`` records the config and the run's identity (the config's experiment key plus a
+random nonce). Checkpoints and MLflow runs carry the identity, so a resume continues only its
+own state. Every check here happens before anything in the directory is written or deleted.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from pfedla import storage
+from pfedla.config import ExperimentConfig, config_from_dict, experiment_key
+from pfedla.errors import ArtifactError, ConfigError, PfedlaError
+
+RUN_FILE = "run.json"
+SUMMARY_FILE = "summary.json"
+LOCK_FILE = ".pfedla.lock"
+_IDENTITY = re.compile(r"^[0-9a-f]{16}-[0-9a-f]{8}$")
+
+
+def new_identity(config: ExperimentConfig) -> str:
+    """``<experiment key>-<nonce>``: equal configs share the key, never the identity."""
+    return f"{experiment_key(config)}-{secrets.token_hex(4)}"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What ``run.json`` holds: the run's identity and its config."""
+
+    identity: str
+    config: ExperimentConfig
+
+    def to_dict(self) -> dict:
+        return {"identity": self.identity, "config": self.config.to_dict()}
+
+
+def read_record(output_dir: Path) -> RunRecord:
+    """``output_dir``'s run.json, checked; damage is an ArtifactError naming the file."""
+    path = output_dir / RUN_FILE
+    recorded = storage.read_json(path)
+    if not isinstance(recorded, dict):
+        raise ArtifactError(f"{path} is damaged: not a JSON object")
+    identity, config = recorded.get("identity"), recorded.get("config")
+    if not isinstance(identity, str) or not _IDENTITY.match(identity):
+        raise ArtifactError(f"{path} is damaged or from an older pfedla: no valid 'identity' "
+                            "(start over with --overwrite)")
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{path} is damaged: 'config' is not an object")
+    try:
+        return RunRecord(identity, config_from_dict(config))
+    except ConfigError as error:
+        raise ArtifactError(f"{path} holds an invalid config: {error}") from None
+
+
+def resumed_config(output_dir: Path, record: RunRecord) -> ExperimentConfig:
+    """The recorded config, rooted where the directory is now (it may have been copied or moved).
+
+    A relative ``checkpoint_dir`` was recorded resolved, so it does not depend on the working
+    directory either; the default (inside ``output_dir``) follows the directory.
+    """
+    return config_from_dict({**record.config.to_dict(), "output_dir": str(output_dir)})
+
+
+def check_writable(output_dir: Path) -> None:
+    """Refuse an output location that cannot hold a run, without creating anything."""
+    resolved = output_dir.resolve()
+    if resolved == Path(resolved.anchor):
+        raise PfedlaError(f"output_dir {output_dir} is the filesystem root: choose a directory of its own")
+    if resolved.exists() and not resolved.is_dir():
+        raise PfedlaError(f"output_dir {output_dir} exists and is not a directory")
+    existing = next(p for p in (resolved, *resolved.parents) if p.exists())
+    if not existing.is_dir():
+        raise PfedlaError(f"output_dir {output_dir} cannot be created: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PfedlaError(f"output_dir {output_dir} is not writable ({existing} refuses writes)")
+
+
+def create(output_dir: Path) -> None:
+    """Make ``output_dir`` (and its parents), as a one-line error when the filesystem refuses."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PfedlaError(f"cannot create output_dir {output_dir}: {error.strerror or error}") from None
+
+
+def check_state(output_dir: Path, resume: bool, overwrite: bool) -> RunRecord | None:
+    """The run already in ``output_dir`` (None: none), after checking the requested mode fits it."""
+    if not (output_dir / RUN_FILE).is_file():
+        if resume:
+            raise PfedlaError(f"cannot resume: {output_dir / RUN_FILE} does not exist "
+                              f"(was {output_dir} written by pfedla run?)")
+        return None
+    record = read_record(output_dir)
+    finished = (output_dir / SUMMARY_FILE).is_file()
+    if resume or overwrite:
+        return record
+    if finished:
+        raise PfedlaError(f"{output_dir} holds a finished run: choose another output_dir, or replace it "
+                          "with --overwrite")
+    raise PfedlaError(f"{output_dir} holds an unfinished run: continue it with `pfedla run --resume "
+                      f"{output_dir}`, or start over there with --overwrite (deletes its checkpoints)")
+
+
+def remove_outputs(output_dir: Path, algorithms: list[str]) -> None:
+    """Delete the result files a run writes for ``algorithms`` (those of a run being replaced)."""
+    stale = [output_dir / SUMMARY_FILE]
+    for name in algorithms:
+        stale += [output_dir / "results" / f"{name}.json", output_dir / "models" / f"{name}.safetensors",
+                  output_dir / "checkpoints" / f"{name}.safetensors",
+                  output_dir / ("layer_weights.npy" if name == "pfedla" else f"layer_weights_{name}.npy")]
+    for path in stale:
+        path.unlink(missing_ok=True)
+
+
+class RunLock:
+    """An exclusive lock on ``output_dir`` for as long as a run writes there.
+
+    ``flock`` is released by the kernel when the process dies, so a killed run never leaves a
+    stale lock behind. It guards one machine's writers (and NFS only where flock works there).
+    """
+
+    def __init__(self, output_dir: Path):
+        self.path = output_dir / LOCK_FILE
+        self._file: IO[str] | None = None
+
+    def __enter__(self) -> RunLock:
+        try:
+            handle = open(self.path, "a+")  # noqa: SIM115 - held until __exit__
+        except OSError as error:
+            raise PfedlaError(f"cannot write in {self.path.parent}: {error.strerror or error}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read(200).strip() or "unknown"
+            handle.close()
+            raise PfedlaError(f"{self.path.parent} is in use by another pfedla run ({holder}): wait for it "
+                              "to finish or stop it first") from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        self._file = handle
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,84 @@
+"""The run directory: identity, run.json checks, the writer lock, where a run may be written."""
+
+import pytest
+
+from pfedla import rundir
+from pfedla.cli import main
+from pfedla.config import config_from_dict, experiment_key
+from pfedla.errors import ArtifactError, PfedlaError
+
+
+def test_identity_is_the_experiment_key_plus_a_nonce():
+    config = config_from_dict({"clients": 3})
+    first, second = rundir.new_identity(config), rundir.new_identity(config)
+    assert first != second
+    assert first.split("-")[0] == second.split("-")[0] == experiment_key(config)
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("[1, 2]", "not a JSON object"),
+    ('{"config": {}}', "no valid 'identity'"),
+    ('{"identity": "../../etc", "config": {}}', "no valid 'identity'"),
+    ('{"identity": "0123456789abcdef-01234567"}', "'config' is not an object"),
+    ('{"identity": "0123456789abcdef-01234567", "config": {"clients": -4}}', "holds an invalid config"),
+    ("{", "is not valid JSON"),
+])
+def test_a_damaged_run_json_is_one_error_line(tmp_path, capsys, content, problem):
+    """On the old main a run.json without keys or not an object ended in a KeyError traceback."""
+    (tmp_path / "run.json").write_text(content)
+    with pytest.raises(ArtifactError, match=problem):
+        rundir.read_record(tmp_path)
+    assert main(["run", "--quiet", "--resume", str(tmp_path)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("pfedla: error: ") and problem in line
+
+
+def test_output_locations_that_cannot_hold_a_run_are_refused_before_anything_is_written(tmp_path, capsys):
+    """On the old main these were tracebacks (FileExistsError, PermissionError) or, for `/`, a run
+    writing into the filesystem root."""
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    cases = {str(a_file): "exists and is not a directory",
+             str(a_file / "below"): "is not a directory",
+             "/": "is the filesystem root",
+             "/sys/pfedla-test-output": "cannot create output_dir"}  # refused even to root
+    for output_dir, problem in cases.items():
+        assert main(["run", "--quiet", "--set", f"output_dir={output_dir}", "--set", "rounds=1"]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith("pfedla: error: ") and problem in line, output_dir
+    assert a_file.read_text() == "x"
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_directory(tmp_path, capsys, monkeypatch):
+    """On the old main two `--resume` of one directory both ran and logged every round twice."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "out"
+    args = ["run", "--quiet", "--set", "clients=3", "--set", "rounds=1", "--set", "algorithms=[local]",
+            "--set", f"output_dir={out}"]
+    assert main(args) == 0
+    (out / "summary.json").unlink()
+    before = (out / "run.json").read_bytes()
+    capsys.readouterr()
+    with rundir.RunLock(out):  # another open file description: flock conflicts as across processes
+        assert main(["run", "--quiet", "--resume", str(out)]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert f"{out} is in use by another pfedla run (pid " in line
+        assert main(args + ["--overwrite"]) == 2
+        assert (out / "run.json").read_bytes() == before
+    assert main(["run", "--quiet", "--resume", str(out)]) == 0  # released: the lock is not stale
+
+
+def test_resume_needs_a_run_json_and_creates_nothing(tmp_path):
+    with pytest.raises(PfedlaError, match="cannot resume: .* does not exist"):
+        rundir.check_state(tmp_path / "never", resume=True, overwrite=False)
+    assert not (tmp_path / "never").exists()
+
+
+def test_overwrite_removes_only_the_files_a_run_writes(tmp_path):
+    for name in ("summary.json", "results/pfedla.json", "results/mine.json", "models/pfedla.safetensors",
+                 "layer_weights.npy", "layer_weights_extra.npy", "notes.txt"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(name)
+    rundir.remove_outputs(tmp_path, ["pfedla"])
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == ["layer_weights_extra.npy", "notes.txt", "results/mine.json"]
