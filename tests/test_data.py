@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from cli_errors import error_line, run_cli
+from pfedla.cli import main
 from pfedla.config import config_from_dict
 from pfedla.data import build_federated_data
 from pfedla.data import partition as part
@@ -84,9 +86,13 @@ def test_synthetic_any_number_of_clients():
     assert fingerprint(data) == fingerprint(build_federated_data(config))
 
 
-def write_idx(path, array):
+def idx_bytes(array):
     header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx(path, array):
+    path.write_bytes(gzip.compress(idx_bytes(array)))
 
 
 def test_mnist_from_a_directory_with_only_the_test_files(tmp_path):
@@ -159,3 +165,63 @@ def test_digits_are_standardized_tensors():
     pooled = load_digits()
     assert pooled.features.shape == (1797, 1, 8, 8) and pooled.features.dtype == torch.float32
     assert abs(float(pooled.features.mean())) < 1e-4
+
+
+# -- damaged or unusable IDX files: one error line naming the file, before any training ----------------------
+
+IMAGES, LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
+
+
+def mnist_run(data_dir, out, *overrides):
+    return ["run", "--quiet", "--set", "dataset=mnist", "--set", f"data_dir={data_dir}", "--set", "clients=4",
+            "--set", "partition.kind=iid", "--set", "rounds=1", "--set", "algorithms=[local]",
+            "--set", f"output_dir={out}", *overrides]
+
+
+def write_mnist(directory, images, labels, split="t10k"):
+    directory.mkdir(exist_ok=True)
+    write_idx(directory / f"{split}-images-idx3-ubyte.gz", images)
+    write_idx(directory / f"{split}-labels-idx1-ubyte.gz", labels)
+    return directory
+
+
+def corrupt_deflate(raw):
+    """A gzip file whose first deflate block has the invalid block type 11 (zlib.error, not BadGzipFile)."""
+    data = bytearray(gzip.compress(raw))
+    data[10] = 0b111  # the byte after gzip's 10-byte header: BFINAL=1, BTYPE=11
+    return bytes(data)
+
+
+def test_a_corrupt_deflate_stream_is_one_error_line_naming_the_file(tmp_path):
+    write_mnist(tmp_path, np.zeros((200, 28, 28)), np.arange(200) % 10)
+    (tmp_path / IMAGES).write_bytes(corrupt_deflate(idx_bytes(np.zeros((200, 28, 28)))))
+    result = run_cli(*mnist_run(tmp_path, tmp_path / "out"))
+    line = error_line(result.returncode, result.stderr)
+    assert line == f"pfedla: error: cannot read {tmp_path / IMAGES}: Error -3 while decompressing data: " \
+                   "invalid block type"
+
+
+def test_idx_dimensions_whose_product_overflows_int64_are_compared_exactly(tmp_path):
+    """2**16 x 4 dimensions are 2**64 values: np.prod wrapped to 0, which matched an empty body."""
+    (tmp_path / "x.gz").write_bytes(gzip.compress(bytes([0, 0, 8, 4]) + (2**16).to_bytes(4, "big") * 4))
+    with pytest.raises(DataError, match=f"x.gz: header promises {2**64} values, file holds 0$"):
+        read_idx(tmp_path / "x.gz")
+    (tmp_path / "y.gz").write_bytes(gzip.compress(bytes([0, 0, 8, 3]) + b"\xff\xff\xff\xff" * 3 + b"abc"))
+    with pytest.raises(DataError, match=f"y.gz: header promises {(2**32 - 1) ** 3} values, file holds 3$"):
+        read_idx(tmp_path / "y.gz")
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [("truncated", "header promises 156800 values, file holds 4984"),
+     ("empty gzip", "is not an unsigned-byte IDX file (bad magic number)"),
+     ("empty file", "is not an unsigned-byte IDX file (bad magic number)"),
+     ("cut gzip", "Compressed file ended before the end-of-stream marker was reached")])
+def test_truncated_and_empty_idx_files_stay_one_error_line(tmp_path, capsys, damage, problem):
+    data_dir = write_mnist(tmp_path / "mnist", np.zeros((200, 28, 28)), np.arange(200) % 10)
+    body = idx_bytes(np.zeros((200, 28, 28)))
+    damaged = {"truncated": gzip.compress(body[:5000]), "empty gzip": gzip.compress(b""), "empty file": b"",
+               "cut gzip": gzip.compress(body)[:-9]}
+    (data_dir / IMAGES).write_bytes(damaged[damage])
+    line = error_line(main(mnist_run(data_dir, tmp_path / "out")), capsys.readouterr().err)
+    assert str(data_dir / IMAGES) in line and line.endswith(problem)

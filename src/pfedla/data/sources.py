@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +47,7 @@ def _open_maybe_gz(path: Path) -> bytes:
     try:
         raw = path.read_bytes()
         return gzip.decompress(raw) if path.suffix == ".gz" else raw
-    except (OSError, EOFError, gzip.BadGzipFile) as error:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as error:  # zlib.error: a corrupt deflate stream
         raise DataError(f"cannot read {path}: {error}") from None
 
 
@@ -59,7 +61,7 @@ def read_idx(path: Path) -> np.ndarray:
     if ndim == 0 or len(data) < header:
         raise DataError(f"{path}: truncated IDX header")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(shape))
+    expected = math.prod(shape)  # Python ints: np.prod wraps around for dimensions like 2**16 x 4
     if len(data) - header != expected:
         raise DataError(f"{path}: header promises {expected} values, file holds {len(data) - header}")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
