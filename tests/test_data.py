@@ -225,3 +225,54 @@ def test_truncated_and_empty_idx_files_stay_one_error_line(tmp_path, capsys, dam
     (data_dir / IMAGES).write_bytes(damaged[damage])
     line = error_line(main(mnist_run(data_dir, tmp_path / "out")), capsys.readouterr().err)
     assert str(data_dir / IMAGES) in line and line.endswith(problem)
+
+
+
+@pytest.mark.parametrize(
+    ("images", "labels", "named", "problem"),
+    [
+        (np.zeros((200, 784)), np.arange(200) % 10, IMAGES,
+         "MNIST images must be 3-D [count, height, width] with at least one pixel, got shape (200, 784)"),
+        (np.zeros((200, 28, 28)), (np.arange(400) % 10).reshape(200, 2), LABELS,
+         "MNIST labels must be 1-D [count], got shape (200, 2)"),
+        (np.zeros((200, 28, 28)), np.arange(200) % 12, LABELS,
+         "labels must be class indices in [0, 10), found 32 outside it (e.g. 10)"),
+    ],
+    ids=["2-D images", "2-D labels", "label 10 and 11"],
+)
+def test_idx_arrays_of_the_wrong_shape_or_labels_are_one_error_line(tmp_path, capsys, images, labels, named,
+                                                                     problem):
+    data_dir = write_mnist(tmp_path / "mnist", images, labels)
+    code = main(mnist_run(data_dir, tmp_path / "out"))
+    assert error_line(code, capsys.readouterr().err) == f"pfedla: error: {data_dir / named}: {problem}"
+
+
+def test_train_and_test_images_of_different_sizes_are_one_error_line(tmp_path, capsys):
+    data_dir = write_mnist(tmp_path / "mnist", np.zeros((200, 28, 28)), np.arange(200) % 10)
+    write_mnist(data_dir, np.zeros((100, 20, 20)), np.arange(100) % 10, split="train")
+    code = main(mnist_run(data_dir, tmp_path / "out"))
+    assert error_line(code, capsys.readouterr().err) == (
+        f"pfedla: error: {data_dir / IMAGES} holds 28x28 images but {data_dir}/train-images-idx3-ubyte.gz "
+        "holds 20x20 images: the train and test images must have one size")
+
+
+def write_torchvision_fmnist(root, train_images, test_images, labels):
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, images in (("train", train_images), ("t10k", test_images)):
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(idx_bytes(images))
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(idx_bytes(labels[: len(images)]))
+
+
+@pytest.mark.parametrize(
+    ("test_side", "labels", "problem"),
+    [(28, np.arange(100) % 13, "labels must be class indices in [0, 10), found 20 outside it (e.g. 10)"),
+     (20, np.arange(100) % 10, "train images are 28x28 but test images 20x20: they must have one size")],
+    ids=["labels up to 12", "mixed sizes"])
+def test_torchvision_sets_with_bad_labels_or_mixed_sizes_are_data_errors(tmp_path, test_side, labels,
+                                                                          problem):
+    write_torchvision_fmnist(tmp_path, np.zeros((50, 28, 28)), np.zeros((50, test_side, test_side)), labels)
+    config = config_from_dict({"dataset": "fmnist", "data_dir": str(tmp_path), "clients": 4})
+    with pytest.raises(DataError) as error:
+        build_federated_data(config)
+    assert str(error.value) == f"fmnist in {tmp_path}: {problem}"
