@@ -276,3 +276,26 @@ def test_torchvision_sets_with_bad_labels_or_mixed_sizes_are_data_errors(tmp_pat
     with pytest.raises(DataError) as error:
         build_federated_data(config)
     assert str(error.value) == f"fmnist in {tmp_path}: {problem}"
+
+
+@pytest.mark.parametrize("side", [1, 3])
+def test_images_smaller_than_the_cnn_takes_are_refused_before_training(tmp_path, capsys, side):
+    data_dir = write_mnist(tmp_path / "mnist", np.ones((200, side, side)), np.arange(200) % 10)
+    code = main(mnist_run(data_dir, tmp_path / "out"))
+    assert error_line(code, capsys.readouterr().err) == (
+        f"pfedla: error: mnist in {data_dir}: model 'cnn' needs images of at least 4x4 pixels, "
+        f"got {side}x{side}; use model: mlp")
+    assert main(mnist_run(data_dir, tmp_path / "mlp", "--set", "model=mlp")) == 0  # the MLP takes any size
+
+
+def test_non_square_images_are_refused_for_the_cnn(tmp_path):
+    data_dir = write_mnist(tmp_path / "mnist", np.ones((200, 28, 20)), np.arange(200) % 10)
+    config = config_from_dict({"dataset": "mnist", "data_dir": str(data_dir), "clients": 4})
+    with pytest.raises(DataError, match="model 'cnn' needs square images, got 28x20; use model: mlp"):
+        build_federated_data(config)
+
+
+def test_the_smallest_image_the_cnn_is_said_to_take_trains(tmp_path, capsys):
+    pixels = np.arange(200 * 16).reshape(200, 4, 4) % 255
+    data_dir = write_mnist(tmp_path / "mnist", pixels, np.arange(200) % 10)
+    assert main(mnist_run(data_dir, tmp_path / "out")) == 0
