@@ -8,6 +8,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cli_errors import error_line, run_cli
 from pfedla.config import ExperimentConfig, config_from_dict, load_config
 from pfedla.errors import MESSAGE_CHARS, ConfigError
 
@@ -66,6 +67,9 @@ def test_flat_params_cover_nested_keys():
         ({"client_timeout": 0}, "client_timeout", "> 0 seconds"),
         ({"max_update_norm": -1.0}, "max_update_norm", "> 0"),
         ({"max_failed_fraction": 1.5}, "max_failed_fraction", "[0, 1]"),
+        ({"experiment_name": "e" * 501}, "experiment_name", "is 501 characters; MLflow allows at most 500"),
+        ({"experiment_name": "a\nb"}, "experiment_name", "must not contain control characters, found '\\n'"),
+        ({"experiment_name": "a\x00b"}, "experiment_name", "control characters, found '\\x00'"),
     ],
 )
 def test_invalid_values_name_the_key(raw, key, fragment):
@@ -73,6 +77,14 @@ def test_invalid_values_name_the_key(raw, key, fragment):
         config_from_dict(raw)
     assert caught.value.key == key
     assert key in str(caught.value) and fragment in str(caught.value)
+
+
+def test_an_overlong_experiment_name_fails_before_any_work(tmp_path):
+    result = run_cli("run", "--quiet", "--set", f"experiment_name={'x' * 501}", "--set",
+                     f"output_dir={tmp_path / 'out'}")
+    assert error_line(result.returncode, result.stderr) == \
+        "pfedla: error: config key 'experiment_name': is 501 characters; MLflow allows at most 500"
+    assert not (tmp_path / "out").exists()  # MLflow refused it only after the data loaded and the run began
 
 
 def test_bad_override_syntax_and_file_errors(tmp_path):

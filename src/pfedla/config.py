@@ -278,6 +278,21 @@ def num_classes_of(config: ExperimentConfig) -> int:
     return known[config.dataset]
 
 
+# MLflow refuses longer experiment names (mlflow.utils.validation.MAX_EXPERIMENT_NAME_LENGTH).
+MAX_EXPERIMENT_NAME_CHARS = 500
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+def _validate_experiment_name(name: str) -> None:
+    _require(bool(name), "experiment_name", "must not be empty")
+    _require(len(name) <= MAX_EXPERIMENT_NAME_CHARS, "experiment_name",
+             f"is {len(name)} characters; MLflow allows at most {MAX_EXPERIMENT_NAME_CHARS}")
+    # MLflow itself takes any character, but a NUL is refused by PostgreSQL-backed tracking servers
+    # and a line break or escape sequence garbles every log and error line that shows the name.
+    if control := _CONTROL_CHARACTER.search(name):
+        raise ConfigError("experiment_name",
+                          f"must not contain control characters, found {shown(control.group())}")
+
+
 def validate(config: ExperimentConfig) -> None:
     """Check every value; raise ConfigError naming the first bad key and what is allowed."""
     _choice(config.dataset, "dataset", DATASETS)
@@ -306,7 +321,7 @@ def validate(config: ExperimentConfig) -> None:
     _require(config.eval_every >= 1, "eval_every", f"must be >= 1, got {config.eval_every}")
     _require(config.heatmap_every >= 1, "heatmap_every", f"must be >= 1, got {config.heatmap_every}")
     _require(bool(config.output_dir), "output_dir", "must not be empty")
-    _require(bool(config.experiment_name), "experiment_name", "must not be empty")
+    _validate_experiment_name(config.experiment_name)
     _require(bool(config.algorithms), "algorithms", f"list at least one of: {', '.join(ALGORITHMS)}")
     for name in config.algorithms:
         _choice(name, "algorithms", ALGORITHMS)
