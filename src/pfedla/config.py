@@ -282,6 +282,30 @@ def num_classes_of(config: ExperimentConfig) -> int:
 MAX_EXPERIMENT_NAME_CHARS = 500
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
+# Upper bounds of size-like keys: far above any experiment this simulator can hold, low enough that
+# a typo fails here and not as an allocation error minutes later (hidden_dim=1000000 asks for N
+# hidden x hidden matrices: terabytes) or a run that never ends. docs/configuration.md lists them.
+MAXIMA = {
+    "clients": 10_000,
+    "rounds": 1_000_000,
+    "local_epochs": 10_000,
+    "batch_size": 1_000_000,
+    "embedding_dim": 4096,
+    "hidden_dim": 4096,
+    "synthetic.dimension": 100_000,
+    "synthetic.num_classes": 1_000,
+    "synthetic.samples_per_client": 1_000_000,
+    "pipeline.rounds_per_run": 1_000,
+}
+
+
+def _value(config: ExperimentConfig, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def _validate_experiment_name(name: str) -> None:
     _require(bool(name), "experiment_name", "must not be empty")
     _require(len(name) <= MAX_EXPERIMENT_NAME_CHARS, "experiment_name",
@@ -348,6 +372,9 @@ def validate(config: ExperimentConfig) -> None:
         "synthetic.samples_per_client",
         f"must be >= 4 (each client needs train and test samples), got {syn.samples_per_client}",
     )
+    for key, maximum in MAXIMA.items():
+        value = _value(config, key)
+        _require(value <= maximum, key, f"must be at most {maximum}, got {value}")
     if config.dataset in ("mnist", "fmnist", "emnist", "cifar10", "cifar100"):
         _require(
             config.data_dir is not None,
