@@ -176,6 +176,8 @@ def compile_pipeline(config: ExperimentConfig, output: str | Path) -> RoundRange
         raise PipelineError("pipeline.data_root is not set: the pipeline keeps its tensors in an object "
                             "store prefix, e.g. --set pipeline.data_root=s3://pfedla")
     output = Path(output)
+    if output.suffix not in (".yaml", ".yml"):  # KFP writes JSON too, but not with Kubernetes settings
+        raise PipelineError(f"cannot write {output}: the pipeline file's name must end in .yaml or .yml")
     if not output.parent.is_dir():
         raise PipelineError(f"cannot write {output}: {output.parent} is not a directory")
     rounds = RoundRange.of(config)
@@ -185,5 +187,9 @@ def compile_pipeline(config: ExperimentConfig, output: str | Path) -> RoundRange
                             f"more than about {MAX_PODS_PER_ROUND} collected updates: raise "
                             f"pipeline.clients_per_pod to at least "
                             f"{-(-pods * config.pipeline.clients_per_pod // MAX_PODS_PER_ROUND)}")
-    compiler.Compiler().compile(build_pipeline(config), str(output))
+    pipeline = build_pipeline(config)
+    try:
+        compiler.Compiler().compile(pipeline, str(output))
+    except OSError as error:
+        raise PipelineError(f"cannot write {output}: {error.strerror}") from None
     return rounds

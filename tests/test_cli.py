@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_errors import error_line
 from pfedla.cli import main
 from pfedla.errors import without_credentials
 
@@ -107,6 +108,20 @@ def test_a_failing_or_unasked_fresh_run_leaves_a_stored_run_exactly_as_it_was(tm
     assert main(args + ["--set", "seed=1", "--overwrite"]) == 0
     assert (out / "results" / "notes.json").read_text() == "{}"
     assert json.loads((out / "run.json").read_text())["config"]["seed"] == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [("pipeline", "the pipeline file's name must end in .yaml or .yml"),
+     ("pipeline.json", "the pipeline file's name must end in .yaml or .yml"),
+     ("x" * 300 + ".yaml", "File name too long"),
+     ("folder.yaml", "Is a directory")])
+def test_pipeline_compile_to_an_unwritable_output_is_one_error_line(tmp_path, capsys, name, problem):
+    (tmp_path / "folder.yaml").mkdir()
+    output = tmp_path / name
+    code = main(["pipeline", "compile", "--set", "pipeline.data_root=s3://pfedla", "-o", str(output)])
+    assert error_line(code, capsys.readouterr().err) == f"pfedla: error: cannot write {output}: {problem}"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["folder.yaml"]
 
 
 def test_a_fresh_run_refuses_to_wipe_an_unfinished_one_unless_told(tmp_path, capsys, monkeypatch):

@@ -8,7 +8,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pfedla.config import ExperimentConfig, config_from_dict, load_config
+from cli_errors import error_line, run_cli
+from pfedla.config import MAXIMA, ExperimentConfig, config_from_dict, load_config
 from pfedla.errors import MESSAGE_CHARS, ConfigError
 
 
@@ -66,6 +67,19 @@ def test_flat_params_cover_nested_keys():
         ({"client_timeout": 0}, "client_timeout", "> 0 seconds"),
         ({"max_update_norm": -1.0}, "max_update_norm", "> 0"),
         ({"max_failed_fraction": 1.5}, "max_failed_fraction", "[0, 1]"),
+        ({"experiment_name": "e" * 501}, "experiment_name", "is 501 characters; MLflow allows at most 500"),
+        ({"experiment_name": "a\nb"}, "experiment_name", "must not contain control characters, found '\\n'"),
+        ({"experiment_name": "a\x00b"}, "experiment_name", "control characters, found '\\x00'"),
+        ({"hidden_dim": 1_000_000}, "hidden_dim", "must be at most 4096, got 1000000"),
+        ({"embedding_dim": 4097}, "embedding_dim", "must be at most 4096, got 4097"),
+        ({"clients": 10_001}, "clients", "must be at most 10000"),
+        ({"rounds": 10**12}, "rounds", "must be at most 1000000"),
+        ({"local_epochs": 10**6}, "local_epochs", "must be at most 10000"),
+        ({"batch_size": 10**11}, "batch_size", "must be at most 1000000"),
+        ({"synthetic": {"dimension": 10**6}}, "synthetic.dimension", "must be at most 100000"),
+        ({"synthetic": {"num_classes": 1001}}, "synthetic.num_classes", "must be at most 1000"),
+        ({"synthetic": {"samples_per_client": 10**7}}, "synthetic.samples_per_client", "at most 1000000"),
+        ({"pipeline": {"rounds_per_run": 1001}}, "pipeline.rounds_per_run", "must be at most 1000"),
     ],
 )
 def test_invalid_values_name_the_key(raw, key, fragment):
@@ -73,6 +87,31 @@ def test_invalid_values_name_the_key(raw, key, fragment):
         config_from_dict(raw)
     assert caught.value.key == key
     assert key in str(caught.value) and fragment in str(caught.value)
+
+
+def test_every_upper_bound_itself_is_accepted():
+    raw: dict = {}
+    for key, maximum in MAXIMA.items():
+        section, _, leaf = key.rpartition(".")
+        (raw.setdefault(section, {}) if section else raw)[leaf] = maximum
+    config = config_from_dict({**raw, "experiment_name": "é" * 500, "dataset": "synthetic", "model": "mlp"})
+    assert (config.hidden_dim, config.pipeline.rounds_per_run) == (4096, 1000)
+
+
+def test_an_overlong_experiment_name_fails_before_any_work(tmp_path):
+    result = run_cli("run", "--quiet", "--set", f"experiment_name={'x' * 501}", "--set",
+                     f"output_dir={tmp_path / 'out'}")
+    assert error_line(result.returncode, result.stderr) == \
+        "pfedla: error: config key 'experiment_name': is 501 characters; MLflow allows at most 500"
+    assert not (tmp_path / "out").exists()  # MLflow refused it only after the data loaded and the run began
+
+
+def test_an_absurd_size_fails_at_validation_not_as_an_allocation_error(tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("run", "--quiet", "--set", "hidden_dim=1000000", "--set", f"output_dir={out}")
+    assert error_line(result.returncode, result.stderr) == \
+        "pfedla: error: config key 'hidden_dim': must be at most 4096, got 1000000"
+    assert not out.exists()
 
 
 def test_bad_override_syntax_and_file_errors(tmp_path):

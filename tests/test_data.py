@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from cli_errors import error_line, run_cli
+from pfedla.cli import main
 from pfedla.config import config_from_dict
 from pfedla.data import build_federated_data
 from pfedla.data import partition as part
@@ -84,9 +86,13 @@ def test_synthetic_any_number_of_clients():
     assert fingerprint(data) == fingerprint(build_federated_data(config))
 
 
-def write_idx(path, array):
+def idx_bytes(array):
     header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx(path, array):
+    path.write_bytes(gzip.compress(idx_bytes(array)))
 
 
 def test_mnist_from_a_directory_with_only_the_test_files(tmp_path):
@@ -159,3 +165,137 @@ def test_digits_are_standardized_tensors():
     pooled = load_digits()
     assert pooled.features.shape == (1797, 1, 8, 8) and pooled.features.dtype == torch.float32
     assert abs(float(pooled.features.mean())) < 1e-4
+
+
+# -- damaged or unusable IDX files: one error line naming the file, before any training ----------------------
+
+IMAGES, LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
+
+
+def mnist_run(data_dir, out, *overrides):
+    return ["run", "--quiet", "--set", "dataset=mnist", "--set", f"data_dir={data_dir}", "--set", "clients=4",
+            "--set", "partition.kind=iid", "--set", "rounds=1", "--set", "algorithms=[local]",
+            "--set", f"output_dir={out}", *overrides]
+
+
+def write_mnist(directory, images, labels, split="t10k"):
+    directory.mkdir(exist_ok=True)
+    write_idx(directory / f"{split}-images-idx3-ubyte.gz", images)
+    write_idx(directory / f"{split}-labels-idx1-ubyte.gz", labels)
+    return directory
+
+
+def corrupt_deflate(raw):
+    """A gzip file whose first deflate block has the invalid block type 11 (zlib.error, not BadGzipFile)."""
+    data = bytearray(gzip.compress(raw))
+    data[10] = 0b111  # the byte after gzip's 10-byte header: BFINAL=1, BTYPE=11
+    return bytes(data)
+
+
+def test_a_corrupt_deflate_stream_is_one_error_line_naming_the_file(tmp_path):
+    write_mnist(tmp_path, np.zeros((200, 28, 28)), np.arange(200) % 10)
+    (tmp_path / IMAGES).write_bytes(corrupt_deflate(idx_bytes(np.zeros((200, 28, 28)))))
+    result = run_cli(*mnist_run(tmp_path, tmp_path / "out"))
+    line = error_line(result.returncode, result.stderr)
+    assert line == f"pfedla: error: cannot read {tmp_path / IMAGES}: Error -3 while decompressing data: " \
+                   "invalid block type"
+
+
+def test_idx_dimensions_whose_product_overflows_int64_are_compared_exactly(tmp_path):
+    """2**16 x 4 dimensions are 2**64 values: np.prod wrapped to 0, which matched an empty body."""
+    (tmp_path / "x.gz").write_bytes(gzip.compress(bytes([0, 0, 8, 4]) + (2**16).to_bytes(4, "big") * 4))
+    with pytest.raises(DataError, match=f"x.gz: header promises {2**64} values, file holds 0$"):
+        read_idx(tmp_path / "x.gz")
+    (tmp_path / "y.gz").write_bytes(gzip.compress(bytes([0, 0, 8, 3]) + b"\xff\xff\xff\xff" * 3 + b"abc"))
+    with pytest.raises(DataError, match=f"y.gz: header promises {(2**32 - 1) ** 3} values, file holds 3$"):
+        read_idx(tmp_path / "y.gz")
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [("truncated", "header promises 156800 values, file holds 4984"),
+     ("empty gzip", "is not an unsigned-byte IDX file (bad magic number)"),
+     ("empty file", "is not an unsigned-byte IDX file (bad magic number)"),
+     ("cut gzip", "Compressed file ended before the end-of-stream marker was reached")])
+def test_truncated_and_empty_idx_files_stay_one_error_line(tmp_path, capsys, damage, problem):
+    data_dir = write_mnist(tmp_path / "mnist", np.zeros((200, 28, 28)), np.arange(200) % 10)
+    body = idx_bytes(np.zeros((200, 28, 28)))
+    damaged = {"truncated": gzip.compress(body[:5000]), "empty gzip": gzip.compress(b""), "empty file": b"",
+               "cut gzip": gzip.compress(body)[:-9]}
+    (data_dir / IMAGES).write_bytes(damaged[damage])
+    line = error_line(main(mnist_run(data_dir, tmp_path / "out")), capsys.readouterr().err)
+    assert str(data_dir / IMAGES) in line and line.endswith(problem)
+
+
+
+@pytest.mark.parametrize(
+    ("images", "labels", "named", "problem"),
+    [
+        (np.zeros((200, 784)), np.arange(200) % 10, IMAGES,
+         "MNIST images must be 3-D [count, height, width] with at least one pixel, got shape (200, 784)"),
+        (np.zeros((200, 28, 28)), (np.arange(400) % 10).reshape(200, 2), LABELS,
+         "MNIST labels must be 1-D [count], got shape (200, 2)"),
+        (np.zeros((200, 28, 28)), np.arange(200) % 12, LABELS,
+         "labels must be class indices in [0, 10), found 32 outside it (e.g. 10)"),
+    ],
+    ids=["2-D images", "2-D labels", "label 10 and 11"],
+)
+def test_idx_arrays_of_the_wrong_shape_or_labels_are_one_error_line(tmp_path, capsys, images, labels, named,
+                                                                     problem):
+    data_dir = write_mnist(tmp_path / "mnist", images, labels)
+    code = main(mnist_run(data_dir, tmp_path / "out"))
+    assert error_line(code, capsys.readouterr().err) == f"pfedla: error: {data_dir / named}: {problem}"
+
+
+def test_train_and_test_images_of_different_sizes_are_one_error_line(tmp_path, capsys):
+    data_dir = write_mnist(tmp_path / "mnist", np.zeros((200, 28, 28)), np.arange(200) % 10)
+    write_mnist(data_dir, np.zeros((100, 20, 20)), np.arange(100) % 10, split="train")
+    code = main(mnist_run(data_dir, tmp_path / "out"))
+    assert error_line(code, capsys.readouterr().err) == (
+        f"pfedla: error: {data_dir / IMAGES} holds 28x28 images but {data_dir}/train-images-idx3-ubyte.gz "
+        "holds 20x20 images: the train and test images must have one size")
+
+
+def write_torchvision_fmnist(root, train_images, test_images, labels):
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, images in (("train", train_images), ("t10k", test_images)):
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(idx_bytes(images))
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(idx_bytes(labels[: len(images)]))
+
+
+@pytest.mark.parametrize(
+    ("test_side", "labels", "problem"),
+    [(28, np.arange(100) % 13, "labels must be class indices in [0, 10), found 20 outside it (e.g. 10)"),
+     (20, np.arange(100) % 10, "train images are 28x28 but test images 20x20: they must have one size")],
+    ids=["labels up to 12", "mixed sizes"])
+def test_torchvision_sets_with_bad_labels_or_mixed_sizes_are_data_errors(tmp_path, test_side, labels,
+                                                                          problem):
+    write_torchvision_fmnist(tmp_path, np.zeros((50, 28, 28)), np.zeros((50, test_side, test_side)), labels)
+    config = config_from_dict({"dataset": "fmnist", "data_dir": str(tmp_path), "clients": 4})
+    with pytest.raises(DataError) as error:
+        build_federated_data(config)
+    assert str(error.value) == f"fmnist in {tmp_path}: {problem}"
+
+
+@pytest.mark.parametrize("side", [1, 3])
+def test_images_smaller_than_the_cnn_takes_are_refused_before_training(tmp_path, capsys, side):
+    data_dir = write_mnist(tmp_path / "mnist", np.ones((200, side, side)), np.arange(200) % 10)
+    code = main(mnist_run(data_dir, tmp_path / "out"))
+    assert error_line(code, capsys.readouterr().err) == (
+        f"pfedla: error: mnist in {data_dir}: model 'cnn' needs images of at least 4x4 pixels, "
+        f"got {side}x{side}; use model: mlp")
+    assert main(mnist_run(data_dir, tmp_path / "mlp", "--set", "model=mlp")) == 0  # the MLP takes any size
+
+
+def test_non_square_images_are_refused_for_the_cnn(tmp_path):
+    data_dir = write_mnist(tmp_path / "mnist", np.ones((200, 28, 20)), np.arange(200) % 10)
+    config = config_from_dict({"dataset": "mnist", "data_dir": str(data_dir), "clients": 4})
+    with pytest.raises(DataError, match="model 'cnn' needs square images, got 28x20; use model: mlp"):
+        build_federated_data(config)
+
+
+def test_the_smallest_image_the_cnn_is_said_to_take_trains(tmp_path, capsys):
+    pixels = np.arange(200 * 16).reshape(200, 4, 4) % 255
+    data_dir = write_mnist(tmp_path / "mnist", pixels, np.arange(200) % 10)
+    assert main(mnist_run(data_dir, tmp_path / "out")) == 0

@@ -4,13 +4,30 @@ import pytest
 import torch
 from torch import nn
 
-from pfedla.models import LayerLayout, build_model, initial_layers
+from pfedla.models import CNN, CNN_MIN_SIDE, LayerLayout, build_model, initial_layers, unsupported_input
 
 
 @pytest.mark.parametrize(("shape", "classes"), [((1, 8, 8), 10), ((1, 28, 28), 10), ((3, 32, 32), 100)])
 def test_cnn_fits_the_dataset_shape(shape, classes):
     model = build_model("cnn", shape, classes, seed=0)
     assert model(torch.zeros(2, *shape)).shape == (2, classes)
+
+
+def test_cnn_min_side_is_the_smallest_image_the_cnn_takes():
+    """The bound the data check enforces is the real one: one pixel less and the CNN's pooling fails."""
+    for side in (CNN_MIN_SIDE, CNN_MIN_SIDE + 3):
+        model = build_model("cnn", (1, side, side), 10, seed=0)
+        assert model(torch.zeros(2, 1, side, side)).shape == (2, 10)
+    side = CNN_MIN_SIDE - 1
+    with pytest.warns(UserWarning, match="zero-element"):  # its dense layer gets no inputs at all
+        too_small = CNN(1, side, 10, width=16, hidden=128)
+    with pytest.raises(RuntimeError, match="Output size is too small"):
+        too_small(torch.zeros(2, 1, side, side))
+    assert unsupported_input("cnn", (1, side, side)) == \
+        "model 'cnn' needs images of at least 4x4 pixels, got 3x3"
+    with pytest.raises(ValueError, match="at least 4x4"):
+        build_model("cnn", (1, side, side), 10, seed=0)
+    assert unsupported_input("mlp", (1, 1, 1)) is None
 
 
 def test_same_seed_same_weights_and_no_global_rng_side_effect():

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from cli_errors import error_line, run_cli
 from pfedla import storage
 from pfedla.errors import ArtifactError
 
@@ -31,6 +32,33 @@ def test_damaged_files_give_an_artifact_error_naming_the_file(tmp_path, damage):
 def test_missing_file_is_a_storage_error(tmp_path):
     with pytest.raises(storage.StorageError, match="cannot read"):
         storage.load_tensors(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "1.5", "101", "5 retries", "9" * 5000])
+def test_a_bad_retry_count_is_a_storage_error_naming_the_variable(monkeypatch, value):
+    monkeypatch.setenv("PFEDLA_S3_RETRIES", value)
+    with pytest.raises(storage.StorageError) as error:
+        storage.s3_client()
+    assert str(error.value).startswith("PFEDLA_S3_RETRIES must be a whole number from 0 to 100, got ")
+    assert len(str(error.value)) < 200
+
+
+@pytest.mark.parametrize(("value", "retries"), [("0", 0), (" 7 ", 7), ("100", 100), ("", 5), (None, 5)])
+def test_retry_counts_that_are_accepted(monkeypatch, value, retries):
+    if value is None:
+        monkeypatch.delenv("PFEDLA_S3_RETRIES", raising=False)
+    else:
+        monkeypatch.setenv("PFEDLA_S3_RETRIES", value)
+    assert storage.s3_client().meta.config.retries["total_max_attempts"] == retries + 1  # + the first try
+
+
+def test_a_bad_retry_count_is_one_error_line_from_the_cli(tmp_path):
+    """Before any connection: the endpoint is a loopback port nothing listens on."""
+    result = run_cli("run", "--quiet", "--set", "dataset=mnist", "--set", "data_dir=s3://bucket/mnist",
+                     "--set", f"output_dir={tmp_path / 'out'}",
+                     env={"PFEDLA_S3_RETRIES": "lots", "AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
+    assert error_line(result.returncode, result.stderr) == \
+        "pfedla: error: PFEDLA_S3_RETRIES must be a whole number from 0 to 100, got 'lots'"
 
 
 def test_s3_uri_parsing():

@@ -280,6 +280,45 @@ def num_classes_of(config: ExperimentConfig) -> int:
     return known[config.dataset]
 
 
+# MLflow refuses longer experiment names (mlflow.utils.validation.MAX_EXPERIMENT_NAME_LENGTH).
+MAX_EXPERIMENT_NAME_CHARS = 500
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+# Upper bounds of size-like keys: far above any experiment this simulator can hold, low enough that
+# a typo fails here and not as an allocation error minutes later (hidden_dim=1000000 asks for N
+# hidden x hidden matrices: terabytes) or a run that never ends. docs/configuration.md lists them.
+MAXIMA = {
+    "clients": 10_000,
+    "rounds": 1_000_000,
+    "local_epochs": 10_000,
+    "batch_size": 1_000_000,
+    "embedding_dim": 4096,
+    "hidden_dim": 4096,
+    "synthetic.dimension": 100_000,
+    "synthetic.num_classes": 1_000,
+    "synthetic.samples_per_client": 1_000_000,
+    "pipeline.rounds_per_run": 1_000,
+}
+
+
+def _value(config: ExperimentConfig, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _validate_experiment_name(name: str) -> None:
+    _require(bool(name), "experiment_name", "must not be empty")
+    _require(len(name) <= MAX_EXPERIMENT_NAME_CHARS, "experiment_name",
+             f"is {len(name)} characters; MLflow allows at most {MAX_EXPERIMENT_NAME_CHARS}")
+    # MLflow itself takes any character, but a NUL is refused by PostgreSQL-backed tracking servers
+    # and a line break or escape sequence garbles every log and error line that shows the name.
+    if control := _CONTROL_CHARACTER.search(name):
+        raise ConfigError("experiment_name",
+                          f"must not contain control characters, found {shown(control.group())}")
+
+
 def validate(config: ExperimentConfig) -> None:
     """Check every value; raise ConfigError naming the first bad key and what is allowed."""
     _choice(config.dataset, "dataset", DATASETS)
@@ -308,7 +347,7 @@ def validate(config: ExperimentConfig) -> None:
     _require(config.eval_every >= 1, "eval_every", f"must be >= 1, got {config.eval_every}")
     _require(config.heatmap_every >= 1, "heatmap_every", f"must be >= 1, got {config.heatmap_every}")
     _require(bool(config.output_dir), "output_dir", "must not be empty")
-    _require(bool(config.experiment_name), "experiment_name", "must not be empty")
+    _validate_experiment_name(config.experiment_name)
     _require(bool(config.algorithms), "algorithms", f"list at least one of: {', '.join(ALGORITHMS)}")
     for name in config.algorithms:
         _choice(name, "algorithms", ALGORITHMS)
@@ -335,6 +374,9 @@ def validate(config: ExperimentConfig) -> None:
         "synthetic.samples_per_client",
         f"must be >= 4 (each client needs train and test samples), got {syn.samples_per_client}",
     )
+    for key, maximum in MAXIMA.items():
+        value = _value(config, key)
+        _require(value <= maximum, key, f"must be at most {maximum}, got {value}")
     if config.dataset in ("mnist", "fmnist", "emnist", "cifar10", "cifar100"):
         _require(
             config.data_dir is not None,

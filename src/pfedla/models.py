@@ -49,13 +49,32 @@ class MLP(nn.Module):
         return self.fc3(torch.relu(self.fc2(x)))
 
 
+# The CNN pools twice by 2: a side below 4 pixels pools down to nothing.
+CNN_MIN_SIDE = 4
+
+
+def unsupported_input(name: str, input_shape: tuple[int, ...]) -> str | None:
+    """Why model ``name`` cannot take one sample of ``input_shape``, or None when it can."""
+    if name != "cnn":
+        return None  # the MLP flattens any input
+    if len(input_shape) != 3:
+        return f"model 'cnn' needs image inputs [channels, height, width], got shape {input_shape}"
+    _, height, width = input_shape
+    if min(height, width) < CNN_MIN_SIDE:
+        return (f"model 'cnn' needs images of at least {CNN_MIN_SIDE}x{CNN_MIN_SIDE} pixels, "
+                f"got {height}x{width}")
+    if height // 4 != width // 4:  # its first dense layer is sized from the height alone
+        return f"model 'cnn' needs square images, got {height}x{width}"
+    return None
+
+
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
     """A freshly initialised model; the same seed gives the same weights everywhere."""
+    if problem := unsupported_input(name, input_shape):
+        raise ValueError(problem)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "model-init"))
         if name == "cnn":
-            if len(input_shape) != 3:
-                raise ValueError(f"model 'cnn' needs image inputs, got shape {input_shape}")
             channels, height, _ = input_shape
             width, hidden = (16, 128) if height <= 8 else (32, 512)
             return CNN(channels, height, num_classes, width=width, hidden=hidden)

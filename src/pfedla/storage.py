@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from pfedla.errors import ArtifactError, PfedlaError
+from pfedla.errors import ArtifactError, PfedlaError, shown
 
 
 class StorageError(PfedlaError):
@@ -37,11 +37,27 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+# botocore waits up to 20 s before each retry: more retries would stall a step for over half an hour.
+MAX_S3_RETRIES = 100
+
+
+def _s3_retries(text: str | None) -> int:
+    """The retries ``PFEDLA_S3_RETRIES`` asks for (unset or empty: 5), a whole number up to MAX_S3_RETRIES."""
+    value = (text or "").strip()
+    if not value:
+        return 5
+    # the length check first: int() refuses strings of over 4300 digits with a ValueError of its own
+    if not (value.isdecimal() and len(value) <= len(str(MAX_S3_RETRIES)) and int(value) <= MAX_S3_RETRIES):
+        raise StorageError(f"PFEDLA_S3_RETRIES must be a whole number from 0 to {MAX_S3_RETRIES}, "
+                           f"got {shown(text)}")
+    return int(value)
+
+
 def s3_client() -> Any:
     """A boto3 S3 client for the configured endpoint, retrying transient faults with backoff."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
     # Transient faults are retried with exponential backoff; PFEDLA_S3_RETRIES tunes how long.
-    attempts = int(os.environ.get("PFEDLA_S3_RETRIES", "5"))
+    attempts = _s3_retries(os.environ.get("PFEDLA_S3_RETRIES"))
     # Keyed on the environment: boto3's default session would keep the first credentials it saw,
     # so a corrected or rotated key would never take effect in a running process.
     env = os.environ

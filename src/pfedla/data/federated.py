@@ -11,6 +11,7 @@ import torch
 from pfedla.config import ExperimentConfig
 from pfedla.data import partition, sources
 from pfedla.errors import DataError
+from pfedla.models import unsupported_input
 from pfedla.seeding import numpy_rng
 
 
@@ -138,9 +139,11 @@ def build_federated_data(config: ExperimentConfig) -> FederatedData:
             raise DataError(
                 f"{config.dataset} has {len(pooled.labels)} samples, too few for {config.clients} clients"
             )
+        input_shape = tuple(pooled.features.shape[1:])
+        if problem := unsupported_input(config.model, input_shape):
+            raise DataError(f"{config.dataset} in {config.data_dir}: {problem}; use model: mlp")
         shards = _split_pooled(config, pooled)
         num_classes = pooled.num_classes
-        input_shape = tuple(pooled.features.shape[1:])
     return FederatedData(shards, num_classes, input_shape)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,7 @@ IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+MNIST_CLASSES = 10
 
 
 @dataclass
@@ -45,7 +48,7 @@ def _open_maybe_gz(path: Path) -> bytes:
     try:
         raw = path.read_bytes()
         return gzip.decompress(raw) if path.suffix == ".gz" else raw
-    except (OSError, EOFError, gzip.BadGzipFile) as error:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as error:  # zlib.error: a corrupt deflate stream
         raise DataError(f"cannot read {path}: {error}") from None
 
 
@@ -59,7 +62,7 @@ def read_idx(path: Path) -> np.ndarray:
     if ndim == 0 or len(data) < header:
         raise DataError(f"{path}: truncated IDX header")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(shape))
+    expected = math.prod(shape)  # Python ints: np.prod wraps around for dimensions like 2**16 x 4
     if len(data) - header != expected:
         raise DataError(f"{path}: header promises {expected} values, file holds {len(data) - header}")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
@@ -73,6 +76,32 @@ def _find_idx(directory: Path, stem: str) -> Path | None:
     return None
 
 
+def check_labels(labels: np.ndarray, num_classes: int, source: object) -> None:
+    """Raise DataError naming ``source`` unless every label is a class index in [0, num_classes)."""
+    outside = labels[(labels < 0) | (labels >= num_classes)]
+    if outside.size:
+        raise DataError(f"{source}: labels must be class indices in [0, {num_classes}), found "
+                        f"{outside.size} outside it (e.g. {int(outside[0])})")
+
+
+def _size(images: np.ndarray) -> str:
+    return "x".join(map(str, images.shape[1:]))
+
+
+def _read_mnist_split(image_path: Path, label_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One split's images [n, height, width] and labels [n], checked against each other."""
+    images, labels = read_idx(image_path), read_idx(label_path)
+    if images.ndim != 3 or 0 in images.shape[1:]:
+        raise DataError(f"{image_path}: MNIST images must be 3-D [count, height, width] with at least "
+                        f"one pixel, got shape {images.shape}")
+    if labels.ndim != 1:
+        raise DataError(f"{label_path}: MNIST labels must be 1-D [count], got shape {labels.shape}")
+    if len(images) != len(labels):
+        raise DataError(f"{image_path}: {len(images)} images but {label_path} holds {len(labels)} labels")
+    check_labels(labels, MNIST_CLASSES, label_path)
+    return images, labels
+
+
 def load_mnist_idx(directory: Path, download: bool) -> PooledDataset:
     """MNIST from IDX(.gz) files; the train pair, the test pair or both may be present."""
     if not any(_find_idx(directory, images) for images, _ in IDX_FILES.values()) and download:
@@ -80,25 +109,27 @@ def load_mnist_idx(directory: Path, download: bool) -> PooledDataset:
 
         torchvision.datasets.MNIST(str(directory), train=True, download=True)
         torchvision.datasets.MNIST(str(directory), train=False, download=True)
-    images, labels = [], []
+    images, labels, image_paths = [], [], []
     for split, (image_stem, label_stem) in IDX_FILES.items():
         image_path, label_path = _find_idx(directory, image_stem), _find_idx(directory, label_stem)
         if image_path is None and label_path is None:
             continue
         if image_path is None or label_path is None:
             raise DataError(f"{directory}: MNIST {split} images and labels must come as a pair")
-        split_images, split_labels = read_idx(image_path), read_idx(label_path)
-        if len(split_images) != len(split_labels):
-            raise DataError(f"{image_path}: {len(split_images)} images but {len(split_labels)} labels")
+        split_images, split_labels = _read_mnist_split(image_path, label_path)
+        if images and split_images.shape[1:] != images[0].shape[1:]:
+            raise DataError(f"{image_path} holds {_size(split_images)} images but {image_paths[0]} holds "
+                            f"{_size(images[0])} images: the train and test images must have one size")
         images.append(split_images)
         labels.append(split_labels)
+        image_paths.append(image_path)
     if not images:
         raise DataError(
             f"no MNIST IDX files in {directory} (expected e.g. t10k-images-idx3-ubyte.gz and "
             "t10k-labels-idx1-ubyte.gz); set download: true to fetch them"
         )
     pixels = np.concatenate(images)[:, None, :, :]
-    return PooledDataset(standardize(pixels), torch.from_numpy(np.concatenate(labels)).long(), 10)
+    return PooledDataset(standardize(pixels), torch.from_numpy(np.concatenate(labels)).long(), MNIST_CLASSES)
 
 
 def load_torchvision(name: str, directory: Path, download: bool) -> PooledDataset:
@@ -121,6 +152,10 @@ def load_torchvision(name: str, directory: Path, download: bool) -> PooledDatase
         raise DataError(f"{name} not found in {directory}: {error} (set download: true)") from None
     pixels = [np.asarray(p.data) for p in parts]
     labels = np.concatenate([np.asarray(p.targets) for p in parts])
+    check_labels(labels, num_classes, f"{name} in {directory}")
+    if pixels[0].shape[1:] != pixels[1].shape[1:]:
+        raise DataError(f"{name} in {directory}: train images are {_size(pixels[0])} but test images "
+                        f"{_size(pixels[1])}: they must have one size")
     images = np.concatenate(pixels)
     images = images.transpose(0, 3, 1, 2) if images.ndim == 4 else images[:, None, :, :]
     return PooledDataset(standardize(images), torch.from_numpy(labels).long(), num_classes)
