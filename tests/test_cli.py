@@ -23,6 +23,8 @@ def test_run_prints_the_table_and_where_outputs_are(tmp_path, capsys, monkeypatc
     assert code == 0
     assert "algorithm" in printed and "local" in printed and "fedavg" in printed
     assert f"mlflow ui --backend-store-uri sqlite:///{out.resolve()}/mlflow.db" in printed
+    identity = json.loads((out / "run.json").read_text())["identity"]
+    assert f"run:      {identity} (run.json; MLflow tag pfedla.run)" in printed
     assert set(json.loads((out / "summary.json").read_text())) == {"local", "fedavg"}
 
 

@@ -30,6 +30,7 @@ def _run(args: argparse.Namespace) -> None:
                              overwrite=args.overwrite)
     print(format_table(outcome.results))
     print(f"\noutputs:  {outcome.output_dir}/ (summary.json, partition.json, layer_weights.npy, models/)")
+    print(f"run:      {outcome.identity} (run.json; MLflow tag pfedla.run)")
     print(f"tracking: {without_credentials(outcome.tracking_uri)}")
     if outcome.tracking_uri.startswith("sqlite:"):
         print(f"view:     mlflow ui --backend-store-uri {outcome.tracking_uri}")

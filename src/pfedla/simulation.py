@@ -170,6 +170,7 @@ class ExperimentResult:
     results: dict[str, AlgorithmResult]
     output_dir: Path
     tracking_uri: str
+    identity: str  # the run identity recorded in run.json, checkpoints and MLflow tags
 
 
 class Simulation:
@@ -424,7 +425,7 @@ def run_experiment(config: ExperimentConfig, progress: bool = True, track: bool 
         summary = {name: r.summary() for name, r in results.items()}
         # in the config's algorithm order (write_json would sort the keys)
         storage.write_bytes(output_dir / rundir.SUMMARY_FILE, json.dumps(summary, indent=2).encode())
-    return ExperimentResult(results, output_dir, tracking_uri)
+    return ExperimentResult(results, output_dir, tracking_uri, identity)
 
 
 def _checkpoint_store(config: ExperimentConfig, output_dir: Path, identity: str) -> CheckpointStore:
