@@ -20,7 +20,7 @@ from server_step import make_server, ours_step, synthetic_deltas
 from pfedla.checkpoint import CheckpointStore
 from pfedla.client import LocalTrainer, TrainSettings
 from pfedla.config import ExperimentConfig
-from pfedla.models import CNN, LayerLayout
+from pfedla.models import CNN, LayerLayout, initial_layers
 from pfedla.seeding import torch_generator
 
 CLIENTS = 30
@@ -36,7 +36,7 @@ def client_seconds(width: int, hidden: int, images: int) -> float:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(images, 3, 32, 32, generator=generator)
     y = torch.randint(0, 10, (images,), generator=generator)
-    start = [p.detach().clone() for p in model.parameters()]
+    start = initial_layers(model)
     settings = TrainSettings(epochs=defaults.local_epochs, batch_size=defaults.batch_size, lr=defaults.lr)
     seconds, _ = median_seconds(lambda: trainer.train(start, x, y, settings, torch_generator(0, "bench")), 1)
     return seconds
