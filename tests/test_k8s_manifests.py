@@ -413,7 +413,76 @@ def test_endpoints_configmap_points_at_the_services(rendered):
     args = mlflow["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--artifacts-destination=s3://$(PFEDLA_S3_BUCKET)/mlflow-artifacts" in args
     allowed = next(a for a in args if a.startswith("--allowed-hosts="))
-    assert "mlflow.pfedla.svc.cluster.local:*" in allowed.split("=", 1)[1].split(",")
+    assert f"mlflow.pfedla.svc.cluster.local:{services['mlflow']}" in allowed.split("=", 1)[1].split(",")
+
+
+# --------------------------------------------------------------------------- least privilege: MLflow hosts
+
+LOOPBACK = ("localhost", "127.0.0.1")
+HOSTILE_HOSTS = ["10.0.3.7:5000", "172.17.0.2:5000", "192.168.49.2:30500", "10.96.12.4",
+                 "mlflow.evil.example:5000", "evil.example", "mlflow.other.svc.cluster.local:5000"]
+
+
+def _mlflow_deployment(objects):
+    return next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "mlflow")
+
+
+def allowed_hosts(objects) -> list[str]:
+    args = _mlflow_deployment(objects)["spec"]["template"]["spec"]["containers"][0]["args"]
+    (arg,) = [a for a in args if a.startswith("--allowed-hosts=")]
+    return arg.split("=", 1)[1].split(",")
+
+
+def allowed_hosts_problems(objects, namespace: str = "pfedla") -> list[str]:
+    """Entries of MLflow's --allowed-hosts other than its Service names on the Service port, or
+    loopback (any port, for port-forwards): no address ranges, no wildcard host names."""
+    service = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "mlflow")
+    port = str(service["spec"]["ports"][0]["port"])
+    names = {"mlflow", f"mlflow.{namespace}.svc", f"mlflow.{namespace}.svc.cluster.local"}
+    problems = []
+    for entry in allowed_hosts(objects):
+        host, sep, entry_port = entry.rpartition(":")
+        if not sep:
+            host, entry_port = entry, None
+        if any(char in host for char in "*?[]"):
+            problems.append(f"{entry}: a wildcard host admits names or addresses nobody listed")
+        elif host in LOOPBACK:
+            continue
+        elif host not in names:
+            problems.append(f"{entry}: not a name of the mlflow Service")
+        elif entry_port not in (None, port):
+            problems.append(f"{entry}: the mlflow Service listens on {port} only")
+    return problems
+
+
+def test_mlflow_accepts_only_its_service_names_and_loopback(rendered):
+    from mlflow.server.security_utils import is_allowed_host_header, is_health_endpoint
+
+    for name in KUSTOMIZATIONS:
+        assert allowed_hosts_problems(rendered[name]) == [], name
+    hosts = allowed_hosts(rendered["base"])
+    for legit in ["mlflow.pfedla.svc.cluster.local:5000", "mlflow:5000", "localhost:5000", "127.0.0.1:15000"]:
+        assert is_allowed_host_header(hosts, legit), legit
+    for hostile in HOSTILE_HOSTS:  # what MLflow itself would do with the list
+        assert not is_allowed_host_header(hosts, hostile), hostile
+    # kubelet probes send Host: <pod IP>:5000; they probe /health, which MLflow does not check
+    container = _mlflow_deployment(rendered["base"])["spec"]["template"]["spec"]["containers"][0]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert is_health_endpoint(container[probe]["httpGet"]["path"]), probe
+
+
+MLFLOW_HOST_WIDENINGS = ["10.*", "172.*", "192.168.*", "*", "*.svc.cluster.local", "mlflow:*", "0.0.0.0:*",
+                         "mlflow.default.svc:5000"]
+
+
+@pytest.mark.parametrize("entry", MLFLOW_HOST_WIDENINGS)
+def test_allowed_hosts_checker_rejects_a_widened_manifest(rendered, entry):
+    def add(objects):
+        args = _mlflow_deployment(objects)["spec"]["template"]["spec"]["containers"][0]["args"]
+        index = next(i for i, a in enumerate(args) if a.startswith("--allowed-hosts="))
+        args[index] += "," + entry
+
+    assert allowed_hosts_problems(_widen(rendered["base"], add))
 
 
 def test_kind_overlay_shrinks_resources(rendered):
