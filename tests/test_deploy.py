@@ -315,8 +315,13 @@ def test_retarget_namespace_moves_only_pfedla_objects():
         assert configmap["data"]["MLFLOW_TRACKING_URI"] == "http://mlflow.team-a.svc.cluster.local:5000"
     (kf_binding,) = [o for o in objects if o["kind"] == "RoleBinding"]  # the runner's, where steps run
     assert kf_binding["metadata"]["namespace"] == kf_binding["subjects"][0]["namespace"] == "kubeflow"
+    (steps,) = [o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["namespace"] != "team-a"]
+    peers = [peer for rule in steps["spec"]["egress"] for peer in rule["to"]]
+    moved = [p for p in peers if p.get("namespaceSelector", {}).get("matchLabels", {}).get(
+        "kubernetes.io/metadata.name") == "team-a"]
+    assert len(moved) == 2  # the steps still reach MLflow and S3 where they moved
     text = yaml.safe_dump_all(objects)
-    assert ".pfedla.svc" not in text
+    assert ".pfedla.svc" not in text and "kubernetes.io/metadata.name: pfedla" not in text
     with pytest.raises(DeployError, match="invalid namespace"):
         d.retarget_namespace(objects, "Team_A")
 

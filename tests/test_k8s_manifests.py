@@ -385,8 +385,9 @@ def test_rbac_checker_rejects_a_widened_manifest(rendered, widening):
     assert rbac_problems(_widen(rendered["kind"], RBAC_WIDENINGS[widening]))
 
 
-def test_network_policies_deny_by_default_and_open_only_the_service_ports(rendered):
-    policies = {o["metadata"]["name"]: o for o in rendered["base"] if o["kind"] == "NetworkPolicy"}
+def test_network_policies_deny_ingress_by_default_and_open_only_the_service_ports(rendered):
+    policies = {o["metadata"]["name"]: o for o in rendered["base"]
+                if o["kind"] == "NetworkPolicy" and "Ingress" in o["spec"]["policyTypes"]}
     deny = policies.pop("default-deny-ingress")["spec"]
     assert deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
     ports = {}
@@ -398,6 +399,162 @@ def test_network_policies_deny_by_default_and_open_only_the_service_ports(render
         assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kubeflow"}}} in sources
         ports[app] = [p["port"] for p in rule["ports"]]
     assert ports == {"mlflow": [5000], "seaweedfs": [8333]}
+
+
+# --------------------------------------------------------------------------- least privilege: egress
+
+NAMESPACE_NAME = "kubernetes.io/metadata.name"
+API_SERVER_PORTS = {("TCP", 443), ("TCP", 6443)}  # the only ports an address block may open
+_DNS = ("kube-system", "k8s-app=kube-dns")
+_STEPS = ("kubeflow", "pfedla-pipeline-steps")
+# (policy namespace, policy, peer namespace or CIDR, peer pod labels, protocol, port): every
+# destination a pfedla pod may reach.
+EXPECTED_EGRESS = {
+    ("pfedla", "allow-dns-egress", *_DNS, "UDP", 53),
+    ("pfedla", "allow-dns-egress", *_DNS, "TCP", 53),
+    ("pfedla", "allow-s3-egress", "pfedla", "app.kubernetes.io/name=seaweedfs", "TCP", 8333),
+    (*_STEPS, *_DNS, "UDP", 53),
+    (*_STEPS, *_DNS, "TCP", 53),
+    (*_STEPS, "pfedla", "app.kubernetes.io/name=mlflow", "TCP", 5000),
+    (*_STEPS, "pfedla", "app.kubernetes.io/name=seaweedfs", "TCP", 8333),
+    (*_STEPS, "kubeflow", "app=ml-pipeline", "TCP", 8887),  # KFP API, gRPC
+    (*_STEPS, "kubeflow", "component=metadata-grpc-server", "TCP", 8080),  # ML Metadata
+    (*_STEPS, "kubeflow", "app=seaweedfs", "TCP", 8333),  # KFP's artifact store (Service port 9000)
+    (*_STEPS, "0.0.0.0/0", "", "TCP", 443),  # Kubernetes API server
+    (*_STEPS, "0.0.0.0/0", "", "TCP", 6443),
+}
+
+
+def _labels(selector: dict | None) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(((selector or {}).get("matchLabels") or {}).items()))
+
+
+def egress_grants(objects: list[dict]) -> set[tuple]:
+    grants = set()
+    for policy in (o for o in objects if o["kind"] == "NetworkPolicy"):
+        namespace, name = policy["metadata"]["namespace"], policy["metadata"]["name"]
+        for rule in policy["spec"].get("egress") or []:
+            for peer in rule.get("to") or [{}]:
+                if "ipBlock" in peer:
+                    where, labels = peer["ipBlock"]["cidr"], ""
+                else:
+                    selector = peer.get("namespaceSelector")
+                    where = _labels(selector).removeprefix(f"{NAMESPACE_NAME}=") if selector else namespace
+                    labels = _labels(peer.get("podSelector"))
+                for port in rule.get("ports") or [{}]:
+                    protocol = port.get("protocol", "TCP")
+                    grants.add((namespace, name, where, labels, protocol, port.get("port")))
+    return grants
+
+
+def egress_problems(objects: list[dict]) -> list[str]:
+    """Egress wider than the table above, or a namespace running pfedla pods without a
+    default-deny egress policy for them."""
+    from pfedla_pipelines.fl_pipeline import STEP_POD_LABELS
+
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    problems = []
+    pod_namespaces = {o["metadata"]["namespace"] for o in objects if pod_spec(o) is not None}
+    for namespace in sorted(pod_namespaces):
+        if not any(p["metadata"]["namespace"] == namespace and p["spec"]["podSelector"] == {}
+                   and "Egress" in p["spec"]["policyTypes"] and not p["spec"].get("egress")
+                   for p in policies):
+            problems.append(f"namespace {namespace}: no default-deny egress policy")
+    if any(o["kind"] == "ServiceAccount" and o["metadata"]["name"] == RUNNER for o in objects):
+        steps = [p for p in policies if p["metadata"]["namespace"] == STEP_NAMESPACE
+                 and p["spec"]["podSelector"] == {"matchLabels": STEP_POD_LABELS}]
+        if not any({"Ingress", "Egress"} <= set(p["spec"]["policyTypes"]) for p in steps):
+            problems.append(f"namespace {STEP_NAMESPACE}: no policy denying step pods' traffic by default")
+        problems += [f"{_STEPS}: admits ingress {rule}"
+                     for p in steps for rule in p["spec"].get("ingress") or []]
+    for policy in policies:
+        where = f"NetworkPolicy {policy['metadata']['namespace']}/{policy['metadata']['name']}"
+        for rule in policy["spec"].get("egress") or []:
+            if not rule.get("to"):
+                problems.append(f"{where}: an egress rule without `to` reaches every address")
+            if not rule.get("ports"):
+                problems.append(f"{where}: an egress rule without ports opens every port")
+            for port in rule.get("ports") or []:
+                if not isinstance(port.get("port"), int) or port.get("endPort") or not port.get("protocol"):
+                    problems.append(f"{where}: port {port} is not one explicit number and protocol")
+            for peer in rule.get("to") or []:
+                if "ipBlock" in peer:
+                    opened = {(p.get("protocol"), p.get("port")) for p in rule.get("ports") or [{}]}
+                    if not opened <= API_SERVER_PORTS:
+                        opened_list = sorted(opened, key=str)
+                        problems.append(f"{where}: address block {peer['ipBlock']} on {opened_list}")
+                    continue
+                if not _labels(peer.get("podSelector")):
+                    problems.append(f"{where}: peer {peer} is every pod of a namespace")
+                selector = peer.get("namespaceSelector")
+                if selector is not None and list(selector) != ["matchLabels"] \
+                        or selector is not None and list(selector["matchLabels"]) != [NAMESPACE_NAME]:
+                    problems.append(f"{where}: peer {peer} does not name one namespace")
+    problems += [f"egress {grant} is not in the expected table"
+                 for grant in sorted(egress_grants(objects) - EXPECTED_EGRESS, key=str)]
+    return problems
+
+
+@pytest.mark.parametrize("name", list(KUSTOMIZATIONS))
+def test_every_pfedla_pod_has_default_deny_egress_and_only_named_destinations(rendered, name):
+    assert egress_problems(rendered[name]) == []
+    expected = {grant for grant in EXPECTED_EGRESS if name != "base" or grant[0] == "pfedla"}
+    assert egress_grants(rendered[name]) == expected
+
+
+def _steps_policy(objects):
+    return next(o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == _STEPS[1])
+
+
+def _add_egress(rule):
+    return lambda objects: _steps_policy(objects)["spec"]["egress"].append(rule)
+
+
+_TCP = [{"protocol": "TCP", "port": 3306}]
+EGRESS_WIDENINGS = {
+    "any destination": _add_egress({"ports": [{"protocol": "TCP", "port": 443}]}),
+    "any port": _add_egress({"to": [{"podSelector": {"matchLabels": {"app": "ml-pipeline"}}}]}),
+    "a whole namespace": _add_egress(
+        {"to": [{"namespaceSelector": {"matchLabels": {NAMESPACE_NAME: "kubeflow"}}}], "ports": _TCP}),
+    "every pod": _add_egress({"to": [{"podSelector": {}}], "ports": _TCP}),
+    "any namespace": _add_egress(
+        {"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "mysql"}}}], "ports": _TCP}),
+    "the internet on 80": _add_egress({"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}],
+                                       "ports": [{"protocol": "TCP", "port": 80}]}),
+    "a port range": _add_egress({"to": [{"podSelector": {"matchLabels": {"app": "ml-pipeline"}}}],
+                                 "ports": [{"protocol": "TCP", "port": 8000, "endPort": 9000}]}),
+    "KFP's HTTP port": lambda objs: _steps_policy(objs)["spec"]["egress"][3]["ports"].append(
+        {"protocol": "TCP", "port": 8888}),
+    "MySQL": _add_egress({"to": [{"podSelector": {"matchLabels": {"app": "mysql"}}}], "ports": _TCP}),
+    "no default deny in pfedla": lambda objs: objs.remove(next(
+        o for o in objs if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "default-deny-egress")),
+    "steps not egress-restricted": lambda objs: _steps_policy(objs)["spec"].update(policyTypes=["Ingress"]),
+    "steps policy gone": lambda objs: objs.remove(_steps_policy(objs)),
+    "ingress to steps": lambda objs: _steps_policy(objs)["spec"].update(
+        ingress=[{"from": [{"podSelector": {}}]}]),
+    "bucket job to MLflow": lambda objs: next(o for o in objs if o["metadata"]["name"] == "allow-s3-egress")[
+        "spec"]["egress"][0]["ports"].append({"protocol": "TCP", "port": 5000}),
+}
+
+
+@pytest.mark.parametrize("widening", list(EGRESS_WIDENINGS))
+def test_egress_checker_rejects_a_widened_manifest(rendered, widening):
+    assert egress_problems(rendered["kind"]) == []
+    assert egress_problems(_widen(rendered["kind"], EGRESS_WIDENINGS[widening]))
+
+
+def test_the_step_policy_selects_the_labels_the_pipeline_puts_on_step_pods(rendered):
+    from pfedla_pipelines.fl_pipeline import STEP_POD_LABELS
+
+    assert _steps_policy(rendered["kind"])["spec"]["podSelector"] == {"matchLabels": STEP_POD_LABELS}
+    assert not [o for o in rendered["kind"] if pod_spec(o) is not None
+                and STEP_POD_LABELS.items() <= pod_spec_labels(o).items()]  # no platform pod matches
+
+
+def pod_spec_labels(obj: dict) -> dict:
+    if obj["kind"] == "CronJob":
+        return obj["spec"]["jobTemplate"]["spec"]["template"]["metadata"].get("labels") or {}
+    return (obj["spec"]["template"].get("metadata") or {}).get("labels") or {}
 
 
 def test_endpoints_configmap_points_at_the_services(rendered):

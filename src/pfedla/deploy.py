@@ -86,6 +86,7 @@ _APPLY_RANK = {
 }
 _OTHER_RANK = 7
 _WAITED_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
+_NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set by Kubernetes on every namespace
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
@@ -330,8 +331,9 @@ def retarget_namespace(
     objects: Iterable[Manifest], namespace: str, *, source: str = DEFAULT_NAMESPACE
 ) -> list[Manifest]:
     """Move pfedla's own objects from ``source`` to ``namespace``: the Namespace object,
-    metadata.namespace, RoleBinding subjects and in-cluster URLs (``*.source.svc``).
-    Objects in other namespaces (e.g. ``kubeflow``) stay where they are."""
+    metadata.namespace, RoleBinding subjects, NetworkPolicy peers that name ``source`` and
+    in-cluster URLs (``*.source.svc``). Objects in other namespaces (e.g. ``kubeflow``) stay
+    where they are, but their policies follow the services they reach."""
     if not _DNS_LABEL.match(namespace):
         raise DeployError(f"invalid namespace {namespace!r}: use a DNS label (a-z, 0-9, '-')")
     out = []
@@ -344,6 +346,13 @@ def retarget_namespace(
         for subject in obj.get("subjects") or []:
             if subject.get("namespace") == source:
                 subject["namespace"] = namespace
+        if obj["kind"] == "NetworkPolicy":
+            spec = obj.get("spec") or {}
+            rules = [*(spec.get("ingress") or []), *(spec.get("egress") or [])]
+            for peer in [p for rule in rules for p in (rule.get("from") or rule.get("to") or [])]:
+                labels = (peer.get("namespaceSelector") or {}).get("matchLabels") or {}
+                if labels.get(_NAMESPACE_NAME_LABEL) == source:
+                    labels[_NAMESPACE_NAME_LABEL] = namespace
         out.append(_replace_strings(obj, f".{source}.svc", f".{namespace}.svc"))
     return out
 
