@@ -866,6 +866,8 @@ def s3_identity_problems(objects: list[dict]) -> list[str]:
         names = sorted(n for n, _ in identities.values())
         problems.append(f"identities {names}: want one each of {sorted(allowed)}")
     for name, actions in identities.values():
+        if name != "admin" and any(a.split(":")[0] == "Admin" for a in actions):
+            problems.append(f"identity {name}: Admin is for the bucket Job's identity only")
         if name in allowed and allowed[name] is not None and not set(actions) <= allowed[name]:
             extra = sorted(set(actions) - allowed[name])
             problems.append(f"identity {name}: actions {extra} beyond {sorted(allowed[name])}")
