@@ -97,9 +97,9 @@ pfedla platform is up (context ${PFEDLA_KUBE_CONTEXT:-current}). Reach it with p
 
   Kubeflow Pipelines  http://127.0.0.1:8080   (pfedla pipeline submit --host http://127.0.0.1:8080)
   MLflow              http://127.0.0.1:5000
-  S3 (SeaweedFS)      http://127.0.0.1:8333   (credentials: k8s/base/secrets.env)
+  S3 (SeaweedFS)      http://127.0.0.1:8333   (admin: PFEDLA_S3_ADMIN_* in k8s/base/secrets.env)
 
-Inside the cluster, steps read ConfigMap pfedla-endpoints and Secret pfedla-s3-credentials
-(namespaces $PFEDLA_NAMESPACE and kubeflow) and run as ServiceAccount pfedla-pipeline-runner.
+Inside the cluster, steps read ConfigMap pfedla-endpoints and Secret pfedla-s3-credentials (their
+own S3 identity) in namespace kubeflow and run as ServiceAccount pfedla-pipeline-runner.
 EOF
 }

@@ -32,6 +32,8 @@ S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 MAX_PODS_PER_ROUND = 200
 ENDPOINT_KEYS = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
 MLFLOW_AUTH_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+# Labels of every step's pod: the egress NetworkPolicy of k8s/components/kfp-standalone selects them.
+STEP_POD_LABELS = {"app.kubernetes.io/part-of": "pfedla", "app.kubernetes.io/component": "pipeline-step"}
 
 
 class PipelineError(PfedlaError):
@@ -84,8 +86,10 @@ class TaskOptions:
         self.pipe = config.pipeline
 
     def step(self, task: Any, cacheable: bool = True) -> Any:
-        """Every step: requests, caching, and the data plane's endpoint and credentials."""
+        """Every step: requests, caching, pod labels, and the data plane's endpoint and credentials."""
         task.set_cpu_request(self.pipe.cpu_request).set_memory_request(self.pipe.memory_request)
+        for key, value in STEP_POD_LABELS.items():
+            kubernetes.add_pod_label(task, key, value)
         task.set_caching_options(self.pipe.caching and cacheable)
         kubernetes.use_config_map_as_env(task, self.pipe.endpoints_config_map,
                                          {key: key for key in ENDPOINT_KEYS})

@@ -44,10 +44,17 @@ def k8s_copy(tmp_path) -> Path:
     return target
 
 
+IDENTITIES = ("ADMIN", "MLFLOW", "STEPS")
+REAL = {
+    **{f"PFEDLA_S3_{who}_ACCESS_KEY_ID": f"real{who.lower()}access" for who in IDENTITIES},
+    **{f"PFEDLA_S3_{who}_SECRET_ACCESS_KEY": f"real{who.lower()}secret42" for who in IDENTITIES},
+}
+
+
 @pytest.fixture
 def real_env(tmp_path) -> Path:
     path = tmp_path / "real.env"
-    path.write_text("# real ones\nAWS_ACCESS_KEY_ID=realaccess\nAWS_SECRET_ACCESS_KEY=realsecret42\n")
+    path.write_text("# real ones\n" + "".join(f"{key}={value}\n" for key, value in REAL.items()))
     return path
 
 
@@ -179,15 +186,19 @@ def test_render_replaces_placeholder_credentials_everywhere(k8s_copy, real_env):
     overlay = k8s_copy / "overlays" / "kind"
     plain = d.render(overlay)
     example = d.read_env_file(k8s_copy / "base" / "secrets.env.example")
-    assert _secrets(plain) == {"pfedla": example, "kubeflow": example}
+
+    def steps_only(values):  # the steps' Secret in kubeflow: their identity, under boto3's names
+        return {"AWS_ACCESS_KEY_ID": values["PFEDLA_S3_STEPS_ACCESS_KEY_ID"],
+                "AWS_SECRET_ACCESS_KEY": values["PFEDLA_S3_STEPS_SECRET_ACCESS_KEY"]}
+
+    assert _secrets(plain) == {"pfedla": example, "kubeflow": steps_only(example)}
     assert sorted(d.placeholder_secrets(plain, k8s_copy / "base" / "secrets.env.example")) == [
         "kubeflow/pfedla-s3-credentials",
-        "pfedla/pfedla-s3-credentials",
+        "pfedla/pfedla-s3-identities",
     ]
 
     real = d.render(overlay, secrets_env=real_env)
-    values = {"AWS_ACCESS_KEY_ID": "realaccess", "AWS_SECRET_ACCESS_KEY": "realsecret42"}
-    assert _secrets(real) == {"pfedla": values, "kubeflow": values}
+    assert _secrets(real) == {"pfedla": REAL, "kubeflow": steps_only(REAL)}
     assert d.placeholder_secrets(real, k8s_copy / "base" / "secrets.env.example") == []
     checksum = hashlib.sha256(real_env.read_bytes()).hexdigest()
     for obj in real:
@@ -202,8 +213,13 @@ def test_render_replaces_placeholder_credentials_everywhere(k8s_copy, real_env):
 
 def test_render_rejects_an_env_file_with_other_keys(k8s_copy, tmp_path):
     env = tmp_path / "secrets.env"
-    env.write_text("AWS_ACCESS_KEY_ID=x\nAWS_SECRET_KEY=typo\n")
-    expected = r"missing: \['AWS_SECRET_ACCESS_KEY'\], unknown: \['AWS_SECRET_KEY'\]"
+    env.write_text("".join(f"{key}=x{i}\n" for i, key in enumerate(REAL) if "ADMIN_SECRET" not in key)
+                   + "PFEDLA_S3_ADMIN_SECRET_KEY=typo\n")
+    expected = r"missing: \['PFEDLA_S3_ADMIN_SECRET_ACCESS_KEY'\], unknown: \['PFEDLA_S3_ADMIN_SECRET_KEY'\]"
+    with pytest.raises(DeployError, match=expected):
+        d.render(k8s_copy / "overlays" / "kind", secrets_env=env)
+    env.write_text("AWS_ACCESS_KEY_ID=x\nAWS_SECRET_ACCESS_KEY=y\n")  # a file from before the split
+    expected = r"unknown: \['AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY'\].*--generate-secrets"
     with pytest.raises(DeployError, match=expected):
         d.render(k8s_copy / "overlays" / "kind", secrets_env=env)
     env.write_text("just a line\n")
@@ -274,7 +290,7 @@ def test_make_kind_up_applies_exactly_what_pfedla_deploy_applies(tmp_path, no_cl
            "cluster-scoped-resources?ref=" in recorded
     assert "kind load" not in recorded  # the image was not built: up.sh says so instead
     secrets_env = checkout / "k8s" / "base" / "secrets.env"
-    assert d.read_env_file(secrets_env).keys() == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert d.read_env_file(secrets_env).keys() == REAL.keys()
     with FakeApiServer() as cluster:
         kubeconfig = _kind_kubeconfig(cluster, tmp_path / "kc2")
         d.deploy(checkout / "k8s" / "overlays" / "kind", kubeconfig=kubeconfig, context="kind-pfedla")
@@ -284,14 +300,14 @@ def test_make_kind_up_applies_exactly_what_pfedla_deploy_applies(tmp_path, no_cl
                for body in by_script.values())
 
 
-def test_gpu_overlay_refuses_placeholder_credentials(k8s_copy, no_cluster_env, tmp_path, monkeypatch):
+def test_gpu_overlay_refuses_placeholder_credentials(
+    k8s_copy, no_cluster_env, tmp_path, monkeypatch, real_env
+):
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
     with pytest.raises(DeployError, match=r"placeholder credentials.*secrets\.env"):
         d.deploy(k8s_copy / "overlays" / "gpu")
     # with real credentials it gets as far as looking for a cluster
-    (k8s_copy / "base" / "secrets.env").write_text(
-        "AWS_ACCESS_KEY_ID=a1b2c3\nAWS_SECRET_ACCESS_KEY=d4e5f6g7\n"
-    )
+    shutil.copyfile(real_env, k8s_copy / "base" / "secrets.env")
     with pytest.raises(DeployError, match="no Kubernetes cluster reachable"):
         d.deploy(k8s_copy / "overlays" / "gpu")
 
@@ -313,16 +329,15 @@ def test_retarget_namespace_moves_only_pfedla_objects():
     endpoints = [o for o in objects if o["kind"] == "ConfigMap"]
     for configmap in endpoints:  # both copies point at the moved services
         assert configmap["data"]["MLFLOW_TRACKING_URI"] == "http://mlflow.team-a.svc.cluster.local:5000"
-    binding = next(
-        o for o in objects if o["kind"] == "RoleBinding" and o["metadata"]["namespace"] == "team-a"
-    )
-    assert binding["subjects"][0]["namespace"] == "team-a"
-    kf_binding = next(
-        o for o in objects if o["kind"] == "RoleBinding" and o["metadata"]["namespace"] == "kubeflow"
-    )
-    assert kf_binding["subjects"][0]["namespace"] == "kubeflow"
+    (kf_binding,) = [o for o in objects if o["kind"] == "RoleBinding"]  # the runner's, where steps run
+    assert kf_binding["metadata"]["namespace"] == kf_binding["subjects"][0]["namespace"] == "kubeflow"
+    (steps,) = [o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["namespace"] != "team-a"]
+    peers = [peer for rule in steps["spec"]["egress"] for peer in rule["to"]]
+    moved = [p for p in peers if p.get("namespaceSelector", {}).get("matchLabels", {}).get(
+        "kubernetes.io/metadata.name") == "team-a"]
+    assert len(moved) == 2  # the steps still reach MLflow and S3 where they moved
     text = yaml.safe_dump_all(objects)
-    assert ".pfedla.svc" not in text
+    assert ".pfedla.svc" not in text and "kubernetes.io/metadata.name: pfedla" not in text
     with pytest.raises(DeployError, match="invalid namespace"):
         d.retarget_namespace(objects, "Team_A")
 

@@ -14,7 +14,14 @@ from pfedla.config import config_from_dict, load_config
 from pfedla.deploy import read_env_file
 from pfedla.images import step_image
 from pfedla.simulation import participants
-from pfedla_pipelines.fl_pipeline import PipelineError, RoundRange, compile_pipeline, segment_config, segments
+from pfedla_pipelines.fl_pipeline import (
+    STEP_POD_LABELS,
+    PipelineError,
+    RoundRange,
+    compile_pipeline,
+    segment_config,
+    segments,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET_VALUE = "pfedla-TEST-secret-9f3c1e"
@@ -161,6 +168,16 @@ def test_credentials_are_secret_references_and_never_values(tmp_path, monkeypatc
     assert spec["root"]["inputDefinitions"]["parameters"]["mlflow_tracking_uri"]["defaultValue"] == \
         "http://mlflow:5000"
     assert spec["root"]["dag"]["tasks"]["record"]["cachingOptions"].get("enableCache") is not True
+
+
+def test_every_step_pod_carries_the_labels_its_egress_policy_selects(tmp_path):
+    """k8s/components/kfp-standalone selects step pods by these labels (test_k8s_manifests checks the
+    policy side): a step without them would run outside its egress policy."""
+    _, _, spec, platform = compiled(tmp_path, rounds=2)
+    executors = executors_of(platform)
+    assert set(executors) == set(spec["deploymentSpec"]["executors"])
+    for name, settings in executors.items():
+        assert settings["podMetadata"]["labels"] == STEP_POD_LABELS, name
 
 
 def test_long_experiments_are_segments_that_resume_from_their_predecessors_checkpoint(tmp_path):

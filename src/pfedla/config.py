@@ -70,7 +70,7 @@ class PipelineConfig:
     s3_secret: str = "pfedla-s3-credentials"
     mlflow_secret: str | None = None
     registered_model: str = "pfedla-personalized"
-    service_account: str = "pfedla-pipeline-runner"  # least-privilege account from k8s/base
+    service_account: str = "pfedla-pipeline-runner"  # least-privilege account, k8s/components/kfp-standalone
 
 
 @dataclass
