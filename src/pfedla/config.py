@@ -106,7 +106,7 @@ class ExperimentConfig:
     checkpoint_every: int = 1  # rounds between checkpoints (the last round is always checkpointed)
     max_failed_fraction: float = 0.5
     max_update_norm: float | None = None  # reject updates with a larger L2 norm (off by default)
-    update_norm_ratio: float | None = 10.0  # reject updates this many times the others' median norm
+    update_norm_ratio: float | None = 100.0  # reject updates this many times the others' median norm
     client_timeout: float | None = None  # seconds of local training per client and round (no limit)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
