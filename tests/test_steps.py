@@ -286,3 +286,16 @@ def test_random_reports_are_aggregated_or_left_out_and_the_state_stays_finite(tm
     if summary["failed_clients"] == 0:  # a weight FedAvg uses was accepted: it is the real count
         known = read(tmp_path / "shards.json")["data"]["num_train"][1]
         assert manifest["clients"]["1"]["num_samples"] == known
+
+
+def test_fedprox_through_the_steps_equals_the_simulation(tmp_path):
+    """The proximal coefficient travels with each client's start model to the client step."""
+    cfg = config_json(tmp_path, algorithms=["fedprox"], mu=0.5,
+                      pipeline={"data_root": str(tmp_path / "plane"), "algorithm": "fedprox"})
+    _, _, evaluation_manifest = run_steps(tmp_path, cfg)
+    evaluation, _ = steps.read_evaluation(steps.parse_config(cfg), evaluation_manifest)
+    simulated = run_experiment(steps.parse_config(cfg), progress=False, track=False).results["fedprox"]
+    assert evaluation["client_accuracies"] == simulated.client_accuracies
+    plain = config_from_dict({**json.loads(cfg), "mu": 0.0, "output_dir": str(tmp_path / "f")})
+    without_mu = run_experiment(plain, progress=False, track=False).results["fedprox"]
+    assert [h["train_loss"] for h in without_mu.history] != [h["train_loss"] for h in simulated.history]

@@ -32,6 +32,7 @@ class TrainSettings:
     batch_size: int
     lr: float
     timeout: float | None = None
+    proximal_mu: float = 0.0  # FedProx: gradient of (mu/2)·‖θ − θ_start‖² added to every step
 
 
 @dataclass
@@ -94,12 +95,14 @@ class LocalTrainer:
         with torch.no_grad():
             for flat, layer in zip(self.flat, start_layers, strict=True):
                 flat.copy_(layer)
-        loss_total = _sgd_epochs(self.model, self.params, train_x, train_y, settings, generator)
+        anchor = [p.detach().clone() for p in self.params] if settings.proximal_mu > 0 else None
+        loss_total = _sgd_epochs(self.model, self.params, train_x, train_y, settings, generator, anchor)
         return [flat.clone() for flat in self.flat], loss_total
 
 
 def _sgd_epochs(model: nn.Module, params: list[nn.Parameter], train_x: torch.Tensor, train_y: torch.Tensor,
-                settings: TrainSettings, generator: torch.Generator) -> float:
+                settings: TrainSettings, generator: torch.Generator,
+                anchor: list[torch.Tensor] | None = None) -> float:
     n = len(train_y)
     deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
     loss_total, batches = torch.zeros((), device=train_x.device), 0
@@ -114,6 +117,9 @@ def _sgd_epochs(model: nn.Module, params: list[nn.Parameter], train_x: torch.Ten
             loss = nn.functional.cross_entropy(model(train_x[batch]), train_y[batch])
             grads = torch.autograd.grad(loss, params)
             with torch.no_grad():  # θ ← θ − lr·∇, all parameters in one fused call
+                if anchor is not None:  # ∇ of (mu/2)·‖θ − θ_start‖² is mu·(θ − θ_start)
+                    drift = torch._foreach_sub(params, anchor)
+                    grads = torch._foreach_add(grads, drift, alpha=settings.proximal_mu)
                 torch._foreach_add_(params, grads, alpha=-settings.lr)
             loss_total += loss.detach()  # summed on-device: no sync per batch
             batches += 1

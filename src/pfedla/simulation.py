@@ -51,9 +51,9 @@ def participants(config: ExperimentConfig, round_idx: int) -> list[int]:
     return sorted(int(c) for c in rng.choice(config.clients, size=count, replace=False))
 
 
-def train_settings(config: ExperimentConfig) -> TrainSettings:
+def train_settings(config: ExperimentConfig, proximal_mu: float = 0.0) -> TrainSettings:
     return TrainSettings(epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
-                         timeout=config.client_timeout)
+                         timeout=config.client_timeout, proximal_mu=proximal_mu)
 
 
 def fit_client(
@@ -71,7 +71,8 @@ def fit_client(
     """
     train_x, train_y = train
     generator = torch_generator(config.seed, "train", round_idx, client_id)
-    trained, loss = trainer.train(instruction.layers, train_x, train_y, train_settings(config), generator)
+    settings = train_settings(config, instruction.proximal_mu)
+    trained, loss = trainer.train(instruction.layers, train_x, train_y, settings, generator)
     delta = [after - before for after, before in zip(trained, instruction.layers, strict=True)]
     return ClientUpdate(client_id, len(train_y), delta, loss)
 

@@ -216,7 +216,8 @@ def _configure(plane: DataPlane, config: ExperimentConfig, strategy: Strategy, r
     for client, instruction in strategy.configure_fit(round_idx, participants(config, round_idx)).items():
         model = plane.put_tensors(f"{round_folder(round_idx)}/models/client_{client}.safetensors",
                                   {f"layer.{i}": t for i, t in enumerate(instruction.layers)},
-                                  {"round": round_idx, "kept_local": sorted(instruction.kept_local)})
+                                  {"round": round_idx, "kept_local": sorted(instruction.kept_local),
+                                   "proximal_mu": instruction.proximal_mu})
         clients[str(client)] = {"model": model.to_dict(), "train": ref_at(shards, "train", client).to_dict(),
                                 "bytes_down": instruction.bytes_sent()}
     return {"round": round_idx, "data": _data_shape(shards), "state": state.to_dict(),
@@ -263,7 +264,8 @@ def _train_one(plane: DataPlane, config: ExperimentConfig, context: ModelContext
     train, _ = plane.get_tensors(ref_at(plan, "clients", client, "train"))
     if set(train) != {"x", "y"}:
         raise ArtifactError(f"the train split of client {client} lacks x or y")
-    instruction = FitInstruction([t.to(device) for t in start], frozenset(meta.get("kept_local", [])))
+    instruction = FitInstruction([t.to(device) for t in start], frozenset(meta.get("kept_local", [])),
+                                 float(meta.get("proximal_mu", 0.0)))
     update = fit_client(trainer, instruction, (train["x"].to(device), train["y"].to(device)), config,
                         round_idx, client)
     if problem := update_problem(update, config.max_update_norm):  # no need to upload what will be refused

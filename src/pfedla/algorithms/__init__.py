@@ -1,4 +1,4 @@
-"""Federated strategies: pfedla (with HeurpFedLA and a frozen ablation), fedavg, local."""
+"""Federated strategies: pfedla (with HeurpFedLA and a frozen ablation), fedavg, fedprox, local."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from pfedla.algorithms.base import FitInstruction, Strategy
 from pfedla.algorithms.fedavg import FedAvgStrategy
+from pfedla.algorithms.fedprox import FedProxStrategy
 from pfedla.algorithms.local import LocalStrategy
 from pfedla.algorithms.pfedla import PFedLAStrategy
 from pfedla.config import ExperimentConfig
@@ -20,6 +21,8 @@ def make_strategy(name: str, config: ExperimentConfig, init_layers: Sequence[tor
     """The named strategy, initialised from ``init_layers`` for ``config.clients`` clients."""
     if name == "fedavg":
         return FedAvgStrategy(init_layers)
+    if name == "fedprox":
+        return FedProxStrategy(init_layers, config.mu)
     if name == "local":
         return LocalStrategy(init_layers, config.clients)
     strategy = PFedLAStrategy(

@@ -17,11 +17,13 @@ class FitInstruction:
     """The model a client starts local training from this round.
 
     ``kept_local`` lists layers the client already holds (its own last model), so
-    they need not travel; every other layer is sent.
+    they need not travel; every other layer is sent. ``proximal_mu`` > 0 adds FedProx's
+    proximal term (mu/2)·‖θ − θ_start‖² to the client's loss.
     """
 
     layers: list[torch.Tensor]
     kept_local: frozenset[int] = field(default_factory=frozenset)
+    proximal_mu: float = 0.0
 
     def bytes_sent(self) -> int:
         return sum(
