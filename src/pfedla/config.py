@@ -339,8 +339,7 @@ def validate(config: ExperimentConfig) -> None:
     _require(config.hn_lr >= 0, "hn_lr", f"must be >= 0 (0 freezes the hypernetworks), got {config.hn_lr}")
     _require(config.embedding_dim >= 1, "embedding_dim", f"must be >= 1, got {config.embedding_dim}")
     _require(config.hidden_dim >= 1, "hidden_dim", f"must be >= 1, got {config.hidden_dim}")
-    _require(math.isfinite(config.mu) and config.mu >= 0, "mu",
-             f"must be a finite number >= 0 (0: fedprox is fedavg), got {config.mu}")
+    _require(config.mu >= 0, "mu", f"must be >= 0 (0: fedprox is fedavg), got {config.mu}")
     _require(config.heur_k >= 0, "heur_k", f"must be >= 0 (0 disables HeurpFedLA), got {config.heur_k}")
     _require(
         0.0 < config.test_fraction < 1.0,
