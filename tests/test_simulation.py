@@ -9,9 +9,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pfedla import storage
+from pfedla.client import EvalResult
 from pfedla.config import config_from_dict
 from pfedla.data.federated import class_overlap
-from pfedla.simulation import format_table, participants, run_experiment
+from pfedla.simulation import AlgorithmResult, accuracy_metrics, format_table, participants, run_experiment
 
 
 def small_config(tmp_path, **extra):
@@ -31,6 +32,7 @@ def test_outputs_follow_the_contract_and_are_tracked(tmp_path, monkeypatch):
     for entry in summary.values():
         assert len(entry["client_accuracies"]) == 4 and entry["rounds"] == 3 and entry["wall_seconds"] > 0
         assert 0.0 <= entry["mean_accuracy"] <= 1.0
+        assert entry["client_mean_accuracy"] == pytest.approx(np.mean(entry["client_accuracies"]))
     partition = json.loads((out / "partition.json").read_text())["clients"]
     assert len(partition) == 4 and all(len(c["train"]) == 10 for c in partition)
     alpha = np.load(out / "layer_weights.npy")
@@ -46,8 +48,12 @@ def test_outputs_follow_the_contract_and_are_tracked(tmp_path, monkeypatch):
     history = client.get_metric_history(run.info.run_id, "accuracy_mean")
     assert [m.step for m in history] == [0, 1, 2]
     for name in ("bytes_down", "bytes_up", "round_seconds", "alpha_entropy", "alpha_self_weight",
-                 "failed_clients", "accuracy_min", "accuracy_max", "loss_mean"):
+                 "failed_clients", "accuracy_client_mean", "accuracy_min", "accuracy_max", "loss_mean"):
         assert len(client.get_metric_history(run.info.run_id, name)) == 3, name
+    for metric, key in (("final_accuracy_mean", "mean_accuracy"),
+                        ("final_accuracy_client_mean", "client_mean_accuracy")):
+        (final_metric,) = client.get_metric_history(run.info.run_id, metric)
+        assert (final_metric.step, final_metric.value) == (3, summary["pfedla"][key]), metric
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "layer_weights")}
     assert artifacts == {"layer_weights/round_0002", "layer_weights/round_0003"}
     final = {a.path for a in client.list_artifacts(run.info.run_id, "layer_weights/round_0003")}
@@ -55,6 +61,27 @@ def test_outputs_follow_the_contract_and_are_tracked(tmp_path, monkeypatch):
     assert sum(p.endswith(".png") for p in final) == 4
     assert {a.path for a in client.list_artifacts(run.info.run_id, "models")} == {"models/pfedla.safetensors"}
     assert "pfedla" in format_table(outcome.results)
+
+
+def test_sample_weighted_and_client_mean_accuracies_follow_their_definitions():
+    """Clients with unequal test sizes: the two means differ, and each is what its name says."""
+    results = [EvalResult(correct=9, loss_sum=2.0, count=10), EvalResult(correct=1, loss_sum=3.0, count=4),
+               EvalResult(correct=30, loss_sum=1.0, count=40)]
+    metrics = accuracy_metrics(results)
+    per_client = [r.correct / r.count for r in results]
+    weighted = sum(r.correct for r in results) / sum(r.count for r in results)
+    assert metrics["accuracy_mean"] == pytest.approx(weighted)
+    assert metrics["accuracy_client_mean"] == pytest.approx(sum(per_client) / len(per_client))
+    assert abs(metrics["accuracy_mean"] - metrics["accuracy_client_mean"]) > 0.01
+    result = AlgorithmResult("local", per_client, metrics["accuracy_mean"], rounds=1, wall_seconds=1.0)
+    assert result.client_mean_accuracy == metrics["accuracy_client_mean"]
+    summary = result.summary()
+    assert (summary["mean_accuracy"], summary["client_mean_accuracy"]) == (
+        metrics["accuracy_mean"], metrics["accuracy_client_mean"])
+    header, _, row, legend = format_table({"local": result}).splitlines()
+    assert header.split()[1:3] == ["sample", "acc"] and "client acc" in header
+    assert row.split()[1:3] == [f"{weighted:.4f}", f"{sum(per_client) / len(per_client):.4f}"]
+    assert "weighted by test size" in legend and "unweighted" in legend
 
 
 def test_tracking_uri_from_the_environment_wins(tmp_path, monkeypatch):
@@ -433,7 +460,7 @@ def test_mlflow_is_consistent_after_a_kill_at_any_point_of_the_finish(tmp_path, 
     assert statuses.pop(final_id) == "FINISHED"
     assert set(statuses.values()) <= {"KILLED"}  # an orphan is closed, never left RUNNING
     assert bool(statuses) == needle.startswith("round_"), statuses
-    for metric in ("final_accuracy_mean", "clients", "accuracy_mean"):
+    for metric in ("final_accuracy_mean", "final_accuracy_client_mean", "clients", "accuracy_mean"):
         steps = [m.step for m in store.get_metric_history(final_id, metric)]
         assert sorted(steps) == ([2] if metric.startswith("final") else [0, 1]), metric
     assert (store.get_metric_history(final_id, "final_accuracy_mean")[0].value

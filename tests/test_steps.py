@@ -80,6 +80,10 @@ def test_steps_reproduce_the_simulation_exactly(tmp_path):
     history = evaluation["history"]
     assert [h["round"] for h in history] == [0, 1]
     assert history[-1]["accuracy_mean"] == pytest.approx(evaluation["mean_accuracy"])
+    for key in ("accuracy_mean", "accuracy_client_mean"):
+        assert history[-1][key] == simulated.history[-1][key], key
+    assert evaluation["mean_accuracy"] == simulated.mean_accuracy
+    assert evaluation["client_mean_accuracy"] == simulated.client_mean_accuracy
     assert all(h["clients"] == 2.0 for h in history)  # 0.67 of 3 clients
     for ours, theirs in zip(history, simulated.history):
         assert ours["bytes_down"] == theirs["bytes_down"] and ours["bytes_up"] == theirs["bytes_up"]

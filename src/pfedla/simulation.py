@@ -37,7 +37,13 @@ from pfedla.errors import ArtifactError, PfedlaError, shown
 from pfedla.models import LayerLayout, build_model, initial_layers
 from pfedla.progress import RoundProgress
 from pfedla.seeding import numpy_rng, torch_generator
-from pfedla.tracking import FINAL_METRIC, Tracker, default_tracking_uri, relocate_local_store
+from pfedla.tracking import (
+    FINAL_CLIENT_MEAN_METRIC,
+    FINAL_METRIC,
+    Tracker,
+    default_tracking_uri,
+    relocate_local_store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +132,20 @@ def personalized_models(strategy: Strategy, layout: LayerLayout, num_clients: in
     }
 
 
+def client_mean(accuracies: Sequence[float]) -> float:
+    """The unweighted mean of per-client accuracies: every client counts once, whatever its test
+    size (what pFL papers report as the average personalized accuracy)."""
+    return sum(accuracies) / len(accuracies)
+
+
 def accuracy_metrics(results: Sequence[EvalResult]) -> dict[str, float]:
-    """Sample-weighted mean accuracy and loss, plus the worst and best client."""
+    """Mean accuracy weighted by test samples (``accuracy_mean``) and over clients
+    (``accuracy_client_mean``), the sample-weighted mean loss, and the worst and best client."""
     accuracies = [r.accuracy for r in results]
     total = sum(r.count for r in results)
     return {
         "accuracy_mean": sum(r.correct for r in results) / total,
+        "accuracy_client_mean": client_mean(accuracies),
         "accuracy_min": min(accuracies),
         "accuracy_max": max(accuracies),
         "loss_mean": sum(r.loss_sum for r in results) / total,
@@ -151,9 +165,15 @@ class AlgorithmResult:
     layer_weights: np.ndarray | None = None
     history: list[dict[str, float]] = field(default_factory=list)
 
+    @property
+    def client_mean_accuracy(self) -> float:
+        """The unweighted mean of ``client_accuracies`` (``mean_accuracy`` weights by test samples)."""
+        return client_mean(self.client_accuracies)
+
     def summary(self) -> dict:
         return {
             "mean_accuracy": self.mean_accuracy,
+            "client_mean_accuracy": self.client_mean_accuracy,
             "min_accuracy": min(self.client_accuracies),
             "max_accuracy": max(self.client_accuracies),
             "client_accuracies": self.client_accuracies,
@@ -314,23 +334,30 @@ class Simulation:
         if self.tracker:
             self.tracker.log_file(model_path, "models")
             self.tracker.log_file(state_path, "checkpoint")
-            self.tracker.log_metrics(self.config.rounds, {FINAL_METRIC: result.mean_accuracy,
-                                                          "wall_seconds": result.wall_seconds})
+            self.tracker.log_metrics(self.config.rounds, {
+                FINAL_METRIC: result.mean_accuracy, FINAL_CLIENT_MEAN_METRIC: result.client_mean_accuracy,
+                "wall_seconds": result.wall_seconds})
             self.tracker.end_run()
         storage.write_json(self.output_dir / "results" / f"{result.name}.json",
                            {**result.summary(), "history": result.history})
 
 
+TABLE_LEGEND = ("sample acc: correct over all clients' test samples (weighted by test size); "
+                "client acc: mean of per-client accuracies (unweighted)")
+
+
 def format_table(results: dict[str, AlgorithmResult]) -> str:
-    """The closing table: one row per algorithm."""
-    header = f"{'algorithm':<14}{'mean acc':>10}{'min acc':>10}{'max acc':>10}{'rounds':>8}{'wall s':>9}"
+    """The closing table: one row per algorithm, both mean accuracies, and a legend telling them apart."""
+    header = (f"{'algorithm':<14}{'sample acc':>12}{'client acc':>12}{'min acc':>10}{'max acc':>10}"
+              f"{'rounds':>8}{'wall s':>9}")
     rows = [header, "-" * len(header)]
     for r in results.values():
         rows.append(
-            f"{r.name:<14}{r.mean_accuracy:>10.4f}{min(r.client_accuracies):>10.4f}"
-            f"{max(r.client_accuracies):>10.4f}{r.rounds:>8d}{r.wall_seconds:>9.1f}"
+            f"{r.name:<14}{r.mean_accuracy:>12.4f}{r.client_mean_accuracy:>12.4f}"
+            f"{min(r.client_accuracies):>10.4f}{max(r.client_accuracies):>10.4f}{r.rounds:>8d}"
+            f"{r.wall_seconds:>9.1f}"
         )
-    return "\n".join(rows)
+    return "\n".join([*rows, TABLE_LEGEND])
 
 
 def _finished_result(output_dir: Path, name: str) -> AlgorithmResult | None:

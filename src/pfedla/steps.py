@@ -430,6 +430,7 @@ def evaluate(config_json: str, shards_in: str | Path, plan_in: str | Path, plan_
         folder = f"evaluations/round_{rounds_done:05d}"
         outcome["evaluation"] = plane.put_json(f"{folder}/evaluation.json", {
             "algorithm": strategy.name, "mean_accuracy": metrics["accuracy_mean"],
+            "client_mean_accuracy": metrics["accuracy_client_mean"],
             "client_accuracies": [r.accuracy for r in results], "rounds": rounds_done, "history": history,
         }).to_dict()
         if rounds_done >= config.rounds:  # only the experiment's end is logged and registered
@@ -515,7 +516,7 @@ def record(config_json: str, shards_in: str | Path, checkpoint_in: str | Path, e
     Only rounds the run does not hold yet are sent. The segment that finishes the experiment
     logs the personalized models, registers them as one model version and ends the run.
     """
-    from pfedla.tracking import Tracker, default_tracking_uri
+    from pfedla.tracking import FINAL_CLIENT_MEAN_METRIC, FINAL_METRIC, Tracker, default_tracking_uri
 
     config = parse_config(config_json)
     plane = data_plane(config)
@@ -545,7 +546,8 @@ def record(config_json: str, shards_in: str | Path, checkpoint_in: str | Path, e
     if not finished:  # the next segment continues this run
         tracker.flush()
         return run_id
-    tracker.log_metrics(rounds_done, {"final_accuracy_mean": evaluation["mean_accuracy"]})
+    tracker.log_metrics(rounds_done, {FINAL_METRIC: evaluation["mean_accuracy"],
+                                      FINAL_CLIENT_MEAN_METRIC: evaluation["client_mean_accuracy"]})
     tracker.log_bytes(plane.get_bytes(ref_at(manifest, "models")), "models/models.safetensors")
     tracker.register_models(config.pipeline.registered_model, "models")
     tracker.end_run()

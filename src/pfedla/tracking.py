@@ -23,6 +23,7 @@ from pfedla.errors import PfedlaError, without_credentials
 METRIC_FLUSH_ROUNDS = 10  # one log_batch call per this many rounds (and at the end)
 SENTINEL_METRIC = "clients"  # logged every round by both orchestrations: tells how far a run got
 FINAL_METRIC = "final_accuracy_mean"  # logged once, at step `rounds`, when a run's outputs are final
+FINAL_CLIENT_MEAN_METRIC = "final_accuracy_client_mean"  # beside it: the unweighted mean over clients
 
 
 def default_tracking_uri(output_dir: str | Path) -> str:
