@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from pfedla import steps, storage
 from pfedla.config import config_from_dict
+from pfedla.data import build_federated_data
 from pfedla.dataplane import ObjectRef
 from pfedla.errors import ArtifactError, PfedlaError
 from pfedla.simulation import RunAborted, run_experiment
@@ -103,6 +104,10 @@ def test_partition_stores_one_train_and_one_test_object_per_client(tmp_path):
     for client in range(3):
         train, test = (read_split(cfg, manifest, split, client) for split in ("train", "test"))
         assert set(train) == set(test) == {"x", "y"} and test["y"].numel() > 0
+    built = build_federated_data(steps.parse_config(cfg))  # the very tensors `pfedla run` trains on
+    for client, shard in enumerate(built.shards):
+        for split, x in (("train", shard.train_x), ("test", shard.test_x)):
+            assert torch.equal(read_split(cfg, manifest, split, client)["x"], x)
     assert [e["uri"].rsplit("/", 1)[1] for e in manifest["train"]] == [f"client_{c}.train.safetensors"
                                                                         for c in range(3)]
     assert len(manifest["transfers"]["objects_written"]) == 7  # 3 train, 3 test, partition.json
