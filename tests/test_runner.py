@@ -60,6 +60,7 @@ def assert_equal_to_simulation(summary, tmp_path, simulated):
     assert summary["mean_accuracy"] == simulated.mean_accuracy
     assert summary["client_mean_accuracy"] == simulated.client_mean_accuracy
     np.testing.assert_array_equal(np.load(tmp_path / "pipe" / "layer_weights.npy"), simulated.layer_weights)
+    assert (tmp_path / "pipe" / "layer_weights_raw.npy").exists() == (simulated.raw_layer_weights is not None)
 
 
 def client_steps(summary):

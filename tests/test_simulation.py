@@ -38,6 +38,7 @@ def test_outputs_follow_the_contract_and_are_tracked(tmp_path, monkeypatch):
     alpha = np.load(out / "layer_weights.npy")
     assert alpha.shape == (4, 4, 4)  # client, layer (conv1, conv2, fc1, fc2), source client
     np.testing.assert_allclose(alpha.sum(-1), 1.0, rtol=1e-5)
+    assert not (out / "layer_weights_raw.npy").exists()  # heur_k = 0: nothing masked, no second copy
     models, meta = storage.load_tensors(out / "models" / "pfedla.safetensors")
     assert meta["algorithm"] == "pfedla" and "client3.fc2.bias" in models
 
@@ -58,6 +59,7 @@ def test_outputs_follow_the_contract_and_are_tracked(tmp_path, monkeypatch):
     assert artifacts == {"layer_weights/round_0002", "layer_weights/round_0003"}
     final = {a.path for a in client.list_artifacts(run.info.run_id, "layer_weights/round_0003")}
     assert "layer_weights/round_0003/layer_weights.npy" in final
+    assert "layer_weights/round_0003/layer_weights_raw.npy" not in final
     assert sum(p.endswith(".png") for p in final) == 4
     assert {a.path for a in client.list_artifacts(run.info.run_id, "models")} == {"models/pfedla.safetensors"}
     assert "pfedla" in format_table(outcome.results)
@@ -110,6 +112,26 @@ def test_heurpfedla_sends_fewer_bytes(tmp_path):
     down_heur = heur.results["pfedla"].history[0]["bytes_down"]
     assert 0 < down_heur < down_plain
     assert heur.results["pfedla"].history[0]["bytes_up"] == plain.results["pfedla"].history[0]["bytes_up"]
+
+
+def test_heurpfedla_records_the_hypernetworks_alpha_beside_the_masked_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    outcome = run_experiment(small_config(tmp_path, algorithms=["pfedla"], heur_k=1, rounds=2),
+                             progress=False)
+    result, out = outcome.results["pfedla"], tmp_path / "out"
+    masked, raw = np.load(out / "layer_weights.npy"), np.load(out / "layer_weights_raw.npy")
+    np.testing.assert_array_equal(masked, result.layer_weights)
+    np.testing.assert_array_equal(raw, result.raw_layer_weights)
+    assert raw.shape == masked.shape == (4, 4, 4)
+    np.testing.assert_allclose(raw.sum(-1), 1.0, rtol=1e-5)
+    differs = (raw != masked).any(-1)  # [client, layer]: exactly the one layer each client kept local
+    assert (differs.sum(1) == 1).all()
+    kept = differs.argmax(1)
+    np.testing.assert_array_equal(masked[np.arange(4), kept], np.eye(4))
+    client = MlflowClient(outcome.tracking_uri)
+    stored = client.download_artifacts(result.run_id, "layer_weights/round_0002/layer_weights_raw.npy",
+                                       str(tmp_path))
+    np.testing.assert_array_equal(np.load(stored), raw)
 
 
 @pytest.mark.integration

@@ -138,6 +138,12 @@ def client_mean(accuracies: Sequence[float]) -> float:
     return sum(accuracies) / len(accuracies)
 
 
+def alpha_arrays(strategy: PFedLAStrategy) -> tuple[np.ndarray, np.ndarray | None]:
+    """α as aggregated with, and HeurpFedLA's α before its one-hot rows (None without HeurpFedLA)."""
+    raw = strategy.raw_layer_weights()
+    return strategy.layer_weights().cpu().numpy(), None if raw is None else raw.cpu().numpy()
+
+
 def accuracy_metrics(results: Sequence[EvalResult]) -> dict[str, float]:
     """Mean accuracy weighted by test samples (``accuracy_mean``) and over clients
     (``accuracy_client_mean``), the sample-weighted mean loss, and the worst and best client."""
@@ -163,6 +169,7 @@ class AlgorithmResult:
     wall_seconds: float
     run_id: str | None = None
     layer_weights: np.ndarray | None = None
+    raw_layer_weights: np.ndarray | None = None  # HeurpFedLA's α before the kept layers' one-hot rows
     history: list[dict[str, float]] = field(default_factory=list)
 
     @property
@@ -250,7 +257,7 @@ class Simulation:
             history=history,
         )
         if isinstance(strategy, PFedLAStrategy):
-            result.layer_weights = strategy.layer_weights().cpu().numpy()
+            result.layer_weights, result.raw_layer_weights = alpha_arrays(strategy)
         self.save_outputs(strategy, result)
         return result
 
@@ -284,8 +291,8 @@ class Simulation:
         self.tracker.log_metrics(round_idx, metrics)
         heatmap_due = last or (round_idx + 1) % self.config.heatmap_every == 0
         if isinstance(strategy, PFedLAStrategy) and heatmap_due:
-            self.tracker.log_layer_weights(strategy.layer_weights().cpu().numpy(), self.layout.names,
-                                           f"round_{round_idx + 1:04d}")
+            alpha, raw = alpha_arrays(strategy)
+            self.tracker.log_layer_weights(alpha, self.layout.names, f"round_{round_idx + 1:04d}", raw)
 
     def train_round_clients(self, instructions: dict[int, FitInstruction], round_idx: int
                             ) -> tuple[list[ClientUpdate], list[ClientFailure]]:
@@ -326,11 +333,12 @@ class Simulation:
         state_path = self.output_dir / "checkpoints" / f"{result.name}.safetensors"
         storage.save_tensors(state_path, strategy.state_dict(),
                              {"algorithm": result.name, "rounds": result.rounds})
-        if result.layer_weights is not None:
-            suffix = "" if result.name == "pfedla" else f"_{result.name}"
-            buffer = io.BytesIO()
-            np.save(buffer, result.layer_weights)
-            storage.write_bytes(self.output_dir / f"layer_weights{suffix}.npy", buffer.getvalue())
+        for raw, weights in ((False, result.layer_weights), (True, result.raw_layer_weights)):
+            if weights is not None:
+                buffer = io.BytesIO()
+                np.save(buffer, weights)
+                storage.write_bytes(self.output_dir / rundir.layer_weights_file(result.name, raw),
+                                    buffer.getvalue())
         if self.tracker:
             self.tracker.log_file(model_path, "models")
             self.tracker.log_file(state_path, "checkpoint")
@@ -365,17 +373,18 @@ def _finished_result(output_dir: Path, name: str) -> AlgorithmResult | None:
     if not path.is_file():
         return None
     saved = storage.read_json(path)
-    weights_file = output_dir / ("layer_weights.npy" if name == "pfedla" else f"layer_weights_{name}.npy")
+    weights_file, raw_file = (output_dir / rundir.layer_weights_file(name, raw) for raw in (False, True))
     try:
         return AlgorithmResult(
             name=name, client_accuracies=saved["client_accuracies"], mean_accuracy=saved["mean_accuracy"],
             rounds=saved["rounds"], wall_seconds=saved["wall_seconds"], run_id=saved["mlflow_run_id"],
             layer_weights=np.load(weights_file, allow_pickle=False) if weights_file.is_file() else None,
+            raw_layer_weights=np.load(raw_file, allow_pickle=False) if raw_file.is_file() else None,
             history=saved["history"],
         )
     except (KeyError, TypeError, ValueError, OSError) as error:
-        raise ArtifactError(f"{path} (or {weights_file.name}) is damaged: {shown(error)}; start over "
-                            "with --overwrite") from None
+        raise ArtifactError(f"{path} (or {weights_file.name}, {raw_file.name}) is damaged: {shown(error)}; "
+                            "start over with --overwrite") from None
 
 
 def load_run_config(output_dir: str | Path) -> ExperimentConfig:
