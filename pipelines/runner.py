@@ -45,7 +45,8 @@ def run_local(config: ExperimentConfig, pipeline_root: str | Path | None = None)
     """Run every segment of the pipeline here (kfp.local, one subprocess per step), one after another.
 
     Writes ``summary.json`` (the shape of ``pfedla run``'s, for the pipeline's algorithm, plus
-    the bytes each step moved) and, for pFedLA, ``layer_weights.npy`` into ``config.output_dir``;
+    the bytes each step moved) and, for pFedLA, ``layer_weights.npy`` (and with HeurpFedLA
+    ``layer_weights_raw.npy``) into ``config.output_dir``;
     returns the summary. Without ``pipeline.data_root`` the data plane is ``output_dir/data-plane``.
     """
     from kfp import local
@@ -74,7 +75,7 @@ def run_local(config: ExperimentConfig, pipeline_root: str | Path | None = None)
         # this run's own folder: a reused pipeline root also holds earlier runs
         run_folder = segment_root / Path(task.output.path).relative_to(segment_root).parts[0]
         steps += step_manifests(run_folder)
-    evaluation, alpha = read_evaluation(local_config, task.output.path)
+    evaluation, weights = read_evaluation(local_config, task.output.path)
     result = AlgorithmResult(
         name=config.pipeline.algorithm, client_accuracies=evaluation["client_accuracies"],
         mean_accuracy=evaluation["mean_accuracy"], rounds=evaluation["rounds"],
@@ -86,8 +87,10 @@ def run_local(config: ExperimentConfig, pipeline_root: str | Path | None = None)
     summary = {result.name: {**result.summary(), "orchestration": "kfp.local", "data_plane": data_root,
                              "segments": len(chain), "data_movement": movement}}
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if alpha is not None:
-        np.save(output_dir / "layer_weights.npy", alpha)
+    if weights is not None:
+        np.save(output_dir / "layer_weights.npy", weights.alpha)
+        if weights.raw is not None:
+            np.save(output_dir / "layer_weights_raw.npy", weights.raw)
     return summary
 
 

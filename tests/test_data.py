@@ -13,8 +13,8 @@ from pfedla.cli import main
 from pfedla.config import config_from_dict
 from pfedla.data import build_federated_data
 from pfedla.data import partition as part
-from pfedla.data.federated import class_overlap
-from pfedla.data.sources import load_digits, read_idx
+from pfedla.data.federated import class_overlap, client_splits, standardized_shards
+from pfedla.data.sources import PooledDataset, feature_statistics, load_digits, read_idx
 from pfedla.errors import DataError
 from pfedla.storage import StorageError
 
@@ -161,10 +161,45 @@ def test_corrupt_or_missing_mnist_gives_data_errors(tmp_path):
         build_federated_data(missing)
 
 
-def test_digits_are_standardized_tensors():
+def test_digits_load_as_float_tensors_of_their_raw_values():
+    from sklearn.datasets import load_digits as sklearn_digits
+
     pooled = load_digits()
     assert pooled.features.shape == (1797, 1, 8, 8) and pooled.features.dtype == torch.float32
-    assert abs(float(pooled.features.mean())) < 1e-4
+    assert torch.equal(pooled.features, torch.from_numpy(sklearn_digits().images).float()[:, None])
+
+
+def test_feature_statistics_of_parts_equal_those_of_their_concatenation():
+    generator = torch.Generator().manual_seed(0)
+    parts = [torch.rand(n, 3, generator=generator) * 50 + 1000 for n in (1, 7, 0, 40)]  # far from zero
+    mean, std = feature_statistics(parts)
+    whole = torch.cat(parts).double()
+    assert mean == pytest.approx(float(whole.mean()), rel=1e-12)
+    assert std == pytest.approx(float(whole.std()), rel=1e-9)
+
+
+def test_normalization_statistics_come_from_the_train_splits_only():
+    """Test pixels must not shape what clients train on: the mean and std come from the union of all
+    clients' train splits, and both splits are scaled with them."""
+    config = config_from_dict({"clients": 5, "partition": {"kind": "dirichlet", "alpha": 0.5}})
+    pooled = load_digits()
+    splits = client_splits(config, pooled.labels.numpy())
+    shards = standardized_shards(pooled, splits)
+    values = torch.cat([s.train_x.flatten() for s in shards]).double()
+    assert abs(float(values.mean())) < 1e-5 and float(values.std()) == pytest.approx(1.0, abs=1e-5)
+    raw_train = pooled.features[torch.from_numpy(np.concatenate([train for train, _ in splits]))].double()
+    mean, std = float(raw_train.mean()), float(raw_train.std())
+    for (_, test), shard in zip(splits, shards, strict=True):  # test samples: scaled like the train ones
+        torch.testing.assert_close(shard.test_x, (pooled.features[torch.from_numpy(test)] - mean) / std)
+    test_rows = torch.from_numpy(np.concatenate([test for _, test in splits]))
+    changed = PooledDataset(pooled.features.clone(), pooled.labels, pooled.num_classes)
+    changed.features[test_rows] = changed.features[test_rows] * 3 + 7  # only test pixels change
+    for before, after in zip(shards, standardized_shards(changed, splits), strict=True):
+        assert torch.equal(before.train_x, after.train_x)
+        assert not torch.equal(before.test_x, after.test_x)
+    built = build_federated_data(config)  # what both orchestrations use
+    for made, expected in zip(built.shards, shards, strict=True):
+        assert torch.equal(made.train_x, expected.train_x) and torch.equal(made.test_x, expected.test_x)
 
 
 # -- damaged or unusable IDX files: one error line naming the file, before any training ----------------------

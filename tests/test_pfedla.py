@@ -10,7 +10,7 @@ from pfedla.algorithms.fedavg import FedAvgStrategy
 from pfedla.client import ClientUpdate
 from pfedla.config import config_from_dict
 from pfedla.data import ClientShard, FederatedData
-from pfedla.data.sources import load_digits
+from pfedla.data.sources import feature_statistics, load_digits, standardize
 from pfedla.models import initial_layers
 from pfedla.simulation import Simulation
 
@@ -158,6 +158,25 @@ def test_heurpfedla_keeps_exactly_k_layers_local(k):
         torch.testing.assert_close(g1[name], g2[name])
 
 
+def test_heurpfedla_raw_alpha_is_the_hypernetworks_output_and_differs_only_on_kept_layers():
+    strategy = strategy_for(heur_k=1)
+    raw, masked = strategy.raw_layer_weights(), strategy.layer_weights()
+    everyone = torch.arange(5)
+    torch.testing.assert_close(raw, strategy.hypernetworks(everyone).detach(), rtol=0, atol=0)
+    for alpha in (raw, masked):
+        torch.testing.assert_close(alpha.sum(-1), torch.ones(5, 3))
+    for client in range(5):
+        kept = int(raw[client, :, client].argmax())  # k=1: the layer it trusts itself most in
+        own = torch.nn.functional.one_hot(torch.tensor(client), 5).float()
+        for layer in range(3):
+            if layer == kept:
+                assert torch.equal(masked[client, layer], own)
+                assert not torch.equal(raw[client, layer], own)
+            else:
+                assert torch.equal(masked[client, layer], raw[client, layer])
+    assert strategy_for(heur_k=0).raw_layer_weights() is None  # nothing is masked: α is all there is
+
+
 def test_clients_outside_the_round_keep_their_hypernetwork_exactly():
     strategy = strategy_for(hn_lr=0.05)
     before = {k: p.detach().clone() for k, p in strategy.hypernetworks.named_parameters()}
@@ -185,11 +204,13 @@ def test_state_dict_round_trip_restores_the_server():
 def clustered_data(num_clients=8, seed=0) -> FederatedData:
     """Digits split iid; the second half of the clients sees labels shifted by 5 (another task)."""
     pooled = load_digits()
+    # the sign check does not depend on which samples the scaling comes from: all of them here
+    features = standardize(pooled.features, *feature_statistics([pooled.features]))
     rng = np.random.default_rng(seed)
     order = torch.from_numpy(rng.permutation(len(pooled.labels)))
     shards = []
     for client, part in enumerate(torch.tensor_split(order, num_clients)):
-        x, y = pooled.features[part], pooled.labels[part]
+        x, y = features[part], pooled.labels[part]
         if client >= num_clients // 2:
             y = (y + 5) % 10
         cut = len(y) * 3 // 4

@@ -76,7 +76,7 @@ def test_resume_needs_a_run_json_and_creates_nothing(tmp_path):
 
 def test_overwrite_removes_only_the_files_a_run_writes(tmp_path):
     for name in ("summary.json", "results/pfedla.json", "results/mine.json", "models/pfedla.safetensors",
-                 "layer_weights.npy", "layer_weights_extra.npy", "notes.txt"):
+                 "layer_weights.npy", "layer_weights_raw.npy", "layer_weights_extra.npy", "notes.txt"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text(name)
     rundir.remove_outputs(tmp_path, ["pfedla"])

@@ -59,7 +59,10 @@ def run_pipeline(raw, faults, monkeypatch, tmp_path):
 
 def assert_equal_to_simulation(summary, tmp_path, simulated):
     assert summary["client_accuracies"] == simulated.client_accuracies  # exactly, on CPU
+    assert summary["mean_accuracy"] == simulated.mean_accuracy
+    assert summary["client_mean_accuracy"] == simulated.client_mean_accuracy
     np.testing.assert_array_equal(np.load(tmp_path / "pipe" / "layer_weights.npy"), simulated.layer_weights)
+    assert (tmp_path / "pipe" / "layer_weights_raw.npy").exists() == (simulated.raw_layer_weights is not None)
 
 
 def client_steps(summary):
@@ -96,9 +99,10 @@ def test_faulty_clients_one_per_pod_match_the_simulation_and_move_only_their_own
     assert [h["failed_clients"] for h in simulated.history] == [3.0, 3.0]
     tracked = MlflowClient(f"sqlite:///{tmp_path / 'pipe' / 'mlflow.db'}")
     (run,) = tracked.search_runs([tracked.get_experiment_by_name(raw["experiment_name"]).experiment_id])
-    accuracy = tracked.get_metric_history(run.info.run_id, "accuracy_mean")  # evaluated inside the run too
-    expected = [(r, h["accuracy_mean"]) for r, h in enumerate(simulated.history)]
-    assert [(m.step, m.value) for m in accuracy] == expected
+    for metric in ("accuracy_mean", "accuracy_client_mean"):  # evaluated inside the run too
+        accuracy = tracked.get_metric_history(run.info.run_id, metric)
+        expected = [(r, h[metric]) for r, h in enumerate(simulated.history)]
+        assert [(m.step, m.value) for m in accuracy] == expected, metric
     assert [m.value for m in tracked.get_metric_history(run.info.run_id, "failed_clients")] == [3.0, 3.0]
 
     prefix = Path(summary["data_plane"]) / "runs" / raw["experiment_name"] / experiment_key(config)
@@ -156,6 +160,8 @@ def test_chained_segments_with_three_clients_per_pod_on_s3_match_the_simulation_
     assert [m.step for m in client.get_metric_history(run.info.run_id, "accuracy_mean")] == [0, 1]
     assert client.get_metric_history(run.info.run_id, "final_accuracy_mean")[0].value == \
         pytest.approx(summary["mean_accuracy"])
+    assert client.get_metric_history(run.info.run_id, "final_accuracy_client_mean")[0].value == \
+        pytest.approx(summary["client_mean_accuracy"])
     versions = client.search_model_versions(f"name='{raw['pipeline']['registered_model']}'")
     assert [v.run_id for v in versions] == [run.info.run_id]  # one version, when the experiment finished
 

@@ -9,9 +9,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pfedla import storage
+from pfedla.client import EvalResult
 from pfedla.config import config_from_dict
 from pfedla.data.federated import class_overlap
-from pfedla.simulation import format_table, participants, run_experiment
+from pfedla.simulation import AlgorithmResult, accuracy_metrics, format_table, participants, run_experiment
 
 
 def small_config(tmp_path, **extra):
@@ -31,11 +32,13 @@ def test_outputs_follow_the_contract_and_are_tracked(tmp_path, monkeypatch):
     for entry in summary.values():
         assert len(entry["client_accuracies"]) == 4 and entry["rounds"] == 3 and entry["wall_seconds"] > 0
         assert 0.0 <= entry["mean_accuracy"] <= 1.0
+        assert entry["client_mean_accuracy"] == pytest.approx(np.mean(entry["client_accuracies"]))
     partition = json.loads((out / "partition.json").read_text())["clients"]
     assert len(partition) == 4 and all(len(c["train"]) == 10 for c in partition)
     alpha = np.load(out / "layer_weights.npy")
     assert alpha.shape == (4, 4, 4)  # client, layer (conv1, conv2, fc1, fc2), source client
     np.testing.assert_allclose(alpha.sum(-1), 1.0, rtol=1e-5)
+    assert not (out / "layer_weights_raw.npy").exists()  # heur_k = 0: nothing masked, no second copy
     models, meta = storage.load_tensors(out / "models" / "pfedla.safetensors")
     assert meta["algorithm"] == "pfedla" and "client3.fc2.bias" in models
 
@@ -46,15 +49,41 @@ def test_outputs_follow_the_contract_and_are_tracked(tmp_path, monkeypatch):
     history = client.get_metric_history(run.info.run_id, "accuracy_mean")
     assert [m.step for m in history] == [0, 1, 2]
     for name in ("bytes_down", "bytes_up", "round_seconds", "alpha_entropy", "alpha_self_weight",
-                 "failed_clients", "accuracy_min", "accuracy_max", "loss_mean"):
+                 "failed_clients", "accuracy_client_mean", "accuracy_min", "accuracy_max", "loss_mean"):
         assert len(client.get_metric_history(run.info.run_id, name)) == 3, name
+    for metric, key in (("final_accuracy_mean", "mean_accuracy"),
+                        ("final_accuracy_client_mean", "client_mean_accuracy")):
+        (final_metric,) = client.get_metric_history(run.info.run_id, metric)
+        assert (final_metric.step, final_metric.value) == (3, summary["pfedla"][key]), metric
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "layer_weights")}
     assert artifacts == {"layer_weights/round_0002", "layer_weights/round_0003"}
     final = {a.path for a in client.list_artifacts(run.info.run_id, "layer_weights/round_0003")}
     assert "layer_weights/round_0003/layer_weights.npy" in final
+    assert "layer_weights/round_0003/layer_weights_raw.npy" not in final
     assert sum(p.endswith(".png") for p in final) == 4
     assert {a.path for a in client.list_artifacts(run.info.run_id, "models")} == {"models/pfedla.safetensors"}
     assert "pfedla" in format_table(outcome.results)
+
+
+def test_sample_weighted_and_client_mean_accuracies_follow_their_definitions():
+    """Clients with unequal test sizes: the two means differ, and each is what its name says."""
+    results = [EvalResult(correct=9, loss_sum=2.0, count=10), EvalResult(correct=1, loss_sum=3.0, count=4),
+               EvalResult(correct=30, loss_sum=1.0, count=40)]
+    metrics = accuracy_metrics(results)
+    per_client = [r.correct / r.count for r in results]
+    weighted = sum(r.correct for r in results) / sum(r.count for r in results)
+    assert metrics["accuracy_mean"] == pytest.approx(weighted)
+    assert metrics["accuracy_client_mean"] == pytest.approx(sum(per_client) / len(per_client))
+    assert abs(metrics["accuracy_mean"] - metrics["accuracy_client_mean"]) > 0.01
+    result = AlgorithmResult("local", per_client, metrics["accuracy_mean"], rounds=1, wall_seconds=1.0)
+    assert result.client_mean_accuracy == metrics["accuracy_client_mean"]
+    summary = result.summary()
+    assert (summary["mean_accuracy"], summary["client_mean_accuracy"]) == (
+        metrics["accuracy_mean"], metrics["accuracy_client_mean"])
+    header, _, row, legend = format_table({"local": result}).splitlines()
+    assert header.split()[1:3] == ["sample", "acc"] and "client acc" in header
+    assert row.split()[1:3] == [f"{weighted:.4f}", f"{sum(per_client) / len(per_client):.4f}"]
+    assert "weighted by test size" in legend and "unweighted" in legend
 
 
 def test_tracking_uri_from_the_environment_wins(tmp_path, monkeypatch):
@@ -83,6 +112,26 @@ def test_heurpfedla_sends_fewer_bytes(tmp_path):
     down_heur = heur.results["pfedla"].history[0]["bytes_down"]
     assert 0 < down_heur < down_plain
     assert heur.results["pfedla"].history[0]["bytes_up"] == plain.results["pfedla"].history[0]["bytes_up"]
+
+
+def test_heurpfedla_records_the_hypernetworks_alpha_beside_the_masked_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    outcome = run_experiment(small_config(tmp_path, algorithms=["pfedla"], heur_k=1, rounds=2),
+                             progress=False)
+    result, out = outcome.results["pfedla"], tmp_path / "out"
+    masked, raw = np.load(out / "layer_weights.npy"), np.load(out / "layer_weights_raw.npy")
+    np.testing.assert_array_equal(masked, result.layer_weights)
+    np.testing.assert_array_equal(raw, result.raw_layer_weights)
+    assert raw.shape == masked.shape == (4, 4, 4)
+    np.testing.assert_allclose(raw.sum(-1), 1.0, rtol=1e-5)
+    differs = (raw != masked).any(-1)  # [client, layer]: exactly the one layer each client kept local
+    assert (differs.sum(1) == 1).all()
+    kept = differs.argmax(1)
+    np.testing.assert_array_equal(masked[np.arange(4), kept], np.eye(4))
+    client = MlflowClient(outcome.tracking_uri)
+    stored = client.download_artifacts(result.run_id, "layer_weights/round_0002/layer_weights_raw.npy",
+                                       str(tmp_path))
+    np.testing.assert_array_equal(np.load(stored), raw)
 
 
 @pytest.mark.integration
@@ -280,8 +329,9 @@ def test_too_many_failures_abort_with_a_clear_error_and_keep_the_last_checkpoint
 
 
 def test_a_client_past_client_timeout_is_left_out_like_an_absent_one(tmp_path, monkeypatch, caplog):
-    """Fault injection: a forward hook makes every batch of client 2 take 1.2 s; the limit is 3 s, so
-    honest clients (18 batches in well under a second) keep a wide margin on a loaded machine."""
+    """Fault injection: a forward hook makes every batch of client 2 take 7 s; the limit is 6 s, so
+    honest clients (18 batches in well under a second alone) keep a wide margin on a loaded machine
+    (one took 3.1 s while other test suites shared the 2 cores)."""
     import logging
     import time
 
@@ -295,19 +345,19 @@ def test_a_client_past_client_timeout_is_left_out_like_an_absent_one(tmp_path, m
                 return real_fit(trainer, instruction, shard, config, round_idx, client_id)
             if slow_or_absent == "absent":
                 raise RuntimeError("absent")
-            hook = trainer.model.register_forward_pre_hook(lambda *_: time.sleep(1.2))
+            hook = trainer.model.register_forward_pre_hook(lambda *_: time.sleep(7.0))
             try:
                 return real_fit(trainer, instruction, shard, config, round_idx, client_id)
             finally:
                 hook.remove()
         return fit_client
 
-    raw = {"clients": 4, "rounds": 2, "device": "cpu", "algorithms": ["pfedla"], "client_timeout": 3.0,
+    raw = {"clients": 4, "rounds": 2, "device": "cpu", "algorithms": ["pfedla"], "client_timeout": 6.0,
            "output_dir": str(tmp_path / "out")}
     monkeypatch.setattr(simulation, "fit_client", fit("slow"))
     with caplog.at_level(logging.WARNING, logger="pfedla"):
         slow = run_experiment(config_from_dict(raw), progress=False, track=False).results["pfedla"]
-    assert re.search(r"client 2 left out: timed out: \d of 18 batches done when client_timeout=3 s ran out",
+    assert re.search(r"client 2 left out: timed out: \d of 18 batches done when client_timeout=6 s ran out",
                      caplog.text)
     assert [h["failed_clients"] for h in slow.history] == [1.0, 1.0]
     monkeypatch.setattr(simulation, "fit_client", fit("absent"))
@@ -433,7 +483,7 @@ def test_mlflow_is_consistent_after_a_kill_at_any_point_of_the_finish(tmp_path, 
     assert statuses.pop(final_id) == "FINISHED"
     assert set(statuses.values()) <= {"KILLED"}  # an orphan is closed, never left RUNNING
     assert bool(statuses) == needle.startswith("round_"), statuses
-    for metric in ("final_accuracy_mean", "clients", "accuracy_mean"):
+    for metric in ("final_accuracy_mean", "final_accuracy_client_mean", "clients", "accuracy_mean"):
         steps = [m.step for m in store.get_metric_history(final_id, metric)]
         assert sorted(steps) == ([2] if metric.startswith("final") else [0, 1]), metric
     assert (store.get_metric_history(final_id, "final_accuracy_mean")[0].value

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from pfedla import steps, storage
 from pfedla.config import config_from_dict
+from pfedla.data import build_federated_data
 from pfedla.dataplane import ObjectRef
 from pfedla.errors import ArtifactError, PfedlaError
 from pfedla.simulation import RunAborted, run_experiment
@@ -73,13 +74,18 @@ def run_steps(tmp_path, cfg):
 def test_steps_reproduce_the_simulation_exactly(tmp_path):
     cfg = config_json(tmp_path)
     _, final_plan, evaluation_manifest = run_steps(tmp_path, cfg)
-    evaluation, alpha = steps.read_evaluation(steps.parse_config(cfg), evaluation_manifest)
+    evaluation, weights = steps.read_evaluation(steps.parse_config(cfg), evaluation_manifest)
     simulated = run_experiment(steps.parse_config(cfg), progress=False, track=False).results["pfedla"]
     assert evaluation["client_accuracies"] == simulated.client_accuracies
-    np.testing.assert_array_equal(alpha, simulated.layer_weights)
+    np.testing.assert_array_equal(weights.alpha, simulated.layer_weights)
+    np.testing.assert_array_equal(weights.raw, simulated.raw_layer_weights)  # heur_k=1: both are kept
     history = evaluation["history"]
     assert [h["round"] for h in history] == [0, 1]
     assert history[-1]["accuracy_mean"] == pytest.approx(evaluation["mean_accuracy"])
+    for key in ("accuracy_mean", "accuracy_client_mean"):
+        assert history[-1][key] == simulated.history[-1][key], key
+    assert evaluation["mean_accuracy"] == simulated.mean_accuracy
+    assert evaluation["client_mean_accuracy"] == simulated.client_mean_accuracy
     assert all(h["clients"] == 2.0 for h in history)  # 0.67 of 3 clients
     for ours, theirs in zip(history, simulated.history):
         assert ours["bytes_down"] == theirs["bytes_down"] and ours["bytes_up"] == theirs["bytes_up"]
@@ -87,6 +93,25 @@ def test_steps_reproduce_the_simulation_exactly(tmp_path):
     models, _ = plane.get_tensors(ObjectRef.from_dict(read(evaluation_manifest)["models"], "models"))
     assert "client2.fc2.weight" in models
     assert read(final_plan)["round"] == 2 and read(final_plan)["clients"] == {}
+
+
+def test_record_logs_both_final_means_and_both_alphas_to_mlflow(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg = config_json(tmp_path)
+    shards, final_plan, evaluation_manifest = run_steps(tmp_path, cfg)
+    steps.checkpoint(cfg, final_plan, tmp_path / "checkpoint.json")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = steps.record(cfg, shards, tmp_path / "checkpoint.json", evaluation_manifest, uri)
+    evaluation, weights = steps.read_evaluation(steps.parse_config(cfg), evaluation_manifest)
+    client = MlflowClient(uri)
+    for metric, key in (("final_accuracy_mean", "mean_accuracy"),
+                        ("final_accuracy_client_mean", "client_mean_accuracy")):
+        (final,) = client.get_metric_history(run_id, metric)
+        assert (final.step, final.value) == (2, evaluation[key]), metric
+    for name, expected in (("layer_weights.npy", weights.alpha), ("layer_weights_raw.npy", weights.raw)):
+        stored = client.download_artifacts(run_id, f"layer_weights/round_0002/{name}", str(tmp_path))
+        np.testing.assert_array_equal(np.load(stored), expected)
 
 
 def test_partition_stores_one_train_and_one_test_object_per_client(tmp_path):
@@ -99,6 +124,10 @@ def test_partition_stores_one_train_and_one_test_object_per_client(tmp_path):
     for client in range(3):
         train, test = (read_split(cfg, manifest, split, client) for split in ("train", "test"))
         assert set(train) == set(test) == {"x", "y"} and test["y"].numel() > 0
+    built = build_federated_data(steps.parse_config(cfg))  # the very tensors `pfedla run` trains on
+    for client, shard in enumerate(built.shards):
+        for split, x in (("train", shard.train_x), ("test", shard.test_x)):
+            assert torch.equal(read_split(cfg, manifest, split, client)["x"], x)
     assert [e["uri"].rsplit("/", 1)[1] for e in manifest["train"]] == [f"client_{c}.train.safetensors"
                                                                         for c in range(3)]
     assert len(manifest["transfers"]["objects_written"]) == 7  # 3 train, 3 test, partition.json

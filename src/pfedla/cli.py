@@ -56,7 +56,8 @@ def _pipeline_run_local(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.overrides)
     summary = run_local(config, args.pipeline_root)
     for name, entry in summary.items():
-        print(f"{name}: mean accuracy {entry['mean_accuracy']:.4f} after {entry['rounds']} rounds "
+        print(f"{name}: mean accuracy {entry['mean_accuracy']:.4f} over test samples, "
+              f"{entry['client_mean_accuracy']:.4f} over clients, after {entry['rounds']} rounds "
               f"(min {entry['min_accuracy']:.4f}, max {entry['max_accuracy']:.4f}), "
               f"{entry['segments']} segment(s)")
         for round_idx, traffic in entry["data_movement"]["rounds"].items():

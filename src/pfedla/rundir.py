@@ -108,13 +108,20 @@ def check_state(output_dir: Path, resume: bool, overwrite: bool) -> RunRecord | 
                       f"{output_dir}`, or start over there with --overwrite (deletes its checkpoints)")
 
 
+def layer_weights_file(algorithm: str, raw: bool = False) -> str:
+    """Where in ``output_dir`` a pFedLA variant's final α goes: ``layer_weights.npy`` for pfedla,
+    ``layer_weights_<algorithm>.npy`` otherwise; ``raw`` names HeurpFedLA's unmasked α beside it."""
+    stem = "layer_weights_raw" if raw else "layer_weights"
+    return f"{stem}.npy" if algorithm == "pfedla" else f"{stem}_{algorithm}.npy"
+
+
 def remove_outputs(output_dir: Path, algorithms: list[str]) -> None:
     """Delete the result files a run writes for ``algorithms`` (those of a run being replaced)."""
     stale = [output_dir / SUMMARY_FILE]
     for name in algorithms:
         stale += [output_dir / "results" / f"{name}.json", output_dir / "models" / f"{name}.safetensors",
                   output_dir / "checkpoints" / f"{name}.safetensors",
-                  output_dir / ("layer_weights.npy" if name == "pfedla" else f"layer_weights_{name}.npy")]
+                  output_dir / layer_weights_file(name), output_dir / layer_weights_file(name, raw=True)]
     for path in stale:
         path.unlink(missing_ok=True)
 

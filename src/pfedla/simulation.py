@@ -37,7 +37,13 @@ from pfedla.errors import ArtifactError, PfedlaError, shown
 from pfedla.models import LayerLayout, build_model, initial_layers
 from pfedla.progress import RoundProgress
 from pfedla.seeding import numpy_rng, torch_generator
-from pfedla.tracking import FINAL_METRIC, Tracker, default_tracking_uri, relocate_local_store
+from pfedla.tracking import (
+    FINAL_CLIENT_MEAN_METRIC,
+    FINAL_METRIC,
+    Tracker,
+    default_tracking_uri,
+    relocate_local_store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +133,26 @@ def personalized_models(strategy: Strategy, layout: LayerLayout, num_clients: in
     }
 
 
+def client_mean(accuracies: Sequence[float]) -> float:
+    """The unweighted mean of per-client accuracies: every client counts once, whatever its test
+    size (what pFL papers report as the average personalized accuracy)."""
+    return sum(accuracies) / len(accuracies)
+
+
+def alpha_arrays(strategy: PFedLAStrategy) -> tuple[np.ndarray, np.ndarray | None]:
+    """α as aggregated with, and HeurpFedLA's α before its one-hot rows (None without HeurpFedLA)."""
+    raw = strategy.raw_layer_weights()
+    return strategy.layer_weights().cpu().numpy(), None if raw is None else raw.cpu().numpy()
+
+
 def accuracy_metrics(results: Sequence[EvalResult]) -> dict[str, float]:
-    """Sample-weighted mean accuracy and loss, plus the worst and best client."""
+    """Mean accuracy weighted by test samples (``accuracy_mean``) and over clients
+    (``accuracy_client_mean``), the sample-weighted mean loss, and the worst and best client."""
     accuracies = [r.accuracy for r in results]
     total = sum(r.count for r in results)
     return {
         "accuracy_mean": sum(r.correct for r in results) / total,
+        "accuracy_client_mean": client_mean(accuracies),
         "accuracy_min": min(accuracies),
         "accuracy_max": max(accuracies),
         "loss_mean": sum(r.loss_sum for r in results) / total,
@@ -150,11 +170,18 @@ class AlgorithmResult:
     wall_seconds: float
     run_id: str | None = None
     layer_weights: np.ndarray | None = None
+    raw_layer_weights: np.ndarray | None = None  # HeurpFedLA's α before the kept layers' one-hot rows
     history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def client_mean_accuracy(self) -> float:
+        """The unweighted mean of ``client_accuracies`` (``mean_accuracy`` weights by test samples)."""
+        return client_mean(self.client_accuracies)
 
     def summary(self) -> dict:
         return {
             "mean_accuracy": self.mean_accuracy,
+            "client_mean_accuracy": self.client_mean_accuracy,
             "min_accuracy": min(self.client_accuracies),
             "max_accuracy": max(self.client_accuracies),
             "client_accuracies": self.client_accuracies,
@@ -231,7 +258,7 @@ class Simulation:
             history=history,
         )
         if isinstance(strategy, PFedLAStrategy):
-            result.layer_weights = strategy.layer_weights().cpu().numpy()
+            result.layer_weights, result.raw_layer_weights = alpha_arrays(strategy)
         self.save_outputs(strategy, result)
         return result
 
@@ -265,8 +292,8 @@ class Simulation:
         self.tracker.log_metrics(round_idx, metrics)
         heatmap_due = last or (round_idx + 1) % self.config.heatmap_every == 0
         if isinstance(strategy, PFedLAStrategy) and heatmap_due:
-            self.tracker.log_layer_weights(strategy.layer_weights().cpu().numpy(), self.layout.names,
-                                           f"round_{round_idx + 1:04d}")
+            alpha, raw = alpha_arrays(strategy)
+            self.tracker.log_layer_weights(alpha, self.layout.names, f"round_{round_idx + 1:04d}", raw)
 
     def train_round_clients(self, instructions: dict[int, FitInstruction], round_idx: int
                             ) -> tuple[list[ClientUpdate], list[ClientFailure]]:
@@ -307,31 +334,39 @@ class Simulation:
         state_path = self.output_dir / "checkpoints" / f"{result.name}.safetensors"
         storage.save_tensors(state_path, strategy.state_dict(),
                              {"algorithm": result.name, "rounds": result.rounds})
-        if result.layer_weights is not None:
-            suffix = "" if result.name == "pfedla" else f"_{result.name}"
-            buffer = io.BytesIO()
-            np.save(buffer, result.layer_weights)
-            storage.write_bytes(self.output_dir / f"layer_weights{suffix}.npy", buffer.getvalue())
+        for raw, weights in ((False, result.layer_weights), (True, result.raw_layer_weights)):
+            if weights is not None:
+                buffer = io.BytesIO()
+                np.save(buffer, weights)
+                storage.write_bytes(self.output_dir / rundir.layer_weights_file(result.name, raw),
+                                    buffer.getvalue())
         if self.tracker:
             self.tracker.log_file(model_path, "models")
             self.tracker.log_file(state_path, "checkpoint")
-            self.tracker.log_metrics(self.config.rounds, {FINAL_METRIC: result.mean_accuracy,
-                                                          "wall_seconds": result.wall_seconds})
+            self.tracker.log_metrics(self.config.rounds, {
+                FINAL_METRIC: result.mean_accuracy, FINAL_CLIENT_MEAN_METRIC: result.client_mean_accuracy,
+                "wall_seconds": result.wall_seconds})
             self.tracker.end_run()
         storage.write_json(self.output_dir / "results" / f"{result.name}.json",
                            {**result.summary(), "history": result.history})
 
 
+TABLE_LEGEND = ("sample acc: correct over all clients' test samples (weighted by test size); "
+                "client acc: mean of per-client accuracies (unweighted)")
+
+
 def format_table(results: dict[str, AlgorithmResult]) -> str:
-    """The closing table: one row per algorithm."""
-    header = f"{'algorithm':<14}{'mean acc':>10}{'min acc':>10}{'max acc':>10}{'rounds':>8}{'wall s':>9}"
+    """The closing table: one row per algorithm, both mean accuracies, and a legend telling them apart."""
+    header = (f"{'algorithm':<14}{'sample acc':>12}{'client acc':>12}{'min acc':>10}{'max acc':>10}"
+              f"{'rounds':>8}{'wall s':>9}")
     rows = [header, "-" * len(header)]
     for r in results.values():
         rows.append(
-            f"{r.name:<14}{r.mean_accuracy:>10.4f}{min(r.client_accuracies):>10.4f}"
-            f"{max(r.client_accuracies):>10.4f}{r.rounds:>8d}{r.wall_seconds:>9.1f}"
+            f"{r.name:<14}{r.mean_accuracy:>12.4f}{r.client_mean_accuracy:>12.4f}"
+            f"{min(r.client_accuracies):>10.4f}{max(r.client_accuracies):>10.4f}{r.rounds:>8d}"
+            f"{r.wall_seconds:>9.1f}"
         )
-    return "\n".join(rows)
+    return "\n".join([*rows, TABLE_LEGEND])
 
 
 def _finished_result(output_dir: Path, name: str) -> AlgorithmResult | None:
@@ -339,17 +374,18 @@ def _finished_result(output_dir: Path, name: str) -> AlgorithmResult | None:
     if not path.is_file():
         return None
     saved = storage.read_json(path)
-    weights_file = output_dir / ("layer_weights.npy" if name == "pfedla" else f"layer_weights_{name}.npy")
+    weights_file, raw_file = (output_dir / rundir.layer_weights_file(name, raw) for raw in (False, True))
     try:
         return AlgorithmResult(
             name=name, client_accuracies=saved["client_accuracies"], mean_accuracy=saved["mean_accuracy"],
             rounds=saved["rounds"], wall_seconds=saved["wall_seconds"], run_id=saved["mlflow_run_id"],
             layer_weights=np.load(weights_file, allow_pickle=False) if weights_file.is_file() else None,
+            raw_layer_weights=np.load(raw_file, allow_pickle=False) if raw_file.is_file() else None,
             history=saved["history"],
         )
     except (KeyError, TypeError, ValueError, OSError) as error:
-        raise ArtifactError(f"{path} (or {weights_file.name}) is damaged: {shown(error)}; start over "
-                            "with --overwrite") from None
+        raise ArtifactError(f"{path} (or {weights_file.name}, {raw_file.name}) is damaged: {shown(error)}; "
+                            "start over with --overwrite") from None
 
 
 def load_run_config(output_dir: str | Path) -> ExperimentConfig:

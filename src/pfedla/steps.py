@@ -432,6 +432,7 @@ def evaluate(config_json: str, shards_in: str | Path, plan_in: str | Path, plan_
         folder = f"evaluations/round_{rounds_done:05d}"
         outcome["evaluation"] = plane.put_json(f"{folder}/evaluation.json", {
             "algorithm": strategy.name, "mean_accuracy": metrics["accuracy_mean"],
+            "client_mean_accuracy": metrics["accuracy_client_mean"],
             "client_accuracies": [r.accuracy for r in results], "rounds": rounds_done, "history": history,
         }).to_dict()
         if rounds_done >= config.rounds:  # only the experiment's end is logged and registered
@@ -439,8 +440,10 @@ def evaluate(config_json: str, shards_in: str | Path, plan_in: str | Path, plan_
             about = {"algorithm": strategy.name, "model": config.model}
             outcome["models"] = plane.put_tensors(f"{folder}/models.safetensors", models, about).to_dict()
         if isinstance(strategy, PFedLAStrategy):
+            raw = strategy.raw_layer_weights()
+            weights = {"alpha": strategy.layer_weights(), **({"alpha_raw": raw} if raw is not None else {})}
             outcome["layer_weights"] = plane.put_tensors(f"{folder}/layer_weights.safetensors",
-                                                         {"alpha": strategy.layer_weights()}).to_dict()
+                                                         weights).to_dict()
     plane.write_manifest(evaluation_out, EVALUATION, outcome)
     return finite_summary({"round": rounds_done, **metrics, **_io_summary(plane)})
 
@@ -468,22 +471,32 @@ def round_traffic(manifests: Sequence[dict[str, Any]], round_idx: int) -> dict[s
             "client_pods": len(clients), "clients": len(plan["clients"])}
 
 
+@dataclass
+class LayerWeights:
+    """A final evaluation's α, and HeurpFedLA's α before its one-hot rows (None without HeurpFedLA)."""
+
+    alpha: np.ndarray
+    raw: np.ndarray | None
+
+
 def _final_evaluation(plane: DataPlane, evaluation_in: str | Path
-                      ) -> tuple[dict[str, Any], dict[str, Any], np.ndarray | None]:
+                      ) -> tuple[dict[str, Any], dict[str, Any], LayerWeights | None]:
     """A final evaluation's manifest, its ``evaluation.json`` content and α (None unless pFedLA)."""
     manifest = plane.read_manifest(evaluation_in, EVALUATION)
     evaluation = plane.get_json(ref_at(manifest, "evaluation"))
-    alpha = None
+    weights = None
     if "layer_weights" in manifest:
-        alpha = plane.get_tensors(ref_at(manifest, "layer_weights"))[0]["alpha"].numpy()
-    return manifest, evaluation, alpha
+        tensors, _ = plane.get_tensors(ref_at(manifest, "layer_weights"))
+        raw = tensors.get("alpha_raw")
+        weights = LayerWeights(tensors["alpha"].numpy(), None if raw is None else raw.numpy())
+    return manifest, evaluation, weights
 
 
 def read_evaluation(config: ExperimentConfig, evaluation_in: str | Path
-                    ) -> tuple[dict[str, Any], np.ndarray | None]:
+                    ) -> tuple[dict[str, Any], LayerWeights | None]:
     """A final evaluation: its ``evaluation.json`` content and α (None unless pFedLA)."""
-    _, evaluation, alpha = _final_evaluation(data_plane(config), evaluation_in)
-    return evaluation, alpha
+    _, evaluation, weights = _final_evaluation(data_plane(config), evaluation_in)
+    return evaluation, weights
 
 
 def checkpoint(config_json: str, plan_in: str | Path, checkpoint_out: str | Path) -> dict[str, Any]:
@@ -517,13 +530,13 @@ def record(config_json: str, shards_in: str | Path, checkpoint_in: str | Path, e
     Only rounds the run does not hold yet are sent. The segment that finishes the experiment
     logs the personalized models, registers them as one model version and ends the run.
     """
-    from pfedla.tracking import Tracker, default_tracking_uri
+    from pfedla.tracking import FINAL_CLIENT_MEAN_METRIC, FINAL_METRIC, Tracker, default_tracking_uri
 
     config = parse_config(config_json)
     plane = data_plane(config)
     shards = plane.read_manifest(shards_in, SHARDS)
     checkpoint_manifest = plane.read_manifest(checkpoint_in, CHECKPOINT)
-    manifest, evaluation, alpha = _final_evaluation(plane, evaluation_in)
+    manifest, evaluation, weights = _final_evaluation(plane, evaluation_in)
     rounds_done, finished = evaluation["rounds"], evaluation["rounds"] >= config.rounds
     tracker = Tracker(tracking_uri or default_tracking_uri(config.output_dir), config.experiment_name)
     name, key = config.pipeline.algorithm, experiment_key(config)
@@ -537,9 +550,10 @@ def record(config_json: str, shards_in: str | Path, checkpoint_in: str | Path, e
         tracker.resume_run(run_id)
     for entry in evaluation["history"]:
         tracker.log_metrics(int(entry["round"]), {k: v for k, v in entry.items() if k != "round"})
-    if alpha is not None:
+    if weights is not None:
         context = ModelContext.of(config, shards["data"])
-        tracker.log_layer_weights(alpha, context.layout.names, f"round_{rounds_done:04d}")
+        tracker.log_layer_weights(weights.alpha, context.layout.names, f"round_{rounds_done:04d}",
+                                  weights.raw)
     tracker.log_json(evaluation, "evaluation.json")
     tracker.log_json({k: checkpoint_manifest[k] for k in ("round", "state", "history", "manifest")},
                      f"checkpoints/round_{rounds_done:05d}.json")
@@ -547,7 +561,8 @@ def record(config_json: str, shards_in: str | Path, checkpoint_in: str | Path, e
     if not finished:  # the next segment continues this run
         tracker.flush()
         return run_id
-    tracker.log_metrics(rounds_done, {"final_accuracy_mean": evaluation["mean_accuracy"]})
+    tracker.log_metrics(rounds_done, {FINAL_METRIC: evaluation["mean_accuracy"],
+                                      FINAL_CLIENT_MEAN_METRIC: evaluation["client_mean_accuracy"]})
     tracker.log_bytes(plane.get_bytes(ref_at(manifest, "models")), "models/models.safetensors")
     tracker.register_models(config.pipeline.registered_model, "models")
     tracker.end_run()

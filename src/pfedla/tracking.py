@@ -23,6 +23,7 @@ from pfedla.errors import PfedlaError, without_credentials
 METRIC_FLUSH_ROUNDS = 10  # one log_batch call per this many rounds (and at the end)
 SENTINEL_METRIC = "clients"  # logged every round by both orchestrations: tells how far a run got
 FINAL_METRIC = "final_accuracy_mean"  # logged once, at step `rounds`, when a run's outputs are final
+FINAL_CLIENT_MEAN_METRIC = "final_accuracy_client_mean"  # beside it: the unweighted mean over clients
 
 
 def default_tracking_uri(output_dir: str | Path) -> str:
@@ -206,11 +207,15 @@ class Tracker:
     def log_json(self, payload: object, artifact_file: str) -> None:
         self.log_bytes(json.dumps(payload, indent=2, sort_keys=True).encode(), artifact_file)
 
-    def log_layer_weights(self, alpha: np.ndarray, layer_names: Sequence[str], label: str) -> None:
-        """α [N, L, N] as an .npy plus one heatmap per layer, under layer_weights/<label>/."""
+    def log_layer_weights(self, alpha: np.ndarray, layer_names: Sequence[str], label: str,
+                          raw: np.ndarray | None = None) -> None:
+        """α [N, L, N] as an .npy plus one heatmap per layer, under layer_weights/<label>/; HeurpFedLA's
+        α before its one-hot rows, when given, as ``layer_weights_raw.npy`` beside it."""
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             np.save(folder / "layer_weights.npy", alpha)
+            if raw is not None:
+                np.save(folder / "layer_weights_raw.npy", raw)
             for index, name in enumerate(layer_names):
                 heatmap_png(alpha[:, index, :], f"α, layer {name} ({label})",
                             folder / f"layer{index:02d}_{name}.png")

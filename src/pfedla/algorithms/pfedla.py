@@ -214,10 +214,20 @@ class PFedLAStrategy(Strategy):
         return alpha_metrics(alpha, clients)
 
     def layer_weights(self) -> torch.Tensor:
-        """Current α for every client: [N, L, N] (client, layer, source client)."""
+        """Current α for every client: [N, L, N] (client, layer, source client), as used to aggregate
+        (with HeurpFedLA, one-hot(i) on the layers client i keeps local)."""
         with torch.no_grad():
             alpha, _ = self._alpha(self._client_index(range(self.num_clients)))
         return alpha
+
+    def raw_layer_weights(self) -> torch.Tensor | None:
+        """With HeurpFedLA, α as the hypernetworks output it, before the kept layers' one-hot rows:
+        the trust they learned, [N, L, N]. None without it (``heur_k = 0``), where that is
+        ``layer_weights()`` itself."""
+        if self.heur_k <= 0:
+            return None
+        with torch.no_grad():
+            return self.hypernetworks(self._client_index(range(self.num_clients)))
 
     def personalized_layers(self, client_id: int) -> list[torch.Tensor]:
         """The client's latest trained model θ_i (what it holds after its last round)."""

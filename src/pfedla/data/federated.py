@@ -87,8 +87,8 @@ def _local_data_dir(config: ExperimentConfig) -> Path:
     return directory
 
 
-def _split_pooled(config: ExperimentConfig, pooled: sources.PooledDataset) -> list[ClientShard]:
-    labels = pooled.labels.numpy()
+def client_splits(config: ExperimentConfig, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each client's (train, test) indices into the pooled samples: a pure function of the seed."""
     rng = numpy_rng(config.seed, "partition")
     kind = config.partition.kind
     if kind == "iid":
@@ -99,19 +99,32 @@ def _split_pooled(config: ExperimentConfig, pooled: sources.PooledDataset) -> li
         parts = partition.pathological(
             labels, config.clients, config.partition.classes_per_client, rng
         )
-    shards = []
+    splits = []
     for indices in parts:
         train, test = partition.split_train_test(indices, labels, config.test_fraction, rng)
         if len(test) == 0:
             raise DataError("a client got no test samples: use fewer clients or a larger test_fraction")
-        train_t, test_t = torch.from_numpy(train), torch.from_numpy(test)
-        shards.append(
-            ClientShard(
-                pooled.features[train_t], pooled.labels[train_t],
-                pooled.features[test_t], pooled.labels[test_t],
-            )
+        splits.append((train, test))
+    return splits
+
+
+def standardized_shards(pooled: sources.PooledDataset, splits: list[tuple[np.ndarray, np.ndarray]]
+                        ) -> list[ClientShard]:
+    """The clients' shards, every feature standardized with the mean and std of all train samples.
+
+    Train samples only: statistics over the pooled set would let test samples shape what models
+    train on. The union of all clients' train splits is what a federation could know (each client
+    sends its count, mean and squared deviations: no sample leaves it).
+    """
+    rows = [(torch.from_numpy(train), torch.from_numpy(test)) for train, test in splits]
+    mean, std = sources.feature_statistics(pooled.features[train] for train, _ in rows)
+    return [
+        ClientShard(
+            sources.standardize(pooled.features[train], mean, std), pooled.labels[train],
+            sources.standardize(pooled.features[test], mean, std), pooled.labels[test],
         )
-    return shards
+        for train, test in rows
+    ]
 
 
 def _synthetic_shards(config: ExperimentConfig) -> list[ClientShard]:
@@ -142,7 +155,7 @@ def build_federated_data(config: ExperimentConfig) -> FederatedData:
         input_shape = tuple(pooled.features.shape[1:])
         if problem := unsupported_input(config.model, input_shape):
             raise DataError(f"{config.dataset} in {config.data_dir}: {problem}; use model: mlp")
-        shards = _split_pooled(config, pooled)
+        shards = standardized_shards(pooled, client_splits(config, pooled.labels.numpy()))
         num_classes = pooled.num_classes
     return FederatedData(shards, num_classes, input_shape)
 

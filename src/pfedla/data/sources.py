@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import math
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,17 +23,50 @@ MNIST_CLASSES = 10
 
 @dataclass
 class PooledDataset:
-    """All samples of a dataset in one place, before partitioning."""
+    """All samples of a dataset in one place, before partitioning.
+
+    The features are raw values: they are standardized only once split into clients' train and
+    test samples (``pfedla.data.federated``), with statistics of the train samples alone.
+    """
 
     features: torch.Tensor  # float32 [n, channels, height, width] or [n, dim]
     labels: torch.Tensor  # int64 [n]
     num_classes: int
 
 
-def standardize(images: np.ndarray) -> torch.Tensor:
-    """uint8/float images -> float32 tensor with zero mean and unit variance over the dataset."""
-    values = torch.from_numpy(np.ascontiguousarray(images)).float()
-    return (values - values.mean()) / values.std().clamp_min(1e-8)
+def raw_features(images: np.ndarray) -> torch.Tensor:
+    """uint8/float images -> float32 tensor of the same values."""
+    return torch.from_numpy(np.ascontiguousarray(images)).float()
+
+
+def feature_statistics(parts: Iterable[torch.Tensor]) -> tuple[float, float]:
+    """Mean and (unbiased) standard deviation of all values of ``parts`` taken together.
+
+    Each part is summarised on its own (count, mean, sum of squared deviations, in float64) and
+    the summaries are merged (Chan et al.'s pairwise update), so no concatenated copy is made and
+    each part could as well be summarised where it lives.
+    """
+    count, mean, squares = 0, 0.0, 0.0
+    for part in parts:
+        n = part.numel()
+        if n == 0:
+            continue
+        values = part.double()
+        part_mean = float(values.mean())
+        part_squares = float((values - part_mean).square().sum())
+        delta, total = part_mean - mean, count + n
+        mean += delta * n / total
+        squares += part_squares + delta * delta * count * n / total
+        count = total
+    if count == 0:
+        raise DataError("no values to compute the normalization statistics from")
+    return mean, max(math.sqrt(squares / max(count - 1, 1)), 1e-8)
+
+
+def standardize(features: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """``features`` shifted by ``mean`` and scaled by ``std`` (zero mean, unit variance where those
+    are the features' own statistics)."""
+    return (features - mean) / std
 
 
 def load_digits() -> PooledDataset:
@@ -41,7 +75,7 @@ def load_digits() -> PooledDataset:
 
     bunch = sklearn_digits()
     images = bunch.images.reshape(-1, 1, 8, 8)
-    return PooledDataset(standardize(images), torch.from_numpy(bunch.target).long(), 10)
+    return PooledDataset(raw_features(images), torch.from_numpy(bunch.target).long(), 10)
 
 
 def _open_maybe_gz(path: Path) -> bytes:
@@ -129,7 +163,7 @@ def load_mnist_idx(directory: Path, download: bool) -> PooledDataset:
             "t10k-labels-idx1-ubyte.gz); set download: true to fetch them"
         )
     pixels = np.concatenate(images)[:, None, :, :]
-    return PooledDataset(standardize(pixels), torch.from_numpy(np.concatenate(labels)).long(), MNIST_CLASSES)
+    return PooledDataset(raw_features(pixels), torch.from_numpy(np.concatenate(labels)).long(), MNIST_CLASSES)
 
 
 def load_torchvision(name: str, directory: Path, download: bool) -> PooledDataset:
@@ -158,7 +192,7 @@ def load_torchvision(name: str, directory: Path, download: bool) -> PooledDatase
                         f"{_size(pixels[1])}: they must have one size")
     images = np.concatenate(pixels)
     images = images.transpose(0, 3, 1, 2) if images.ndim == 4 else images[:, None, :, :]
-    return PooledDataset(standardize(images), torch.from_numpy(labels).long(), num_classes)
+    return PooledDataset(raw_features(images), torch.from_numpy(labels).long(), num_classes)
 
 
 def synthetic_clients(
