@@ -405,12 +405,10 @@ def _anchored(config: ExperimentConfig) -> ExperimentConfig:
     return dataclasses.replace(config, **paths) if paths else config
 
 
-def _tracker(config: ExperimentConfig, output_dir: Path) -> tuple[str, Tracker | None]:
-    tracking_uri = default_tracking_uri(output_dir)
+def _tracker(config: ExperimentConfig, output_dir: Path, tracking_uri: str) -> Tracker:
     # A tracking server stores artifacts itself (e.g. proxied to S3); a file store keeps them beside us.
     served = tracking_uri.startswith(("http://", "https://", "databricks"))
-    return tracking_uri, Tracker(tracking_uri, config.experiment_name,
-                                 None if served else output_dir / "mlartifacts")
+    return Tracker(tracking_uri, config.experiment_name, None if served else output_dir / "mlartifacts")
 
 
 def run_experiment(config: ExperimentConfig, progress: bool = True, track: bool = True,
@@ -440,7 +438,7 @@ def run_experiment(config: ExperimentConfig, progress: bool = True, track: bool 
         local_store = tracking_uri == f"sqlite:///{output_dir.resolve()}/mlflow.db"
         tracker = None
         if track and not local_store:  # a remote server: reachable before anything is touched
-            tracking_uri, tracker = _tracker(config, output_dir)
+            tracker = _tracker(config, output_dir, tracking_uri)
         rundir.create(output_dir)
         if not existed:
             held.enter_context(rundir.RunLock(output_dir))
@@ -453,7 +451,7 @@ def run_experiment(config: ExperimentConfig, progress: bool = True, track: bool 
         storage.write_json(output_dir / rundir.RUN_FILE, rundir.RunRecord(identity, config).to_dict())
         storage.write_json(output_dir / "partition.json", {"clients": data.class_counts()})
         if track and local_store:
-            tracking_uri, tracker = _tracker(config, output_dir)
+            tracker = _tracker(config, output_dir, tracking_uri)
         simulation = Simulation(config, data, device, tracker, progress, checkpoints)
         results = {}
         for name in config.algorithms:
