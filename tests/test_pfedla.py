@@ -189,6 +189,27 @@ def test_clients_outside_the_round_keep_their_hypernetwork_exactly():
     assert not torch.equal(strategy.hypernetworks.head_w[1], before["head_w"][1])
 
 
+def test_round_zero_with_identical_models_leaves_alpha_exactly_where_it_was():
+    """Every Θ_j is the initial model, so the objective does not depend on α: its true gradient is
+    zero. Without removing the constant part of ∂/∂α, float32 rounding left ~1e-7 that Adam (eps
+    1e-8) turned into a full step, moving α in a random direction."""
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen) for s in (50, 20, 30)]
+    strategy = pf.PFedLAStrategy(init, 6, hn_lr=0.03, embedding_dim=4, hidden_dim=6, heur_k=0,
+                                 generator=torch.Generator().manual_seed(1))
+    alpha_before = strategy.layer_weights()
+    sent = strategy.configure_fit(0, list(range(6)))
+    updates = [ClientUpdate(c, 5, [0.01 * torch.randn(t.shape, generator=gen) for t in sent[c].layers], 0.0)
+               for c in range(6)]
+    strategy.aggregate_fit(0, updates, [])
+    assert torch.equal(strategy.layer_weights(), alpha_before)
+    # once the models differ, the same step moves α
+    sent = strategy.configure_fit(1, list(range(6)))
+    strategy.aggregate_fit(1, [ClientUpdate(c, 5, [0.01 * torch.randn(t.shape, generator=gen)
+                                                   for t in sent[c].layers], 0.0) for c in range(6)], [])
+    assert not torch.equal(strategy.layer_weights(), alpha_before)
+
+
 def test_state_dict_round_trip_restores_the_server():
     strategy = strategy_for()
     sent = strategy.configure_fit(0, [0, 1])

@@ -187,7 +187,13 @@ class PFedLAStrategy(Strategy):
         Layers a client kept local (HeurpFedLA) contribute no gradient.
         """
         alpha, keep = self._alpha(clients)
-        grad_alpha = surrogate_alpha_grad(deltas, self.models.rows).masked_fill(keep[:, :, None], 0.0)
+        grad_alpha = surrogate_alpha_grad(deltas, self.models.rows)
+        # Where every client holds the same layer (all of them in round 0), θ̄ does not depend on α
+        # and the true gradient is exactly zero; the matrix product leaves ~1e-7 of rounding that
+        # Adam (eps 1e-8) would turn into a full-size step, moving α up to 7% at random.
+        same = torch.tensor([all(torch.equal(rows[0], row) for row in rows[1:]) for rows in self.models.rows],
+                            device=grad_alpha.device)
+        grad_alpha = grad_alpha.masked_fill(keep[:, :, None] | same[None, :, None], 0.0)
         params = dict(self.hypernetworks.named_parameters())
         grads = torch.autograd.grad(alpha, list(params.values()), grad_outputs=grad_alpha,
                                     allow_unused=True)
