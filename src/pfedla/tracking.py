@@ -93,6 +93,11 @@ def _guarded_call(where: str, action: str, call: Any, *args: Any, **kwargs: Any)
     raise TrackingError(f"MLflow at {where} failed to {action}: {detail[:1000]}") from None
 
 
+def _tag_filter(tags: dict[str, str]) -> str:
+    """An MLflow search filter matching runs that carry every one of ``tags``."""
+    return " and ".join(f"tags.`{key}` = '{value}'" for key, value in sorted(tags.items()))
+
+
 class _GuardedClient:
     """An ``MlflowClient`` whose failures become one ``TrackingError`` naming the store without
     credentials: MLflow's own messages quote the full tracking URI, password included."""
@@ -145,8 +150,7 @@ class Tracker:
 
     def find_run(self, tags: dict[str, str]) -> str | None:
         """The newest run of this experiment carrying all ``tags``, if any."""
-        query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in sorted(tags.items()))
-        runs = self.client.search_runs([self.experiment_id], query, max_results=1,
+        runs = self.client.search_runs([self.experiment_id], _tag_filter(tags), max_results=1,
                                        order_by=["attributes.start_time DESC"])
         return runs[0].info.run_id if runs else None
 
@@ -167,8 +171,7 @@ class Tracker:
 
     def close_running(self, tags: dict[str, str], keep: str | None) -> list[str]:
         """End as KILLED every RUNNING run of this experiment carrying ``tags``, except ``keep``."""
-        query = " and ".join([f"tags.`{key}` = '{value}'" for key, value in sorted(tags.items())]
-                             + ["attributes.status = 'RUNNING'"])
+        query = f"{_tag_filter(tags)} and attributes.status = 'RUNNING'"
         closed = []
         for run in self.client.search_runs([self.experiment_id], query, max_results=1000):
             if run.info.run_id != keep:
