@@ -7,6 +7,7 @@ from pfedla.client import (
     ClientTimeout,
     ClientUpdate,
     LocalTrainer,
+    ModelState,
     TrainSettings,
     evaluate_client,
     failure_reason,
@@ -28,26 +29,26 @@ def toy_problem():
 def test_training_starts_from_the_given_layers_and_learns():
     model, layout, x, y = toy_problem()
     start = initial_layers(model)
-    before = evaluate_client(model, layout, start, x, y)
+    before = evaluate_client(model, layout, ModelState(start, {}), x, y)
     settings = TrainSettings(epochs=20, batch_size=16, lr=0.1)
     trainer = LocalTrainer(model, layout)
-    trained, loss = trainer.train(start, x, y, settings, torch.Generator().manual_seed(1))
+    trained, loss = trainer.train(ModelState(start, {}), x, y, settings, torch.Generator().manual_seed(1))
     after = evaluate_client(model, layout, trained, x, y)
     assert after.accuracy > max(before.accuracy, 0.9)
     assert after.loss_sum < before.loss_sum and loss > 0
     # The start is not modified, and the module's own weights are not used or touched.
     assert all(torch.equal(a, b) for a, b in zip(start, initial_layers(model)))
     shifted = [t + 1.0 for t in start]
-    trained_shifted, _ = trainer.train(shifted, x, y, TrainSettings(1, 64, 0.0),
+    trained_shifted, _ = trainer.train(ModelState(shifted, {}), x, y, TrainSettings(1, 64, 0.0),
                                       torch.Generator().manual_seed(1))
-    assert all(torch.equal(a, b) for a, b in zip(trained_shifted, shifted))
+    assert all(torch.equal(a, b) for a, b in zip(trained_shifted.layers, shifted))
 
 
 def test_same_generator_seed_same_result():
     model, layout, x, y = toy_problem()
     settings = TrainSettings(epochs=2, batch_size=8, lr=0.1)
-    runs = [LocalTrainer(model, layout).train(initial_layers(model), x, y, settings,
-                         torch.Generator().manual_seed(5))[0] for _ in range(2)]
+    runs = [LocalTrainer(model, layout).train(ModelState(initial_layers(model), {}), x, y, settings,
+                         torch.Generator().manual_seed(5))[0].layers for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
@@ -57,7 +58,8 @@ def test_client_timeout_stops_between_batches_and_a_generous_one_changes_nothing
 
     def train(timeout):
         settings = TrainSettings(epochs=2, batch_size=8, lr=0.1, timeout=timeout)
-        return trainer.train(initial_layers(model), x, y, settings, torch.Generator().manual_seed(5))
+        return trainer.train(ModelState(initial_layers(model), {}), x, y, settings,
+                             torch.Generator().manual_seed(5))
 
     expected = r"0 of 16 batches done when client_timeout=1e-09 s ran out"
     with pytest.raises(ClientTimeout, match=expected) as caught:
@@ -65,12 +67,12 @@ def test_client_timeout_stops_between_batches_and_a_generous_one_changes_nothing
     assert failure_reason(caught.value).startswith("timed out: 0 of 16 batches")
     assert failure_reason(ValueError("disk full")) == "training raised ValueError: disk full"
     unlimited, generous = train(None), train(3600.0)
-    assert all(torch.equal(a, b) for a, b in zip(unlimited[0], generous[0]))
+    assert all(torch.equal(a, b) for a, b in zip(unlimited[0].layers, generous[0].layers))
 
 
 def test_evaluation_counts():
     model, layout, x, y = toy_problem()
-    result = evaluate_client(model, layout, initial_layers(model), x, y, batch_size=10)
+    result = evaluate_client(model, layout, ModelState(initial_layers(model), {}), x, y, batch_size=10)
     assert result.count == 64 and 0 <= result.correct <= 64
     assert result.accuracy == result.correct / 64
 
@@ -121,3 +123,34 @@ def test_screening_without_a_scale_accepts():
     accepted, _ = screen_updates([scaled_update(0, 0.0), scaled_update(1, 0.0), scaled_update(2, 3.0)],
                                  None, 10.0)
     assert [u.client_id for u in accepted] == [0, 1, 2]
+
+
+def test_evaluation_uses_running_statistics_so_a_sample_scores_the_same_in_any_batch():
+    """In train mode BatchNorm would normalize with the batch's own statistics."""
+    model = build_model("cnn_bn", (1, 8, 8), 3, seed=0)
+    layout = LayerLayout.of(model)
+    x, y = torch.randn(12, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(12) % 3
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    buffers["bn1.running_mean"] += 0.5
+    state = ModelState(initial_layers(model), buffers)
+    whole = evaluate_client(model, layout, state, x, y, batch_size=12)
+    one_by_one = evaluate_client(model, layout, state, x, y, batch_size=1)
+    assert whole.correct == one_by_one.correct and whole.loss_sum == pytest.approx(one_by_one.loss_sum)
+    shifted = evaluate_client(model, layout, ModelState(state.layers, dict(model.named_buffers())), x, y)
+    assert shifted.loss_sum != pytest.approx(whole.loss_sum)  # the given statistics are the ones used
+    assert model.training  # the module's mode is restored
+
+
+def test_only_trainable_layers_move_and_buffers_come_back_updated():
+    model = build_model("cnn_bn", (1, 8, 8), 3, seed=0)
+    layout = LayerLayout.of(model)
+    x, y = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 3
+    start = ModelState(initial_layers(model), {name: b.clone() for name, b in model.named_buffers()})
+    trained, _ = LocalTrainer(model, layout).train(start, x, y, TrainSettings(1, 8, 0.1),
+                                                   torch.Generator().manual_seed(1),
+                                                   trainable=frozenset({4, 5}))
+    pairs = enumerate(zip(trained.layers, start.layers, strict=True))
+    moved = [i for i, (a, b) in pairs if not torch.equal(a, b)]
+    assert moved == [4, 5]
+    assert int(trained.buffers["bn1.num_batches_tracked"]) == 2
+    assert int(start.buffers["bn1.num_batches_tracked"]) == 0  # the start is not modified

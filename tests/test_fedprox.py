@@ -6,7 +6,7 @@ from torch import nn
 from torch.func import functional_call
 
 from pfedla.algorithms import make_strategy
-from pfedla.client import LocalTrainer, TrainSettings
+from pfedla.client import LocalTrainer, ModelState, TrainSettings
 from pfedla.config import config_from_dict
 from pfedla.models import LayerLayout, build_model, initial_layers
 from pfedla.simulation import run_experiment
@@ -30,7 +30,8 @@ def test_each_step_adds_mu_times_the_drift_from_the_start_model():
     start = initial_layers(model)
     mu, lr = 0.7, 0.3
     settings = TrainSettings(epochs=1, batch_size=4, lr=lr, proximal_mu=mu)
-    trained, _ = LocalTrainer(model, layout).train(start, x, y, settings, torch.Generator().manual_seed(5))
+    trained, _ = LocalTrainer(model, layout).train(ModelState(start, {}), x, y, settings,
+                                                   torch.Generator().manual_seed(5))
 
     order = torch.randperm(8, generator=torch.Generator().manual_seed(5))  # the trainer's batch order
     theta = [t.clone() for t in start]
@@ -40,7 +41,7 @@ def test_each_step_adds_mu_times_the_drift_from_the_start_model():
         named_grads = zip(params, torch.autograd.grad(loss, list(params.values())), strict=True)
         grads = layout.flatten(dict(named_grads))
         theta = [t - lr * (g + mu * (t - s)) for t, g, s in zip(theta, grads, start, strict=True)]
-    for ours, expected in zip(trained, theta, strict=True):
+    for ours, expected in zip(trained.layers, theta, strict=True):
         torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -54,17 +55,18 @@ def test_the_proximal_term_holds_clients_closer_to_the_global_model(mu):
     def drift(proximal_mu):
         settings = TrainSettings(epochs=5, batch_size=8, lr=0.2, proximal_mu=proximal_mu)
         trainer = LocalTrainer(model, layout)
-        trained, _ = trainer.train(start, x, y, settings, torch.Generator().manual_seed(3))
-        return float(torch.sqrt(sum(((t - s) ** 2).sum() for t, s in zip(trained, start, strict=True))))
+        trained, _ = trainer.train(ModelState(start, {}), x, y, settings, torch.Generator().manual_seed(3))
+        pairs = zip(trained.layers, start, strict=True)
+        return float(torch.sqrt(sum(((t - s) ** 2).sum() for t, s in pairs)))
 
     assert drift(mu) < drift(0.0)
 
 
 def test_the_server_sends_mu_with_the_global_model_and_aggregates_like_fedavg():
     config = config_from_dict({"clients": 3, "mu": 0.25})
-    layers = [torch.zeros(2, 2), torch.ones(3)]
-    strategy = make_strategy("fedprox", config, layers)
+    model = nn.Linear(2, 3)
+    strategy = make_strategy("fedprox", config, model)
     instructions = strategy.configure_fit(0, [0, 2])
     assert sorted(instructions) == [0, 2]
     assert all(i.proximal_mu == 0.25 and not i.kept_local for i in instructions.values())
-    assert make_strategy("fedavg", config, layers).configure_fit(0, [0])[0].proximal_mu == 0.0
+    assert make_strategy("fedavg", config, model).configure_fit(0, [0])[0].proximal_mu == 0.0

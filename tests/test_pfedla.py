@@ -11,7 +11,6 @@ from pfedla.client import ClientUpdate
 from pfedla.config import config_from_dict
 from pfedla.data import ClientShard, FederatedData
 from pfedla.data.sources import feature_statistics, load_digits, standardize
-from pfedla.models import initial_layers
 from pfedla.simulation import Simulation
 
 
@@ -250,9 +249,10 @@ def run_clustered(rounds=12) -> float:
     config = config_from_dict({"clients": 8, "rounds": rounds, "algorithms": ["pfedla"],
                                "local_epochs": 1, "device": "cpu"})
     simulation = Simulation(config, clustered_data(), torch.device("cpu"), tracker=None, progress=False)
-    strategy = make_strategy("pfedla", config, initial_layers(simulation.model))
+    strategy = make_strategy("pfedla", config, simulation.model)
+    states = [strategy.client_rule.initial_state(simulation.init_model) for _ in range(config.clients)]
     for round_idx in range(rounds):
-        simulation.run_round(strategy, round_idx)
+        simulation.run_round(strategy, states, round_idx)
     return same_group_mass(strategy.layer_weights().numpy())
 
 

@@ -256,16 +256,16 @@ def test_failing_and_hostile_clients_are_left_out_without_touching_honest_ones(t
     real_fit = simulation.fit_client
 
     def misbehaving(kinds):
-        def fit(trainer, instruction, shard, config, round_idx, client_id):
-            update = real_fit(trainer, instruction, shard, config, round_idx, client_id)
-            kind = kinds.get(client_id)
+        def fit(*args):
+            update, state = real_fit(*args)
+            kind = kinds.get(update.client_id)
             if kind == "raise":
                 raise RuntimeError("client 1 lost its GPU")
             if kind == "nan":
                 update.delta[0][0] = float("nan")
             if kind == "huge":
                 update.delta = [d * 1e6 for d in update.delta]
-            return update
+            return update, state
         return fit
 
     raw = {"clients": 6, "rounds": 3, "device": "cpu", "algorithms": ["pfedla", "fedavg"],
@@ -312,10 +312,11 @@ def test_too_many_failures_abort_with_a_clear_error_and_keep_the_last_checkpoint
 
     real_fit = simulation.fit_client
 
-    def fails_from_round_two(trainer, instruction, shard, config, round_idx, client_id):
+    def fails_from_round_two(*args):
+        round_idx, client_id = args[-2:]
         if round_idx >= 2 and client_id != 0:
             raise ValueError("disk full")
-        return real_fit(trainer, instruction, shard, config, round_idx, client_id)
+        return real_fit(*args)
 
     monkeypatch.setattr(simulation, "fit_client", fails_from_round_two)
     config = config_from_dict({"clients": 4, "rounds": 4, "device": "cpu", "algorithms": ["pfedla"],
@@ -340,14 +341,14 @@ def test_a_client_past_client_timeout_is_left_out_like_an_absent_one(tmp_path, m
     real_fit = simulation.fit_client
 
     def fit(slow_or_absent):
-        def fit_client(trainer, instruction, shard, config, round_idx, client_id):
-            if client_id != 2:
-                return real_fit(trainer, instruction, shard, config, round_idx, client_id)
+        def fit_client(rule, trainer, *args):
+            if args[-1] != 2:
+                return real_fit(rule, trainer, *args)
             if slow_or_absent == "absent":
                 raise RuntimeError("absent")
             hook = trainer.model.register_forward_pre_hook(lambda *_: time.sleep(7.0))
             try:
-                return real_fit(trainer, instruction, shard, config, round_idx, client_id)
+                return real_fit(rule, trainer, *args)
             finally:
                 hook.remove()
         return fit_client

@@ -230,7 +230,8 @@ def test_checkpoints_are_versioned_and_the_pointer_moves_last(tmp_path, monkeypa
     summary = steps.checkpoint(cfg, final_plan, tmp_path / "checkpoint.json")
     assert summary["location"].endswith("checkpoints/round_00002")
     assert [w.rsplit("/", 2)[-2:] for w in writes] == [
-        ["round_00002", "manifest.json"], ["checkpoints", "LATEST"], [tmp_path.name, "checkpoint.json"]]
+        ["round_00002", "client_states.json"], ["round_00002", "manifest.json"], ["checkpoints", "LATEST"],
+        [tmp_path.name, "checkpoint.json"]]
     plane = plane_of(cfg)
     latest = plane.get_json(ObjectRef.from_dict({**read(tmp_path / "checkpoint.json")["manifest"]}, "m"))
     assert latest["round"] == 2
@@ -328,3 +329,40 @@ def test_fedprox_through_the_steps_equals_the_simulation(tmp_path):
     plain = config_from_dict({**json.loads(cfg), "mu": 0.0, "output_dir": str(tmp_path / "f")})
     without_mu = run_experiment(plain, progress=False, track=False).results["fedprox"]
     assert [h["train_loss"] for h in without_mu.history] != [h["train_loss"] for h in simulated.history]
+
+
+@pytest.mark.parametrize("name", ["fedavg_ft", "fedper", "fedrep", "fedbn", "ditto", "local"])
+def test_every_baseline_through_the_steps_equals_the_simulation_and_keeps_its_private_layers_home(
+        tmp_path, name):
+    """Client state (private layers, BatchNorm statistics, Ditto's personal model) lives in client-owned
+    objects that the server step never reads; start models and updates leave the private layers out."""
+    cfg = config_json(tmp_path, algorithms=[name], model="cnn_bn", heur_k=0, personal_layers=2,
+                      pipeline={"data_root": str(tmp_path / "plane"), "algorithm": name})
+    _, final_plan, evaluation_manifest = run_steps(tmp_path, cfg)
+    evaluation, _ = steps.read_evaluation(steps.parse_config(cfg), evaluation_manifest)
+    simulated = run_experiment(steps.parse_config(cfg), progress=False, track=False).results[name]
+    assert evaluation["client_accuracies"] == simulated.client_accuracies
+    for ours, theirs in zip(evaluation["history"], simulated.history, strict=True):
+        assert (ours["bytes_down"], ours["bytes_up"]) == (theirs["bytes_down"], theirs["bytes_up"])
+    plane = plane_of(cfg)
+    private = {"fedper": {4, 5}, "fedrep": {4, 5}, "fedbn": {1, 3}, "local": set(range(6))}.get(name, set())
+    plan = read(tmp_path / "plan1.json")
+    for entry in plan["clients"].values():  # round 1's start models
+        model, _ = plane.get_tensors(ObjectRef.from_dict(entry["model"], "model"))
+        assert {int(key.split(".")[1]) for key in model} == set(range(6)) - private
+    returning = [entry for entry in plan["clients"].values() if "state" in entry]
+    assert returning  # 2 of 3 clients a round: one trained in round 0 too and has a state
+    for entry in returning:
+        state, _ = plane.get_tensors(ObjectRef.from_dict(entry["state"], "state"))
+        assert {int(k.split(".")[1]) for k in state if k.startswith("layer.")} == private
+        assert "buffer.bn1.running_mean" in state
+    reports = [read(path) for path in sorted(tmp_path.glob("update1_*.json"))]
+    for report in (r for m in reports for r in m["clients"].values()):
+        delta, _ = plane.get_tensors(ObjectRef.from_dict(report["update"], "update"))
+        assert {int(key.split(".")[1]) for key in delta} == set(range(6)) - private
+    # A segment boundary: the checkpoint carries the client states, and a run resumed from it
+    # configures the same next round.
+    steps.checkpoint(cfg, final_plan, tmp_path / "checkpoint.json")
+    table = plane.get_json(ObjectRef.from_dict(read(tmp_path / "checkpoint.json")["client_states"], "table"))
+    assert sorted(table, key=int) == ["0", "1", "2"]
+    assert all("checkpoints/round_00002" in entry["uri"] for entry in table.values())

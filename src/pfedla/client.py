@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 
@@ -37,12 +38,20 @@ class TrainSettings:
 
 @dataclass
 class ClientUpdate:
-    """What a client sends back: Δ = θ' − θ̄ per layer, and how much data produced it."""
+    """What a client sends back: Δ = θ' − θ̄ per layer (None for a layer it keeps to itself),
+    and how much data produced it."""
 
     client_id: int
     num_samples: int
-    delta: list[torch.Tensor]
+    delta: list[torch.Tensor | None]
     train_loss: float
+
+    def sent(self) -> list[torch.Tensor]:
+        """The layers that travel to the server."""
+        return [d for d in self.delta if d is not None]
+
+    def bytes_sent(self) -> int:
+        return sum(d.numel() * d.element_size() for d in self.sent())
 
 
 @dataclass
@@ -73,31 +82,63 @@ class EvalResult:
         return self.correct / max(self.count, 1)
 
 
+@dataclass
+class ModelState:
+    """A whole model as a client holds it: one flat vector per layer and its buffers by name."""
+
+    layers: list[torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+
+    def clone(self) -> ModelState:
+        return ModelState([t.clone() for t in self.layers], {k: b.clone() for k, b in self.buffers.items()})
+
+
 class LocalTrainer:
     """Trains any client's model on one private copy of the architecture.
 
     The copy's parameters are views into one flat tensor per layer, so starting a client
     is one copy per layer and every batch runs the plain forward pass (swapping parameters
-    in per batch, as ``functional_call`` does, cost about 10% of a round).
+    in per batch, as ``functional_call`` does, cost about 10% of a round). Buffers
+    (normalization running statistics) are the client's: they are loaded before and read
+    back after training, which runs in train mode.
     """
 
     def __init__(self, model: nn.Module, layout: LayerLayout):
         self.model = copy.deepcopy(model)
+        self.layout = layout
         self.flat = [t.detach().clone() for t in layout.flatten(dict(self.model.named_parameters()))]
+        named = {}
         for name, view in layout.unflatten(self.flat).items():
             module_name, _, param_name = name.rpartition(".")
-            setattr(self.model.get_submodule(module_name), param_name, nn.Parameter(view))
-        self.params = list(self.model.parameters())
+            named[name] = nn.Parameter(view)
+            setattr(self.model.get_submodule(module_name), param_name, named[name])
+        self.layer_params = [[named[slot.name] for slot in layer] for layer in layout.slots]
+        self.buffers = dict(self.model.named_buffers())
 
-    def train(self, start_layers: list[torch.Tensor], train_x: torch.Tensor, train_y: torch.Tensor,
-              settings: TrainSettings, generator: torch.Generator) -> tuple[list[torch.Tensor], float]:
-        """E epochs of minibatch SGD starting from ``start_layers``; returns θ' and the mean loss."""
+    def train(self, start: ModelState, train_x: torch.Tensor, train_y: torch.Tensor, settings: TrainSettings,
+              generator: torch.Generator, trainable: frozenset[int] | None = None,
+              anchor: list[torch.Tensor] | None = None) -> tuple[ModelState, float]:
+        """E epochs of minibatch SGD from ``start``; returns the trained model and the mean loss.
+
+        Only the ``trainable`` layers (default: all) move. With ``settings.proximal_mu`` > 0 the
+        loss gains (mu/2)·‖θ − anchor‖², the anchor being ``start`` unless given.
+        """
         with torch.no_grad():
-            for flat, layer in zip(self.flat, start_layers, strict=True):
+            for flat, layer in zip(self.flat, start.layers, strict=True):
                 flat.copy_(layer)
-        anchor = [p.detach().clone() for p in self.params] if settings.proximal_mu > 0 else None
-        loss_total = _sgd_epochs(self.model, self.params, train_x, train_y, settings, generator, anchor)
-        return [flat.clone() for flat in self.flat], loss_total
+            for name, buffer in self.buffers.items():
+                buffer.copy_(start.buffers[name])
+        chosen = range(self.layout.num_layers) if trainable is None else sorted(trainable)
+        params = [p for index in chosen for p in self.layer_params[index]]
+        anchors = None
+        if settings.proximal_mu > 0:
+            named = self.layout.unflatten(anchor if anchor is not None else start.layers)
+            anchors = [named[slot.name].detach().clone() for index in chosen
+                       for slot in self.layout.slots[index]]
+        self.model.train()
+        loss = _sgd_epochs(self.model, params, train_x, train_y, settings, generator, anchors)
+        return ModelState([flat.clone() for flat in self.flat],
+                          {name: b.detach().clone() for name, b in self.buffers.items()}), loss
 
 
 def _sgd_epochs(model: nn.Module, params: list[nn.Parameter], train_x: torch.Tensor, train_y: torch.Tensor,
@@ -130,19 +171,25 @@ def _sgd_epochs(model: nn.Module, params: list[nn.Parameter], train_x: torch.Ten
 def evaluate_client(
     model: nn.Module,
     layout: LayerLayout,
-    layers: list[torch.Tensor],
+    state: ModelState,
     x: torch.Tensor,
     y: torch.Tensor,
     batch_size: int = 2048,
 ) -> EvalResult:
-    """Accuracy and summed cross-entropy of the model given by ``layers`` on (x, y)."""
-    params = layout.unflatten(layers)
+    """Accuracy and summed cross-entropy of the model ``state`` on (x, y), in eval mode (running
+    statistics, not batch statistics)."""
+    tensors = {**layout.unflatten(state.layers), **state.buffers}
+    was_training = model.training
+    model.eval()
     correct, loss_sum = 0, 0.0
-    for start in range(0, len(y), batch_size):
-        logits = functional_call(model, params, (x[start : start + batch_size],))
-        target = y[start : start + batch_size]
-        loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").item()
-        correct += int((logits.argmax(1) == target).sum())
+    try:
+        for start in range(0, len(y), batch_size):
+            logits = functional_call(model, tensors, (x[start : start + batch_size],))
+            target = y[start : start + batch_size]
+            loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").item()
+            correct += int((logits.argmax(1) == target).sum())
+    finally:
+        model.train(was_training)
     return EvalResult(correct, loss_sum, len(y))
 
 
@@ -158,13 +205,13 @@ def select_device(setting: str) -> torch.device:
 
 
 def update_norm(update: ClientUpdate) -> float:
-    """The L2 norm of the whole update (all layers), in float64."""
-    return float(torch.sqrt(sum((d.double() ** 2).sum() for d in update.delta)))
+    """The L2 norm of the whole update (every layer it carries), in float64."""
+    return math.sqrt(sum(float((d.double() ** 2).sum()) for d in update.sent()))
 
 
 def update_problem(update: ClientUpdate, max_norm: float | None) -> str | None:
     """Why an update must be rejected on its own (non-finite values, norm over the limit), or None."""
-    if not all(bool(torch.isfinite(d).all()) for d in update.delta):
+    if not all(bool(torch.isfinite(d).all()) for d in update.sent()):
         return "update has NaN or Inf values"
     if max_norm is not None:
         norm = update_norm(update)

@@ -17,9 +17,11 @@ from pfedla.errors import ConfigError, shown
 
 DATASETS = ("digits", "mnist", "fmnist", "emnist", "cifar10", "cifar100", "synthetic")
 PARTITIONS = ("iid", "dirichlet", "pathological")
-MODELS = ("cnn", "mlp")
+MODELS = ("cnn", "cnn_bn", "mlp")
+LAYER_COUNTS = {"cnn": 4, "cnn_bn": 6, "mlp": 3}  # layers (see models.LayerLayout) of each model
 DEVICES = ("auto", "cpu", "cuda")
-ALGORITHMS = ("pfedla", "pfedla_frozen", "fedavg", "fedprox", "local")
+ALGORITHMS = ("pfedla", "pfedla_frozen", "fedavg", "fedavg_ft", "fedprox", "fedper", "fedrep", "fedbn",
+              "ditto", "local")
 
 
 @dataclass
@@ -94,6 +96,10 @@ class ExperimentConfig:
     hidden_dim: int = 64
     heur_k: int = 0
     mu: float = 0.01  # fedprox: weight of the proximal term (mu/2)·‖θ − θ_global‖²
+    finetune_epochs: int = 1  # fedavg_ft: local epochs on the global model before each evaluation
+    personal_layers: int = 1  # fedper, fedrep: the last layers that stay on each client (the head)
+    head_epochs: int = 2  # fedrep: epochs on the head (body fixed) before the local epochs on the body
+    ditto_lambda: float = 0.1  # ditto: weight of (λ/2)·‖v − w‖² pulling a personal model v toward w
     model: str = "cnn"
     seed: int = 0
     device: str = "auto"
@@ -292,6 +298,8 @@ MAXIMA = {
     "clients": 10_000,
     "rounds": 1_000_000,
     "local_epochs": 10_000,
+    "finetune_epochs": 10_000,
+    "head_epochs": 10_000,
     "batch_size": 1_000_000,
     "embedding_dim": 4096,
     "hidden_dim": 4096,
@@ -340,6 +348,15 @@ def validate(config: ExperimentConfig) -> None:
     _require(config.embedding_dim >= 1, "embedding_dim", f"must be >= 1, got {config.embedding_dim}")
     _require(config.hidden_dim >= 1, "hidden_dim", f"must be >= 1, got {config.hidden_dim}")
     _require(config.mu >= 0, "mu", f"must be >= 0 (0: fedprox is fedavg), got {config.mu}")
+    _require(config.finetune_epochs >= 0, "finetune_epochs",
+             f"must be >= 0 (0: fedavg_ft is fedavg), got {config.finetune_epochs}")
+    _require(config.head_epochs >= 0, "head_epochs", f"must be >= 0, got {config.head_epochs}")
+    _require(config.ditto_lambda >= 0, "ditto_lambda",
+             f"must be >= 0 (0: personal models train like local), got {config.ditto_lambda}")
+    layers = LAYER_COUNTS[config.model]
+    _require(1 <= config.personal_layers < layers, "personal_layers",
+             f"model {config.model} has {layers} layers: keep between 1 and {layers - 1} on the clients, "
+             f"got {config.personal_layers}")
     _require(config.heur_k >= 0, "heur_k", f"must be >= 0 (0 disables HeurpFedLA), got {config.heur_k}")
     _require(
         0.0 < config.test_fraction < 1.0,
@@ -401,6 +418,9 @@ def validate(config: ExperimentConfig) -> None:
     _require(config.checkpoint_every >= 1, "checkpoint_every",
              f"must be >= 1, got {config.checkpoint_every}")
     _validate_pipeline(config)
+    if "fedbn" in (*config.algorithms, config.pipeline.algorithm):
+        _require(config.model == "cnn_bn", "model",
+                 f"fedbn keeps normalization layers local: use model: cnn_bn (got {config.model})")
     if config.dataset == "synthetic":
         _require(config.model == "mlp", "model", "the synthetic dataset is a vector task: use model: mlp")
 

@@ -48,6 +48,11 @@ def round_folder(round_idx: int) -> str:
     return f"rounds/{round_idx:05d}"
 
 
+def client_folder(client: int, round_idx: int) -> str:
+    """Where a client keeps the state it left round ``round_idx`` with (its own storage)."""
+    return f"clients/client_{client}/round_{round_idx:05d}"
+
+
 def checkpoint_folder(round_idx: int) -> str:
     return f"checkpoints/round_{round_idx:05d}"
 

@@ -3,7 +3,7 @@
 A layer is one module that owns parameters directly (Conv, Linear, a norm's affine
 weight and bias): its weight and bias move together and get one aggregation weight.
 Buffers (e.g. normalization running statistics) are not part of any layer: they never
-leave the client.
+leave the client (they live in its ``ClientState``).
 """
 
 from __future__ import annotations
@@ -35,6 +35,27 @@ class CNN(nn.Module):
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
+class CNNBN(nn.Module):
+    """The paper-style CNN with BatchNorm after each convolution (what FedBN keeps local). Its
+    convolutions and dense layers draw the same initial weights as ``CNN`` for one seed."""
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int, width: int = 32,
+                 hidden: int = 256):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 5, padding=2)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 5, padding=2)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        side = image_size // 4
+        self.fc1 = nn.Linear(2 * width * side * side, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 2)
+        x = nn.functional.max_pool2d(torch.relu(self.bn2(self.conv2(x))), 2)
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
 class MLP(nn.Module):
     """A small fully connected network for vectors or flattened images."""
 
@@ -49,22 +70,23 @@ class MLP(nn.Module):
         return self.fc3(torch.relu(self.fc2(x)))
 
 
-# The CNN pools twice by 2: a side below 4 pixels pools down to nothing.
+# The CNNs pool twice by 2: a side below 4 pixels pools down to nothing.
 CNN_MIN_SIDE = 4
+CONVOLUTIONAL = {"cnn": CNN, "cnn_bn": CNNBN}
 
 
 def unsupported_input(name: str, input_shape: tuple[int, ...]) -> str | None:
     """Why model ``name`` cannot take one sample of ``input_shape``, or None when it can."""
-    if name != "cnn":
+    if name not in CONVOLUTIONAL:
         return None  # the MLP flattens any input
     if len(input_shape) != 3:
-        return f"model 'cnn' needs image inputs [channels, height, width], got shape {input_shape}"
+        return f"model '{name}' needs image inputs [channels, height, width], got shape {input_shape}"
     _, height, width = input_shape
     if min(height, width) < CNN_MIN_SIDE:
-        return (f"model 'cnn' needs images of at least {CNN_MIN_SIDE}x{CNN_MIN_SIDE} pixels, "
+        return (f"model '{name}' needs images of at least {CNN_MIN_SIDE}x{CNN_MIN_SIDE} pixels, "
                 f"got {height}x{width}")
     if height // 4 != width // 4:  # its first dense layer is sized from the height alone
-        return f"model 'cnn' needs square images, got {height}x{width}"
+        return f"model '{name}' needs square images, got {height}x{width}"
     return None
 
 
@@ -74,11 +96,14 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed:
         raise ValueError(problem)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "model-init"))
-        if name == "cnn":
+        if name in CONVOLUTIONAL:
             channels, height, _ = input_shape
             width, hidden = (16, 128) if height <= 8 else (32, 512)
-            return CNN(channels, height, num_classes, width=width, hidden=hidden)
+            return CONVOLUTIONAL[name](channels, height, num_classes, width=width, hidden=hidden)
         return MLP(math.prod(input_shape), num_classes)
+
+
+NORMALIZATION = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 @dataclass(frozen=True)
@@ -100,14 +125,17 @@ class LayerLayout:
 
     names: tuple[str, ...]
     slots: tuple[tuple[ParamSlot, ...], ...]
+    norm_layers: frozenset[int] = frozenset()  # indices of normalization layers (their affine part)
 
     @classmethod
     def of(cls, model: nn.Module) -> LayerLayout:
-        names, slots = [], []
+        names, slots, norms = [], [], set()
         for module_name, module in model.named_modules():
             own = list(module.named_parameters(recurse=False))
             if not own:
                 continue
+            if isinstance(module, NORMALIZATION):
+                norms.add(len(names))
             offset, layer_slots = 0, []
             for param_name, param in own:
                 full = f"{module_name}.{param_name}" if module_name else param_name
@@ -115,7 +143,7 @@ class LayerLayout:
                 offset += param.numel()
             names.append(module_name or "<root>")
             slots.append(tuple(layer_slots))
-        return cls(tuple(names), tuple(slots))
+        return cls(tuple(names), tuple(slots), frozenset(norms))
 
     @property
     def num_layers(self) -> int:
@@ -137,16 +165,22 @@ class LayerLayout:
                 params[s.name] = flat[s.offset : s.offset + s.numel].view(s.shape)
         return params
 
-    def check(self, layers: list[torch.Tensor]) -> None:
-        """Raise ValueError unless ``layers`` fits this layout."""
+    def check(self, layers: list[torch.Tensor | None], skip: frozenset[int] = frozenset()) -> None:
+        """Raise ValueError unless ``layers`` fits this layout (``skip``: layers not checked)."""
         if len(layers) != self.num_layers:
             raise ValueError(f"expected {self.num_layers} layers, got {len(layers)}")
-        for name, size, flat in zip(self.names, self.sizes, layers, strict=True):
-            if flat.ndim != 1 or flat.numel() != size:
-                raise ValueError(f"layer {name}: expected {size} values, got shape {tuple(flat.shape)}")
+        for index, (name, size, flat) in enumerate(zip(self.names, self.sizes, layers, strict=True)):
+            if index not in skip and (flat is None or flat.ndim != 1 or flat.numel() != size):
+                shape = None if flat is None else tuple(flat.shape)
+                raise ValueError(f"layer {name}: expected {size} values, got shape {shape}")
 
 
 def initial_layers(model: nn.Module) -> list[torch.Tensor]:
     """The model's current parameters as detached flat layer vectors."""
     layout = LayerLayout.of(model)
     return [t.detach().clone() for t in layout.flatten(dict(model.named_parameters()))]
+
+
+def initial_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's buffers (normalization running statistics) as detached copies, by name."""
+    return {name: buffer.detach().clone() for name, buffer in model.named_buffers()}

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from pfedla import rundir, storage
-from pfedla.algorithms import FitInstruction, Strategy, make_strategy
+from pfedla.algorithms import ClientRule, ClientState, FitInstruction, Strategy, make_strategy
+from pfedla.algorithms.base import Generators
 from pfedla.algorithms.pfedla import PFedLAStrategy
 from pfedla.checkpoint import CheckpointStore
 from pfedla.client import (
@@ -25,6 +26,7 @@ from pfedla.client import (
     ClientUpdate,
     EvalResult,
     LocalTrainer,
+    ModelState,
     TrainSettings,
     evaluate_client,
     failure_reason,
@@ -34,7 +36,7 @@ from pfedla.client import (
 from pfedla.config import ExperimentConfig, experiment_key
 from pfedla.data import FederatedData, build_federated_data
 from pfedla.errors import ArtifactError, PfedlaError, shown
-from pfedla.models import LayerLayout, build_model, initial_layers
+from pfedla.models import LayerLayout, build_model, initial_buffers, initial_layers
 from pfedla.progress import RoundProgress
 from pfedla.seeding import numpy_rng, torch_generator
 from pfedla.tracking import (
@@ -62,36 +64,67 @@ def train_settings(config: ExperimentConfig, proximal_mu: float = 0.0) -> TrainS
                          timeout=config.client_timeout, proximal_mu=proximal_mu)
 
 
+def client_generators(config: ExperimentConfig, round_idx: int, client_id: int) -> Generators:
+    """The client's random streams (batch orders) of one round: pure functions of (seed, stream,
+    round, client), so both orchestrations and all algorithms see the same batches."""
+    return lambda stream: torch_generator(config.seed, stream, round_idx, client_id)
+
+
 def fit_client(
+    rule: ClientRule,
     trainer: LocalTrainer,
     instruction: FitInstruction,
+    state: ClientState,
     train: tuple[torch.Tensor, torch.Tensor],
     config: ExperimentConfig,
     round_idx: int,
     client_id: int,
-) -> ClientUpdate:
-    """One client's local training on its train split ``(x, y)`` this round, returning Δ = θ' − θ̄.
-
-    The batch order is a pure function of (seed, round, client), so both orchestrations
-    and all algorithms see the same batches.
-    """
-    train_x, train_y = train
-    generator = torch_generator(config.seed, "train", round_idx, client_id)
+) -> tuple[ClientUpdate, ClientState]:
+    """One client's local training on its train split ``(x, y)`` this round: its update
+    Δ = θ' − θ̄ (None on the layers it keeps private) and its new state."""
     settings = train_settings(config, instruction.proximal_mu)
-    trained, loss = trainer.train(instruction.layers, train_x, train_y, settings, generator)
-    delta = [after - before for after, before in zip(trained, instruction.layers, strict=True)]
-    return ClientUpdate(client_id, len(train_y), delta, loss)
+    trained, loss, new_state = rule.fit(trainer, instruction, state, train, settings,
+                                        client_generators(config, round_idx, client_id))
+    delta = [None if start is None else after - start
+             for after, start in zip(trained.layers, instruction.layers, strict=True)]
+    return ClientUpdate(client_id, len(train[1]), delta, loss), new_state
 
 
-def evaluate_strategy(
-    strategy: Strategy,
-    model: nn.Module,
-    layout: LayerLayout,
-    tests: Sequence[tuple[torch.Tensor, torch.Tensor]],
-) -> list[EvalResult]:
-    """Each client's personalized model on that client's own test split ``(x, y)``."""
-    return [evaluate_client(model, layout, strategy.personalized_layers(i), x, y)
-            for i, (x, y) in enumerate(tests)]
+def personalize_clients(strategy: Strategy, trainer: LocalTrainer, states: Sequence[ClientState],
+                        trains: Sequence[tuple[torch.Tensor, torch.Tensor] | None], config: ExperimentConfig,
+                        rounds_done: int) -> list[ModelState]:
+    """Each client's evaluated model: the server's personalized layers completed by the client's rule
+    (its private layers and buffers, Ditto's personal model, fedavg_ft's fine-tuning)."""
+    rule, settings = strategy.client_rule, train_settings(config)
+    return [rule.personalize(trainer, strategy.personalized_layers(i), state, trains[i], settings,
+                             client_generators(config, rounds_done, i))
+            for i, state in enumerate(states)]
+
+
+def evaluate_models(model: nn.Module, layout: LayerLayout, models: Sequence[ModelState],
+                    tests: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[EvalResult]:
+    """Each client's model on that client's own test split ``(x, y)``."""
+    return [evaluate_client(model, layout, state, x, y) for state, (x, y) in zip(models, tests, strict=True)]
+
+
+CLIENT_PREFIX = "client."
+
+
+def client_state_tensors(states: Sequence[ClientState]) -> dict[str, torch.Tensor]:
+    """Every client's state as named tensors ``client.<i>.<name>`` (beside the server state in a
+    simulation checkpoint: the simulation plays every client too)."""
+    return {f"{CLIENT_PREFIX}{i}.{name}": t
+            for i, state in enumerate(states) for name, t in state.tensors().items()}
+
+
+def load_client_states(tensors: dict[str, torch.Tensor], initial: Sequence[ClientState]) -> list[ClientState]:
+    """``client_state_tensors`` output back as states shaped like ``initial``."""
+    by_client: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if key.startswith(CLIENT_PREFIX):
+            client, _, name = key[len(CLIENT_PREFIX):].partition(".")
+            by_client.setdefault(client, {})[name] = tensor
+    return [ClientState.from_tensors(by_client.get(str(i), {}), like) for i, like in enumerate(initial)]
 
 
 def round_metrics(updates: Sequence[ClientUpdate], failures: Sequence[ClientFailure],
@@ -101,7 +134,7 @@ def round_metrics(updates: Sequence[ClientUpdate], failures: Sequence[ClientFail
         "clients": float(len(updates) + len(failures)),
         "failed_clients": float(len(failures)),
         "bytes_down": float(bytes_down),
-        "bytes_up": float(sum(sum(d.numel() * d.element_size() for d in u.delta) for u in updates)),
+        "bytes_up": float(sum(u.bytes_sent() for u in updates)),
         # a round without updates has no training loss: left out rather than NaN, which
         # strict JSON (and the KFP launcher) refuses
         **({"train_loss": float(np.mean([u.train_loss for u in updates]))} if updates else {}),
@@ -124,12 +157,12 @@ def report_failures(round_idx: int, failures: Sequence[ClientFailure], selected:
         )
 
 
-def personalized_models(strategy: Strategy, layout: LayerLayout, num_clients: int) -> dict[str, torch.Tensor]:
-    """Every client's personalized model as named tensors ``client<i>.<parameter>``."""
+def personalized_models(models: Sequence[ModelState], layout: LayerLayout) -> dict[str, torch.Tensor]:
+    """Every client's evaluated model as named tensors ``client<i>.<parameter or buffer>``."""
     return {
         f"client{i}.{name}": tensor
-        for i in range(num_clients)
-        for name, tensor in layout.unflatten(strategy.personalized_layers(i)).items()
+        for i, state in enumerate(models)
+        for name, tensor in {**layout.unflatten(state.layers), **state.buffers}.items()
     }
 
 
@@ -212,17 +245,20 @@ class Simulation:
         self.tests = [shard.test for shard in self.shards]
         self.model = build_model(config.model, data.input_shape, data.num_classes, config.seed).to(device)
         self.layout = LayerLayout.of(self.model)
+        self.init_model = ModelState(initial_layers(self.model), initial_buffers(self.model))
         self.trainer = LocalTrainer(self.model, self.layout)
         self.output_dir = Path(config.output_dir)
 
     def run(self, name: str, identity: str, resume: bool = False) -> AlgorithmResult:
         """Run all rounds of one algorithm, or continue it from its newest good checkpoint."""
         config = self.config
-        strategy = make_strategy(name, config, initial_layers(self.model))
+        strategy = make_strategy(name, config, self.model)
+        states = [strategy.client_rule.initial_state(self.init_model) for _ in range(config.clients)]
         first_round, history, earlier_seconds, run_id = 0, [], 0.0, None
         checkpoint = self.checkpoints.latest(name) if (resume and self.checkpoints) else None
         if checkpoint is not None:
             strategy.load_state_dict(checkpoint.tensors)
+            states = load_client_states(checkpoint.tensors, states)
             first_round, history = checkpoint.rounds_done, list(checkpoint.meta["history"])
             earlier_seconds, run_id = checkpoint.meta["seconds"], checkpoint.meta["mlflow_run_id"]
             log.info("%s: resuming after round %d from %s", name, first_round, checkpoint.location)
@@ -233,21 +269,21 @@ class Simulation:
         progress = RoundProgress(name, first_round, config.rounds, enabled=self.progress)
         evaluation: list[EvalResult] = []
         for round_idx in range(first_round, config.rounds):
-            metrics = self.run_round(strategy, round_idx)
+            metrics = self.run_round(strategy, states, round_idx)
             last = round_idx == config.rounds - 1
             if last or (round_idx + 1) % config.eval_every == 0:
-                evaluation = evaluate_strategy(strategy, self.model, self.layout, self.tests)
+                models, evaluation = self.evaluate(strategy, states, round_idx + 1)
                 metrics.update(accuracy_metrics(evaluation))
             progress.round_done(round_idx, metrics)
             history.append(metrics)
             self.track_round(strategy, round_idx, metrics, last)
             if self.checkpoints and (last or (round_idx + 1) % config.checkpoint_every == 0):
-                self.checkpoints.save(name, round_idx + 1, strategy.state_dict(), {
+                self.checkpoints.save(name, round_idx + 1, self.full_state(strategy, states), {
                     "history": history, "mlflow_run_id": self.tracker.run_id if self.tracker else None,
                     "seconds": earlier_seconds + time.perf_counter() - started})
         progress.close()
         if not evaluation:  # resumed after the last round had been checkpointed
-            evaluation = evaluate_strategy(strategy, self.model, self.layout, self.tests)
+            models, evaluation = self.evaluate(strategy, states, config.rounds)
         result = AlgorithmResult(
             name=name,
             client_accuracies=[r.accuracy for r in evaluation],
@@ -259,8 +295,20 @@ class Simulation:
         )
         if isinstance(strategy, PFedLAStrategy):
             result.layer_weights, result.raw_layer_weights = alpha_arrays(strategy)
-        self.save_outputs(strategy, result)
+        self.save_outputs(self.full_state(strategy, states), models, result)
         return result
+
+    def evaluate(self, strategy: Strategy, states: Sequence[ClientState], rounds_done: int
+                 ) -> tuple[list[ModelState], list[EvalResult]]:
+        """Every client's evaluated model and its result on the client's own test split."""
+        trains = [shard.train for shard in self.shards]
+        models = personalize_clients(strategy, self.trainer, states, trains, self.config, rounds_done)
+        return models, evaluate_models(self.model, self.layout, models, self.tests)
+
+    @staticmethod
+    def full_state(strategy: Strategy, states: Sequence[ClientState]) -> dict[str, torch.Tensor]:
+        """The server state and every client's state: all a resume needs."""
+        return {**strategy.state_dict(), **client_state_tensors(states)}
 
     def start_tracking(self, name: str, identity: str, run_id: str | None,
                        history: list[dict[str, float]], resume: bool) -> None:
@@ -295,14 +343,20 @@ class Simulation:
             alpha, raw = alpha_arrays(strategy)
             self.tracker.log_layer_weights(alpha, self.layout.names, f"round_{round_idx + 1:04d}", raw)
 
-    def train_round_clients(self, instructions: dict[int, FitInstruction], round_idx: int
+    def train_round_clients(self, rule: ClientRule, instructions: dict[int, FitInstruction],
+                            states: list[ClientState], round_idx: int
                             ) -> tuple[list[ClientUpdate], list[ClientFailure]]:
-        """Every selected client's update; one that raises, times out or sends a bad update is left out."""
+        """Every selected client's update; one that raises, times out or sends a bad update is left out.
+
+        A client whose training finished keeps its new state even if the server refuses its update
+        (the state never left it); one whose training failed keeps its old state.
+        """
         delivered, failures = [], []
         for client, instruction in instructions.items():
             try:
-                delivered.append(fit_client(self.trainer, instruction, self.shards[client].train, self.config,
-                                            round_idx, client))
+                update, states[client] = fit_client(rule, self.trainer, instruction, states[client],
+                                                    self.shards[client].train, self.config, round_idx, client)
+                delivered.append(update)
             except Exception as error:  # one client's crash must not take the round down
                 failures.append(ClientFailure(client, failure_reason(error)))
         config = self.config
@@ -311,28 +365,29 @@ class Simulation:
         report_failures(round_idx, failures, len(instructions), self.config.max_failed_fraction)
         return updates, failures
 
-    def run_round(self, strategy: Strategy, round_idx: int) -> dict[str, float]:
+    def run_round(self, strategy: Strategy, states: list[ClientState], round_idx: int) -> dict[str, float]:
         """Configure, train every selected client, aggregate; returns the round's metrics."""
         started = time.perf_counter()
         clients = participants(self.config, round_idx)
         instructions = strategy.configure_fit(round_idx, clients)
-        updates, failures = self.train_round_clients(instructions, round_idx)
+        updates, failures = self.train_round_clients(strategy.client_rule, instructions, states, round_idx)
         metrics = strategy.aggregate_fit(round_idx, updates, failures)
         bytes_down = sum(i.bytes_sent() for i in instructions.values())
         metrics.update(round_metrics(updates, failures, bytes_down))
         metrics["round_seconds"] = time.perf_counter() - started
         return metrics
 
-    def save_outputs(self, strategy: Strategy, result: AlgorithmResult) -> None:
+    def save_outputs(self, state: dict[str, torch.Tensor], models: Sequence[ModelState],
+                     result: AlgorithmResult) -> None:
         """Personalized models and server state as safetensors, α as .npy for pFedLA, the MLflow run
         ended, and last the result file: its presence marks the algorithm finished, so a kill at
         any point before it makes a resume redo (idempotently) every step here."""
-        models = personalized_models(strategy, self.layout, self.config.clients)
         model_path = self.output_dir / "models" / f"{result.name}.safetensors"
-        storage.save_tensors(model_path, models, {"algorithm": result.name, "model": self.config.model,
-                                                  "clients": self.config.clients})
+        storage.save_tensors(model_path, personalized_models(models, self.layout),
+                             {"algorithm": result.name, "model": self.config.model,
+                              "clients": self.config.clients})
         state_path = self.output_dir / "checkpoints" / f"{result.name}.safetensors"
-        storage.save_tensors(state_path, strategy.state_dict(),
+        storage.save_tensors(state_path, state,
                              {"algorithm": result.name, "rounds": result.rounds})
         for raw, weights in ((False, result.layer_weights), (True, result.raw_layer_weights)):
             if weights is not None:

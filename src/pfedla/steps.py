@@ -8,10 +8,12 @@ inputs (config, seed, round, manifests), so a pipeline run reproduces ``pfedla r
 on CPU. Manifests, by kind:
 
 - ``shards``:     the data's shape, each client's train and test object, the partition stats
-- ``plan``:       the server state before round ``round`` (state + history objects) and, for
-                  each of the round's clients, its start model θ̄_i and its train object
-- ``updates``:    per client of one training pod, its update Δ_i with sample count and loss,
-                  or the reason it failed
+- ``plan``:       the server state before round ``round`` (state + history objects, and the table
+                  of where each client's own state is) and, for each of the round's clients, its
+                  start model θ̄_i (without the layers it keeps private), its train object and its
+                  client state object (its private layers, running statistics, personal model)
+- ``updates``:    per client of one training pod, its update Δ_i (shared layers only) with sample
+                  count and loss and its new client state object, or the reason it failed
 - ``evaluation``: accuracies, the personalized models, α (pFedLA)
 - ``checkpoint``: a copy of the state at a segment's end, from which the next segment starts
 """
@@ -30,12 +32,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from pfedla.algorithms import FitInstruction, Strategy, make_strategy
+from pfedla.algorithms import (
+    ClientRule,
+    ClientState,
+    FitInstruction,
+    Strategy,
+    make_client_rule,
+    make_strategy,
+)
 from pfedla.algorithms.pfedla import PFedLAStrategy
 from pfedla.client import (
     ClientFailure,
     ClientUpdate,
     LocalTrainer,
+    ModelState,
     failure_reason,
     screen_updates,
     select_device,
@@ -47,18 +57,20 @@ from pfedla.dataplane import (
     DataPlane,
     ObjectRef,
     checkpoint_folder,
+    client_folder,
     finite_summary,
     ref_at,
     round_folder,
     run_prefix,
 )
 from pfedla.errors import ArtifactError, ConfigError
-from pfedla.models import LayerLayout, build_model, initial_layers
+from pfedla.models import LayerLayout, build_model, initial_buffers, initial_layers
 from pfedla.simulation import (
     accuracy_metrics,
-    evaluate_strategy,
+    evaluate_models,
     fit_client,
     participants,
+    personalize_clients,
     personalized_models,
     report_failures,
     round_metrics,
@@ -66,7 +78,7 @@ from pfedla.simulation import (
 
 SHARDS, PLAN, UPDATES, EVALUATION, CHECKPOINT = (
     "pfedla/shards", "pfedla/plan", "pfedla/updates", "pfedla/evaluation", "pfedla/checkpoint")
-PLAN_FIELDS = ("round", "data", "state", "history", "clients")
+PLAN_FIELDS = ("round", "data", "state", "history", "client_states", "clients")
 log = logging.getLogger(__name__)
 
 
@@ -108,6 +120,7 @@ class ModelContext:
     model: torch.nn.Module
     layout: LayerLayout
     num_clients: int
+    init: ModelState  # the shared initial model, from which every client's first state derives
 
     @classmethod
     def of(cls, config: ExperimentConfig, data: dict[str, Any]) -> ModelContext:
@@ -116,21 +129,47 @@ class ModelContext:
         except (KeyError, TypeError):
             raise ArtifactError(f"manifest data description is damaged: {data!r:.200}") from None
         model = build_model(config.model, shape, classes, config.seed)
-        return cls(model, LayerLayout.of(model), clients)
+        init = ModelState(initial_layers(model), initial_buffers(model))
+        return cls(model, LayerLayout.of(model), clients, init)
 
 
 def _strategy(config: ExperimentConfig, context: ModelContext) -> Strategy:
-    return make_strategy(config.pipeline.algorithm, config, initial_layers(context.model))
+    return make_strategy(config.pipeline.algorithm, config, context.model)
 
 
-def _layers(tensors: dict[str, torch.Tensor], prefix: str, layout: LayerLayout, where: str
-            ) -> list[torch.Tensor]:
+def _layers(tensors: dict[str, torch.Tensor], prefix: str, layout: LayerLayout, where: str,
+            private: frozenset[int] = frozenset()) -> list[torch.Tensor | None]:
+    """The layers ``<prefix>.<i>`` of an object, None for the ``private`` ones, which it must not hold."""
     try:
-        layers = [tensors[f"{prefix}.{i}"] for i in range(layout.num_layers)]
-        layout.check(layers)
+        if extra := sorted(i for i in private if f"{prefix}.{i}" in tensors):
+            raise ValueError(f"it holds layers {extra}, which stay on the client")
+        layers = [None if i in private else tensors[f"{prefix}.{i}"] for i in range(layout.num_layers)]
+        layout.check(layers, skip=private)
     except (KeyError, ValueError) as error:
         raise ArtifactError(f"{where} does not fit the configured model: {error}") from None
     return layers
+
+
+def _client_state(plane: DataPlane, rule: ClientRule, context: ModelContext, entry: dict[str, Any] | None,
+                  ) -> ClientState:
+    """A client's own state from its object, or its initial state before it has one."""
+    initial = rule.initial_state(context.init)
+    if entry is None:
+        return initial
+    ref = ObjectRef.from_dict(entry, "client state")
+    tensors, _ = plane.get_tensors(ref)
+    try:
+        return ClientState.from_tensors(tensors, initial)
+    except ArtifactError as error:
+        raise ArtifactError(f"{ref.uri}: {error}") from None
+
+
+def _client_states(plane: DataPlane, ref: ObjectRef) -> dict[str, Any]:
+    """The table client id -> client state object (a client without one has its initial state)."""
+    table = plane.get_json(ref)
+    if not isinstance(table, dict):
+        raise ArtifactError("the client state table is not a mapping of client ids to objects")
+    return table
 
 
 def _io_summary(plane: DataPlane) -> dict[str, int]:
@@ -178,12 +217,14 @@ def _data_shape(shards: dict[str, Any]) -> dict[str, Any]:
 
 # -- server state ------------------------------------------------------------------------------------------
 
-def _save_state(plane: DataPlane, round_idx: int, strategy: Strategy, history: list[dict[str, float]]
-                ) -> tuple[ObjectRef, ObjectRef]:
+def _save_state(plane: DataPlane, round_idx: int, strategy: Strategy, history: list[dict[str, float]],
+                client_states: dict[str, Any]) -> tuple[ObjectRef, ObjectRef, ObjectRef]:
+    """The server state, history and client state table that round ``round_idx`` starts from."""
     folder = round_folder(round_idx)
     state = plane.put_tensors(f"{folder}/state.safetensors", strategy.state_dict(),
                               {"algorithm": strategy.name, "next_round": round_idx})
-    return state, plane.put_json(f"{folder}/history.json", history)
+    return (state, plane.put_json(f"{folder}/history.json", history),
+            plane.put_json(f"{folder}/client_states.json", client_states))
 
 
 def _load_state(plane: DataPlane, config: ExperimentConfig, context: ModelContext, state: ObjectRef,
@@ -210,18 +251,22 @@ def _state_of(plane: DataPlane, config: ExperimentConfig, context: ModelContext,
 
 
 def _configure(plane: DataPlane, config: ExperimentConfig, strategy: Strategy, round_idx: int,
-               shards: dict[str, Any], state: ObjectRef, history: ObjectRef) -> dict[str, Any]:
-    """The plan of ``round_idx``: each selected client's start model θ̄_i, written to the data plane."""
+               shards: dict[str, Any], state: ObjectRef, history: ObjectRef, client_states: ObjectRef,
+               table: dict[str, Any]) -> dict[str, Any]:
+    """The plan of ``round_idx``: each selected client's start model θ̄_i (its private layers left
+    out), written to the data plane, and where its own state is (``table``)."""
     clients: dict[str, Any] = {}
     for client, instruction in strategy.configure_fit(round_idx, participants(config, round_idx)).items():
         model = plane.put_tensors(f"{round_folder(round_idx)}/models/client_{client}.safetensors",
-                                  {f"layer.{i}": t for i, t in enumerate(instruction.layers)},
+                                  {f"layer.{i}": t for i, t in enumerate(instruction.layers)
+                                   if t is not None},
                                   {"round": round_idx, "kept_local": sorted(instruction.kept_local),
                                    "proximal_mu": instruction.proximal_mu})
         clients[str(client)] = {"model": model.to_dict(), "train": ref_at(shards, "train", client).to_dict(),
-                                "bytes_down": instruction.bytes_sent()}
+                                "bytes_down": instruction.bytes_sent(),
+                                **({"state": table[str(client)]} if str(client) in table else {})}
     return {"round": round_idx, "data": _data_shape(shards), "state": state.to_dict(),
-            "history": history.to_dict(), "clients": clients}
+            "history": history.to_dict(), "client_states": client_states.to_dict(), "clients": clients}
 
 
 def _resume_location(config: ExperimentConfig, plane: DataPlane) -> str:
@@ -239,38 +284,48 @@ def server_init(config_json: str, shards_in: str | Path, plan_out: str | Path) -
     start = config.pipeline.start_round
     if start == 0 and not config.pipeline.resume_from:
         strategy = _strategy(config, context)
-        state, history = _save_state(plane, 0, strategy, [])
+        state, history, client_states = _save_state(plane, 0, strategy, [], {})
     else:
         location = _resume_location(config, plane)
         checkpoint = plane.read_manifest(location, CHECKPOINT)
         state, history = ref_at(checkpoint, "state"), ref_at(checkpoint, "history")
+        client_states = ref_at(checkpoint, "client_states")
         strategy, next_round, _ = _load_state(plane, config, context, state, history)
         if next_round != start:
             raise ArtifactError(f"{location} continues at round {next_round}, "
                                 f"but pipeline.start_round is {start}")
-    plan = _configure(plane, config, strategy, start, shards, state, history)
+    plan = _configure(plane, config, strategy, start, shards, state, history, client_states,
+                      _client_states(plane, client_states))
     plane.write_manifest(plan_out, PLAN, {"step": "server_init", "step_round": start, **plan})
     return finite_summary({"round": start, "clients": len(plan["clients"]), **_io_summary(plane)})
 
 
 # -- client training ---------------------------------------------------------------------------------------
 
-def _train_one(plane: DataPlane, config: ExperimentConfig, context: ModelContext, trainer: LocalTrainer,
-               device: torch.device, plan: dict[str, Any], client: int) -> ClientUpdate:
+def _train_one(plane: DataPlane, config: ExperimentConfig, context: ModelContext, rule: ClientRule,
+               trainer: LocalTrainer, device: torch.device, plan: dict[str, Any], client: int
+               ) -> tuple[ClientUpdate, ClientState]:
     round_idx = plan["round"]
     model = ref_at(plan, "clients", client, "model")
     tensors, meta = plane.get_tensors(model)
-    start = _layers(tensors, "layer", context.layout, model.uri)
-    train, _ = plane.get_tensors(ref_at(plan, "clients", client, "train"))
-    if set(train) != {"x", "y"}:
-        raise ArtifactError(f"the train split of client {client} lacks x or y")
-    instruction = FitInstruction([t.to(device) for t in start], frozenset(meta.get("kept_local", [])),
-                                 float(meta.get("proximal_mu", 0.0)))
-    update = fit_client(trainer, instruction, (train["x"].to(device), train["y"].to(device)), config,
-                        round_idx, client)
+    start = _layers(tensors, "layer", context.layout, model.uri, rule.private)
+    train = _split(plane, ref_at(plan, "clients", client, "train"), client, device)
+    state = _client_state(plane, rule, context, plan["clients"][str(client)].get("state"))
+    instruction = FitInstruction([None if t is None else t.to(device) for t in start],
+                                 frozenset(meta.get("kept_local", [])), float(meta.get("proximal_mu", 0.0)))
+    update, new_state = fit_client(rule, trainer, instruction, state, train, config, round_idx, client)
     if problem := update_problem(update, config.max_update_norm):  # no need to upload what will be refused
         raise ArtifactError(problem)
-    return update
+    return update, new_state
+
+
+def _split(plane: DataPlane, ref: ObjectRef, client: int, device: torch.device | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A client's train or test split (x, y)."""
+    split, _ = plane.get_tensors(ref)
+    if set(split) != {"x", "y"}:
+        raise ArtifactError(f"the split {ref.uri} of client {client} lacks x or y")
+    return split["x"].to(device), split["y"].to(device)
 
 
 def client_train(config_json: str, clients: str, plan_in: str | Path, updates_out: str | Path
@@ -289,21 +344,25 @@ def client_train(config_json: str, clients: str, plan_in: str | Path, updates_ou
     if unknown:
         raise ArtifactError(f"clients {unknown} are not part of round {plan['round']}'s plan")
     context = ModelContext.of(config, plan["data"])
+    rule = make_client_rule(config.pipeline.algorithm, config, context.model)
     device = select_device(config.device)
     trainer = LocalTrainer(context.model.to(device), context.layout)  # one per pod, reused by its clients
     round_idx, reports = plan["round"], {}
     for client in group:
         try:
-            update = _train_one(plane, config, context, trainer, device, plan, client)
+            update, state = _train_one(plane, config, context, rule, trainer, device, plan, client)
         except Exception as error:  # reported to the server step rather than failing the whole round
             reason = failure_reason(error) if not isinstance(error, ArtifactError) else str(error)
             log.warning("round %d: client %d failed: %s", round_idx, client, reason)
             reports[str(client)] = {"failed": reason}
             continue
         ref = plane.put_tensors(f"{round_folder(round_idx)}/updates/client_{client}.safetensors",
-                                {f"delta.{i}": d for i, d in enumerate(update.delta)})
+                                {f"delta.{i}": d for i, d in enumerate(update.delta) if d is not None})
         loss = {"train_loss": update.train_loss} if math.isfinite(update.train_loss) else {}
         reports[str(client)] = {"update": ref.to_dict(), "num_samples": update.num_samples, **loss}
+        if kept := state.tensors():  # the client's own storage, never read by the server step
+            own = plane.put_tensors(f"{client_folder(client, round_idx)}/state.safetensors", kept)
+            reports[str(client)]["state"] = own.to_dict()
     plane.write_manifest(updates_out, UPDATES, {"step": "client_train", "step_round": round_idx,
                                                 "round": round_idx, "clients": reports})
     failed = [c for c, report in reports.items() if "failed" in report]
@@ -313,8 +372,8 @@ def client_train(config_json: str, clients: str, plan_in: str | Path, updates_ou
 
 # -- aggregation -------------------------------------------------------------------------------------------
 
-def _read_report(plane: DataPlane, client: int, report: Any, known_samples: int, layout: LayerLayout
-                 ) -> ClientUpdate | ClientFailure:
+def _read_report(plane: DataPlane, client: int, report: Any, known_samples: int, layout: LayerLayout,
+                 private: frozenset[int]) -> ClientUpdate | ClientFailure:
     """One client's report: its checked update, or the failure it reported or that its report shows."""
     if not isinstance(report, dict):
         return ClientFailure(client, "damaged report")
@@ -328,7 +387,7 @@ def _read_report(plane: DataPlane, client: int, report: Any, known_samples: int,
                              f"got {num_samples!r:.40}")
         ref = ref_at(report, "update")
         tensors, _ = plane.get_tensors(ref)
-        delta = _layers(tensors, "delta", layout, ref.uri)
+        delta = _layers(tensors, "delta", layout, ref.uri, private)
     except (ArtifactError, KeyError, TypeError, ValueError) as error:
         return ClientFailure(client, f"unusable update: {error}")
     return ClientUpdate(client, num_samples, delta, loss)
@@ -352,6 +411,7 @@ def server_round(config_json: str, round_idx: int, configure_next: bool, shards_
     context = ModelContext.of(config, plan["data"])
     strategy, history = _state_of(plane, config, context, plan)
     outcomes: list[ClientUpdate | ClientFailure] = []
+    new_states: dict[str, Any] = {}
     client_io = {"read_bytes": 0, "written_bytes": 0}
     for source in updates_in:
         manifest = plane.read_manifest(source, UPDATES)
@@ -366,7 +426,12 @@ def server_round(config_json: str, round_idx: int, configure_next: bool, shards_
             except ValueError:
                 raise ArtifactError(f"{source}: {client!r:.40} is not a client id") from None
             known = shards["data"]["num_train"][client_id] if 0 <= client_id < context.num_clients else -1
-            outcomes.append(_read_report(plane, client_id, report, known, context.layout))
+            outcome = _read_report(plane, client_id, report, known, context.layout,
+                                   strategy.client_rule.private)
+            outcomes.append(outcome)
+            if isinstance(outcome, ClientUpdate) and "state" in report:  # its training finished: new state
+                ObjectRef.from_dict(report["state"], f"client {client_id}'s state")
+                new_states[str(client_id)] = report["state"]
     selected = participants(config, round_idx)
     delivered = sorted(o.client_id for o in outcomes)
     if delivered != selected:
@@ -385,15 +450,21 @@ def server_round(config_json: str, round_idx: int, configure_next: bool, shards_
                     "server_read_bytes": float(plane.transfers.read_bytes)})
     # No timings in the history: a retried step must write the very same objects (their keys are reused).
     entry = {"round": round_idx, **_finite(metrics)}
-    state, history_ref = _save_state(plane, round_idx + 1, strategy, [*history, entry])
+    table = {**_client_states(plane, ref_at(plan, "client_states")), **new_states}
+    state, history_ref, table_ref = _save_state(plane, round_idx + 1, strategy, [*history, entry], table)
     if configure_next:
-        next_plan = _configure(plane, config, strategy, round_idx + 1, shards, state, history_ref)
+        next_plan = _configure(plane, config, strategy, round_idx + 1, shards, state, history_ref, table_ref,
+                               table)
     else:  # the segment ends here: the next one configures its first round from the checkpoint
         next_plan = {"round": round_idx + 1, "data": plan["data"], "state": state.to_dict(),
-                     "history": history_ref.to_dict(), "clients": {}}
+                     "history": history_ref.to_dict(), "client_states": table_ref.to_dict(), "clients": {}}
     stale = round_idx - config.pipeline.keep_rounds
     if stale >= 0:  # the inputs of this step stay (a retried step needs them); older rounds go
         plane.delete_folder(round_folder(stale))
+    for client in new_states:  # likewise each client's newest keep_rounds + 1 states stay
+        versions = sorted(plane.folders(f"clients/client_{client}"))
+        for old in versions[: max(0, len(versions) - config.pipeline.keep_rounds - 1)]:
+            plane.delete_folder(f"clients/client_{client}/{old}")
     plane.write_manifest(plan_out, PLAN, {"step": "server_round", "step_round": round_idx, **next_plan})
     return finite_summary({"round": round_idx, "failed_clients": len(failures), "clients": len(selected),
                            "train_loss": metrics.get("train_loss"), "seconds": time.perf_counter() - started,
@@ -414,12 +485,16 @@ def evaluate(config_json: str, shards_in: str | Path, plan_in: str | Path, plan_
     shards, plan = plane.read_manifest(shards_in, SHARDS), plane.read_manifest(plan_in, PLAN)
     context = ModelContext.of(config, plan["data"])
     strategy, history = _state_of(plane, config, context, plan)
-    rounds_done = plan["round"]
-    tests = []
-    for client in range(context.num_clients):
-        split, _ = plane.get_tensors(ref_at(shards, "test", client))
-        tests.append((split["x"], split["y"]))
-    results = evaluate_strategy(strategy, context.model, context.layout, tests)
+    rounds_done, rule = plan["round"], strategy.client_rule
+    table = _client_states(plane, ref_at(plan, "client_states"))
+    clients = range(context.num_clients)
+    states = [_client_state(plane, rule, context, table.get(str(c))) for c in clients]
+    trains = [_split(plane, ref_at(shards, "train", c), c) if rule.personalizes_with_data else None
+              for c in clients]
+    trainer = LocalTrainer(context.model, context.layout)
+    models = personalize_clients(strategy, trainer, states, trains, config, rounds_done)
+    tests = [_split(plane, ref_at(shards, "test", c), c) for c in clients]
+    results = evaluate_models(context.model, context.layout, models, tests)
     metrics = _finite(accuracy_metrics(results))
     if history and history[-1].get("round") == rounds_done - 1:
         history = [*history[:-1], {**history[-1], **metrics}]
@@ -436,9 +511,9 @@ def evaluate(config_json: str, shards_in: str | Path, plan_in: str | Path, plan_
             "client_accuracies": [r.accuracy for r in results], "rounds": rounds_done, "history": history,
         }).to_dict()
         if rounds_done >= config.rounds:  # only the experiment's end is logged and registered
-            models = personalized_models(strategy, context.layout, context.num_clients)
             about = {"algorithm": strategy.name, "model": config.model}
-            outcome["models"] = plane.put_tensors(f"{folder}/models.safetensors", models, about).to_dict()
+            named = personalized_models(models, context.layout)
+            outcome["models"] = plane.put_tensors(f"{folder}/models.safetensors", named, about).to_dict()
         if isinstance(strategy, PFedLAStrategy):
             raw = strategy.raw_layer_weights()
             weights = {"alpha": strategy.layer_weights(), **({"alpha_raw": raw} if raw is not None else {})}
@@ -502,7 +577,8 @@ def read_evaluation(config: ExperimentConfig, evaluation_in: str | Path
 def checkpoint(config_json: str, plan_in: str | Path, checkpoint_out: str | Path) -> dict[str, Any]:
     """Version the segment's final state under ``checkpoints/round_<r>/``; the LATEST pointer last.
 
-    The store copies the objects itself, so no state bytes pass through this step. The newest
+    The store copies the objects itself, so no state bytes pass through this step (the clients'
+    own states are copied too: the clients drop their older versions). The newest
     ``keep_checkpoints`` versions are kept.
     """
     config = parse_config(config_json)
@@ -511,8 +587,13 @@ def checkpoint(config_json: str, plan_in: str | Path, checkpoint_out: str | Path
     rounds_done, folder = plan["round"], checkpoint_folder(plan["round"])
     state = plane.copy(ref_at(plan, "state"), f"{folder}/state.safetensors")
     history = plane.copy(ref_at(plan, "history"), f"{folder}/history.json")
+    table = {client: plane.copy(ObjectRef.from_dict(entry, f"client {client}'s state"),
+                                f"{folder}/clients/client_{client}.safetensors").to_dict()
+             for client, entry in _client_states(plane, ref_at(plan, "client_states")).items()}
+    client_states = plane.put_json(f"{folder}/client_states.json", table)
     body = {"kind": CHECKPOINT, "version": 1, "algorithm": config.pipeline.algorithm, "round": rounds_done,
-            "experiment_key": experiment_key(config), "state": state.to_dict(), "history": history.to_dict()}
+            "experiment_key": experiment_key(config), "state": state.to_dict(), "history": history.to_dict(),
+            "client_states": client_states.to_dict()}
     manifest = plane.put_json(f"{folder}/manifest.json", body)
     plane.put_json("checkpoints/LATEST", {"round": rounds_done, "manifest": manifest.to_dict()})
     versions = [name for name in plane.folders("checkpoints") if name.startswith("round_")]

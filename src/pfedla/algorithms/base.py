@@ -1,14 +1,16 @@
-"""The strategy interface: one method per phase of a round (configure, aggregate, personalize)."""
+"""The strategy interface: the server's phases of a round (configure, aggregate, personalize) and
+the client's half of an algorithm (how it trains, what it keeps, which model it is judged by)."""
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from pfedla.client import ClientFailure, ClientUpdate
+from pfedla.client import ClientFailure, ClientUpdate, LocalTrainer, ModelState, TrainSettings
 from pfedla.errors import ArtifactError
 
 
@@ -16,19 +18,103 @@ from pfedla.errors import ArtifactError
 class FitInstruction:
     """The model a client starts local training from this round.
 
-    ``kept_local`` lists layers the client already holds (its own last model), so
-    they need not travel; every other layer is sent. ``proximal_mu`` > 0 adds FedProx's
-    proximal term (mu/2)·‖θ − θ_start‖² to the client's loss.
+    A ``None`` layer is one of the client's private layers: the server neither has nor sends
+    it. ``kept_local`` lists layers the client already holds (its own last model, which the
+    server also keeps), so they need not travel either; every other layer is sent.
+    ``proximal_mu`` > 0 adds FedProx's proximal term (mu/2)·‖θ − θ_start‖² to the client's loss.
     """
 
-    layers: list[torch.Tensor]
+    layers: list[torch.Tensor | None]
     kept_local: frozenset[int] = field(default_factory=frozenset)
     proximal_mu: float = 0.0
 
     def bytes_sent(self) -> int:
-        return sum(
-            t.numel() * t.element_size() for i, t in enumerate(self.layers) if i not in self.kept_local
-        )
+        return sum(t.numel() * t.element_size() for i, t in enumerate(self.layers)
+                   if t is not None and i not in self.kept_local)
+
+
+@dataclass
+class ClientState:
+    """What one client keeps between rounds and never sends: its private layers, its buffers
+    (normalization running statistics) and, for Ditto, its personal model."""
+
+    layers: dict[int, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    personal: ModelState | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat names for safetensors: ``layer.<i>``, ``buffer.<name>``, ``personal.<i>``,
+        ``personal_buffer.<name>``."""
+        flat = {f"layer.{i}": t for i, t in self.layers.items()}
+        flat.update({f"buffer.{name}": t for name, t in self.buffers.items()})
+        if self.personal is not None:
+            flat.update({f"personal.{i}": t for i, t in enumerate(self.personal.layers)})
+            flat.update({f"personal_buffer.{name}": t for name, t in self.personal.buffers.items()})
+        return flat
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], like: ClientState) -> ClientState:
+        """Rebuild a state shaped like ``like`` (a client's initial state), checking every tensor."""
+        def pick(key: str, reference: torch.Tensor) -> torch.Tensor:
+            return checked_tensor(tensors, key, reference)
+
+        personal = None
+        if like.personal is not None:
+            personal = ModelState([pick(f"personal.{i}", t) for i, t in enumerate(like.personal.layers)],
+                                  {n: pick(f"personal_buffer.{n}", t)
+                                   for n, t in like.personal.buffers.items()})
+        return cls({i: pick(f"layer.{i}", t) for i, t in like.layers.items()},
+                   {n: pick(f"buffer.{n}", t) for n, t in like.buffers.items()}, personal)
+
+
+# The generator for one named stream of the client's randomness this round (batch order).
+Generators = Callable[[str], torch.Generator]
+
+
+class ClientRule:
+    """The client's half of an algorithm. This default trains every layer from the start model
+    for ``settings.epochs`` and is evaluated with the server's personalized model; subclasses
+    keep ``private`` layers to themselves, train in phases or keep a personal model."""
+
+    def __init__(self, private: Iterable[int] = ()):
+        self.private = frozenset(private)  # layers that never leave the client
+
+    def initial_state(self, init: ModelState) -> ClientState:
+        """The state every client starts with, derived from the shared initial model."""
+        return ClientState({i: init.layers[i].clone() for i in self.private},
+                           {name: b.clone() for name, b in init.buffers.items()})
+
+    def start_model(self, layers: Sequence[torch.Tensor | None], state: ClientState) -> ModelState:
+        """The server's layers with the client's private layers and buffers filled in."""
+        return ModelState([state.layers[i].clone() if layer is None else layer.clone()
+                           for i, layer in enumerate(layers)],
+                          {name: b.clone() for name, b in state.buffers.items()})
+
+    def fit(self, trainer: LocalTrainer, instruction: FitInstruction, state: ClientState,
+            train: tuple[torch.Tensor, torch.Tensor], settings: TrainSettings, generators: Generators
+            ) -> tuple[ModelState, float, ClientState]:
+        """Local training this round: (the model whose shared layers are sent back, the mean loss,
+        the client's new state)."""
+        trained, loss = trainer.train(self.start_model(instruction.layers, state), *train, settings,
+                                      generators("train"))
+        return trained, loss, self.keep(trained, state)
+
+    def keep(self, trained: ModelState, state: ClientState) -> ClientState:
+        """The new state after training: the private layers and buffers of ``trained``."""
+        return dataclasses.replace(state, layers={i: trained.layers[i] for i in self.private},
+                                   buffers=trained.buffers)
+
+    @property
+    def personalizes_with_data(self) -> bool:
+        """Whether ``personalize`` trains on the client's data (then it needs its train split)."""
+        return False
+
+    def personalize(self, trainer: LocalTrainer, layers: Sequence[torch.Tensor | None], state: ClientState,
+                    train: tuple[torch.Tensor, torch.Tensor], settings: TrainSettings,
+                    generators: Generators) -> ModelState:
+        """The model this client is evaluated with (and would deploy), from the server's
+        personalized ``layers`` and its own state."""
+        return self.start_model(layers, state)
 
 
 class ModelStack:
@@ -65,6 +151,7 @@ class Strategy(ABC):
     """A federated algorithm, seen by the orchestration as the phases of a round."""
 
     name: str
+    client_rule: ClientRule = ClientRule()
 
     @abstractmethod
     def configure_fit(self, round_idx: int, clients: Sequence[int]) -> dict[int, FitInstruction]:
@@ -80,8 +167,9 @@ class Strategy(ABC):
         """Fold the round's updates into the server state; failed clients leave it untouched."""
 
     @abstractmethod
-    def personalized_layers(self, client_id: int) -> list[torch.Tensor]:
-        """The model client ``client_id`` is evaluated with (and would deploy)."""
+    def personalized_layers(self, client_id: int) -> list[torch.Tensor | None]:
+        """The server's part of the model client ``client_id`` is evaluated with (None for the
+        client's private layers); the client rule completes it."""
 
     @abstractmethod
     def state_dict(self) -> dict[str, torch.Tensor]:

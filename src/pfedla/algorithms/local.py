@@ -6,35 +6,32 @@ from collections.abc import Sequence
 
 import torch
 
-from pfedla.algorithms.base import FitInstruction, ModelStack, Strategy
+from pfedla.algorithms.base import ClientRule, FitInstruction, Strategy
 from pfedla.client import ClientFailure, ClientUpdate
 
 
 class LocalStrategy(Strategy):
-    """The no-communication baseline."""
+    """The no-communication baseline: every layer is private, so the server holds no model at all."""
 
     name = "local"
 
-    def __init__(self, init_layers: Sequence[torch.Tensor], num_clients: int):
-        self.models = ModelStack(init_layers, num_clients)
+    def __init__(self, num_layers: int):
+        self.client_rule = ClientRule(range(num_layers))
+        self.num_layers = num_layers
 
     def configure_fit(self, round_idx: int, clients: Sequence[int]) -> dict[int, FitInstruction]:
-        everything = frozenset(range(len(self.models.rows)))
-        return {c: FitInstruction(self.models.client(c), kept_local=everything) for c in clients}
+        return {c: FitInstruction(self.personalized_layers(c)) for c in clients}
 
     def aggregate_fit(
         self, round_idx: int, updates: Sequence[ClientUpdate], failures: Sequence[ClientFailure]
     ) -> dict[str, float]:
-        for update in updates:
-            for rows, delta in zip(self.models.rows, update.delta, strict=True):
-                rows[update.client_id] += delta
         return {}
 
-    def personalized_layers(self, client_id: int) -> list[torch.Tensor]:
-        return self.models.client(client_id)
+    def personalized_layers(self, client_id: int) -> list[torch.Tensor | None]:
+        return [None] * self.num_layers
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.models.state_dict("models")
+        return {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.models.load_state_dict(state, "models")
+        pass  # no server state
