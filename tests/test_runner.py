@@ -167,6 +167,39 @@ def test_chained_segments_with_three_clients_per_pod_on_s3_match_the_simulation_
 
 
 @pytest.mark.integration
+def test_a_baseline_with_client_state_runs_end_to_end_across_segments_and_matches_the_simulation(
+        tmp_path, monkeypatch, restore_print):
+    """fedbn on cnn_bn in two kfp.local segments: each client's BatchNorm layers and running statistics
+    live in objects only its own client steps read and write, and cross the segment boundary through
+    the checkpoint."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    raw = {"clients": 4, "rounds": 2, "device": "cpu", "model": "cnn_bn", "participation": 0.75,
+           "algorithms": ["fedbn"], "experiment_name": f"fedbn-{tmp_path.name}",
+           "pipeline": {"algorithm": "fedbn", "rounds_per_run": 1}}
+    config = config_from_dict({**raw, "output_dir": str(tmp_path / "pipe")})
+    summary = run_local(config, tmp_path / "root")["fedbn"]
+    simulated = simulation.run_experiment(config_from_dict({**raw, "output_dir": str(tmp_path / "sim")}),
+                                          progress=False, track=False).results["fedbn"]
+    assert summary["segments"] == 2
+    assert summary["client_accuracies"] == simulated.client_accuracies  # exactly, on CPU
+    with_root = config_from_dict({**raw, "pipeline": {**raw["pipeline"], "data_root": summary["data_plane"]}})
+    for segment in segments(with_root):
+        compiled = tmp_path / f"segment-{segment.first}.yaml"
+        compile_pipeline(segment_config(with_root, segment.first), compiled)
+        assert assert_launcher_accepts(tmp_path / "root" / f"segment-{segment.first:05d}", compiled) >= 7
+    trained_before = set()
+    for step in sorted(client_steps(summary), key=lambda s: s["round"]):
+        (client,) = step["clients"]
+        own_state = {key for key in step["objects_read"] if "clients/" in key}
+        # round 1 is the second segment: it starts from the checkpoint's copies of the client states
+        assert own_state == ({f"checkpoints/round_00001/clients/client_{client}.safetensors"}
+                             if client in trained_before else set()), step
+        assert f"clients/client_{client}/round_{step['round']:05d}/state.safetensors" in step["objects_written"]
+        trained_before.add(client)
+    assert all(t["ratio"] <= 1.2 for t in summary["data_movement"]["rounds"].values())
+
+
+@pytest.mark.integration
 def test_a_round_in_which_every_client_fails_goes_on_with_launcher_safe_outputs(
         tmp_path, monkeypatch, restore_print):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -525,18 +525,22 @@ def evaluate(config_json: str, shards_in: str | Path, plan_in: str | Path, plan_
 
 def round_traffic(manifests: Sequence[dict[str, Any]], round_idx: int) -> dict[str, float]:
     """Bytes round ``round_idx`` moved through the data plane (its client steps and server step, from
-    their ledgers) against the least it could: each selected client reads its start model and train
-    split and writes its update; the server reads the state and the updates, and writes the new
-    state and the next round's start models."""
+    their ledgers) against the least it could: each selected client reads its start model, train
+    split and own state and writes its update and new state; the server reads the state and the
+    updates, and writes the new state and the next round's start models."""
     def sizes(refs: Any) -> int:
         return sum(entry["size"] for entry in refs)
 
     clients = [m for m in manifests if m["step"] == "client_train" and m["step_round"] == round_idx]
     (server,) = [m for m in manifests if m["step"] == "server_round" and m["step_round"] == round_idx]
     plan = next(m for m in manifests if m["kind"] == PLAN and m.get("round") == round_idx and m["clients"])
-    updates = [report["update"] for m in clients for report in m["clients"].values() if "update" in report]
+    reports = [report for m in clients for report in m["clients"].values()]
+    updates = [report["update"] for report in reports if "update" in report]
+    # a client with a state of its own reads its last one and writes the new one
+    own_states = [e["state"] for e in plan["clients"].values() if "state" in e] + \
+        [report["state"] for report in reports if "state" in report]
     client_least = sizes(e["model"] for e in plan["clients"].values()) + \
-        sizes(e["train"] for e in plan["clients"].values()) + sizes(updates)
+        sizes(e["train"] for e in plan["clients"].values()) + sizes(updates) + sizes(own_states)
     state_in, state_out = (m["state"]["size"] + m["history"]["size"] for m in (plan, server))
     next_models = sizes(e["model"] for e in server["clients"].values())
     server_least = state_in + sizes(updates) + state_out + next_models
