@@ -194,7 +194,8 @@ def test_a_baseline_with_client_state_runs_end_to_end_across_segments_and_matche
         # round 1 is the second segment: it starts from the checkpoint's copies of the client states
         assert own_state == ({f"checkpoints/round_00001/clients/client_{client}.safetensors"}
                              if client in trained_before else set()), step
-        assert f"clients/client_{client}/round_{step['round']:05d}/state.safetensors" in step["objects_written"]
+        written = f"clients/client_{client}/round_{step['round']:05d}/state.safetensors"
+        assert written in step["objects_written"]
         trained_before.add(client)
     assert all(t["ratio"] <= 1.2 for t in summary["data_movement"]["rounds"].values())
 
