@@ -4,7 +4,16 @@ import pytest
 import torch
 from torch import nn
 
-from pfedla.models import CNN, CNN_MIN_SIDE, LayerLayout, build_model, initial_layers, unsupported_input
+from pfedla.config import LAYER_COUNTS
+from pfedla.models import (
+    CNN,
+    CNN_MIN_SIDE,
+    LayerLayout,
+    build_model,
+    initial_buffers,
+    initial_layers,
+    unsupported_input,
+)
 
 
 @pytest.mark.parametrize(("shape", "classes"), [((1, 8, 8), 10), ((1, 28, 28), 10), ((3, 32, 32), 100)])
@@ -64,3 +73,21 @@ def test_flatten_unflatten_round_trip_and_check():
         layout.check(layers[:-1])
     with pytest.raises(ValueError, match="conv1"):
         layout.check([layers[0][:-1], *layers[1:]])
+
+
+@pytest.mark.parametrize("name", sorted(LAYER_COUNTS))
+def test_each_models_layer_count_is_the_one_config_validates_personal_layers_against(name):
+    shape = (6,) if name == "mlp" else (1, 8, 8)
+    assert LayerLayout.of(build_model(name, shape, 10, seed=0)).num_layers == LAYER_COUNTS[name]
+
+
+def test_cnn_bn_is_the_cnn_with_batchnorm_layers_marked_as_normalization():
+    plain, normed = (build_model(name, (1, 16, 16), 10, seed=3) for name in ("cnn", "cnn_bn"))
+    layout = LayerLayout.of(normed)
+    assert layout.names == ("conv1", "bn1", "conv2", "bn2", "fc1", "fc2") and layout.norm_layers == {1, 3}
+    assert LayerLayout.of(plain).norm_layers == frozenset()
+    for name in ("conv1", "conv2", "fc1", "fc2"):  # the same draws for the same seed
+        assert torch.equal(getattr(plain, name).weight, getattr(normed, name).weight)
+    statistics = ("num_batches_tracked", "running_mean", "running_var")
+    assert sorted(initial_buffers(normed)) == [f"bn{i}.{b}" for i in (1, 2) for b in statistics]
+    assert normed(torch.randn(2, 1, 16, 16)).shape == (2, 10)
