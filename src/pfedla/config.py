@@ -17,8 +17,8 @@ from pfedla.errors import ConfigError, shown
 
 DATASETS = ("digits", "mnist", "fmnist", "emnist", "cifar10", "cifar100", "synthetic")
 PARTITIONS = ("iid", "dirichlet", "pathological")
-MODELS = ("cnn", "cnn_bn", "mlp")
-LAYER_COUNTS = {"cnn": 4, "cnn_bn": 6, "mlp": 3}  # layers (see models.LayerLayout) of each model
+MODELS = ("cnn", "cnn_bn", "mlp", "mlp_bn")
+LAYER_COUNTS = {"cnn": 4, "cnn_bn": 6, "mlp": 3, "mlp_bn": 5}  # layers (see models.LayerLayout) of each model
 DEVICES = ("auto", "cpu", "cuda")
 ALGORITHMS = ("pfedla", "pfedla_frozen", "fedavg", "fedavg_ft", "fedprox", "fedper", "fedrep", "fedbn",
               "ditto", "local")
@@ -419,10 +419,11 @@ def validate(config: ExperimentConfig) -> None:
              f"must be >= 1, got {config.checkpoint_every}")
     _validate_pipeline(config)
     if "fedbn" in (*config.algorithms, config.pipeline.algorithm):
-        _require(config.model == "cnn_bn", "model",
-                 f"fedbn keeps normalization layers local: use model: cnn_bn (got {config.model})")
+        _require(config.model in ("cnn_bn", "mlp_bn"), "model", "fedbn keeps normalization layers local: "
+                 f"use model: cnn_bn or mlp_bn (got {config.model})")
     if config.dataset == "synthetic":
-        _require(config.model == "mlp", "model", "the synthetic dataset is a vector task: use model: mlp")
+        _require(config.model in ("mlp", "mlp_bn"), "model",
+                 "the synthetic dataset is a vector task: use model: mlp or mlp_bn")
 
 
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")

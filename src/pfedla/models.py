@@ -70,6 +70,23 @@ class MLP(nn.Module):
         return self.fc3(torch.relu(self.fc2(x)))
 
 
+class MLPBN(nn.Module):
+    """The MLP with BatchNorm after each hidden layer: a model FedBN means something for that is
+    cheap enough for CPU comparisons (same initial dense weights as ``MLP`` for one seed)."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 200):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.bn1 = nn.BatchNorm1d(hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.bn2 = nn.BatchNorm1d(hidden)
+        self.fc3 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.fc1(x.flatten(1))))
+        return self.fc3(torch.relu(self.bn2(self.fc2(x))))
+
+
 # The CNNs pool twice by 2: a side below 4 pixels pools down to nothing.
 CNN_MIN_SIDE = 4
 CONVOLUTIONAL = {"cnn": CNN, "cnn_bn": CNNBN}
@@ -100,7 +117,7 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed:
             channels, height, _ = input_shape
             width, hidden = (16, 128) if height <= 8 else (32, 512)
             return CONVOLUTIONAL[name](channels, height, num_classes, width=width, hidden=hidden)
-        return MLP(math.prod(input_shape), num_classes)
+        return (MLPBN if name == "mlp_bn" else MLP)(math.prod(input_shape), num_classes)
 
 
 NORMALIZATION = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
