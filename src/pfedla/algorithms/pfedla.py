@@ -35,7 +35,7 @@ def normalize_heads(head_outputs: torch.Tensor) -> torch.Tensor:
 
     Softplus is the smooth ReLU: a ReLU head at or below zero has exactly zero gradient, so its α
     entry (then ~1e-13) could never come back even where trusting that client later helps; in the
-    MNIST study 80-90% of all α entries ended there within 10 rounds (docs/study.md).
+    MNIST study about 80% of all α entries were there by round 10 (docs/study.md).
     """
     positive = nn.functional.softplus(head_outputs) + ALPHA_FLOOR
     return positive / positive.sum(dim=-1, keepdim=True)
