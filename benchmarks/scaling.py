@@ -57,7 +57,7 @@ def worker(spec: dict) -> dict:
         "server_s": statistics.median(server_times),
         "hn_params": hn_bytes // 4,
         "hn_param_mb": hn_bytes / MIB,
-        "hn_with_adam_mb": 3 * hn_bytes / MIB,
+        "hn_with_grad_mb": 2 * hn_bytes / MIB,
         "model_stack_mb": stack_bytes / MIB,
         "peak_rss_mb": round(max(peak.peak_mib, peak.setup_peak_mib), 1),
         "round_peak_delta_mb": round(peak.delta_mib, 1),
@@ -102,7 +102,7 @@ def plot_scaling(result: dict, clients: Sequence[int], path: Path) -> None:
              title="time per round (median)")
     left.legend()
     right.plot(clients, [r["peak_rss_mb"] for r in rows], "o-", label="peak RSS")
-    right.plot(clients, [r["hn_with_adam_mb"] for r in rows], "s--", label="HN params + Adam state")
+    right.plot(clients, [r["hn_with_grad_mb"] for r in rows], "s--", label="HN params + gradient")
     right.axhline(8 * 1024, color="red", linestyle=":", label="8 GiB")
     right.set(xscale="log", yscale="log", xlabel="clients N (10% per round)", ylabel="MiB",
               title="memory")
@@ -117,11 +117,11 @@ def table(result: dict) -> list[str]:
     """The section's lines of the printed table, ending with a blank separator line."""
     lines = [
         "scaling: synthetic + MLP, 10% participation, median s/round; peak = whole-process RSS",
-        f"{'N':>6}{'s/round':>10}{'server s':>10}{'peak MiB':>10}{'HN MiB':>9}{'HN+Adam MiB':>13}",
+        f"{'N':>6}{'s/round':>10}{'server s':>10}{'peak MiB':>10}{'HN MiB':>9}{'HN+grad MiB':>13}",
     ]
     for key, row in measured_sizes(result):
         lines.append(f"{key:>6}{row['round_s']:>10.3f}{row['server_s']:>10.3f}"
                      f"{row['peak_rss_mb']:>10.0f}{row['hn_param_mb']:>9.1f}"
-                     f"{row['hn_with_adam_mb']:>13.1f}")
+                     f"{row['hn_with_grad_mb']:>13.1f}")
     lines.append("")
     return lines

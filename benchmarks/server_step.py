@@ -50,7 +50,7 @@ class NaiveHyperNetwork(nn.Module):
         hidden = torch.relu(self.fc2(torch.relu(self.fc1(self.embedding))))
         alphas = []
         for head in self.heads:
-            positive = torch.relu(head(hidden)) + 1e-12
+            positive = nn.functional.softplus(head(hidden)) + 1e-12
             alphas.append(positive / positive.sum())
         return alphas
 
@@ -78,7 +78,7 @@ class NaiveHyperNetwork(nn.Module):
 class NaiveServer:
     """Reference pFedLA server: per client, stack all N state dicts, weight, sum, autograd.
 
-    One hypernetwork module and one torch.optim.Adam per client; clients are handled one
+    One hypernetwork module and one torch.optim.SGD per client; clients are handled one
     at a time, and the round is synchronous (every θ̄ and gradient uses the models from the
     start of the round), like the library's server step.
     """
@@ -86,7 +86,7 @@ class NaiveServer:
     def __init__(self, client_params: list[dict[str, torch.Tensor]], layer_of: dict[str, int],
                  hypernetworks: list[NaiveHyperNetwork], lr: float):
         self.client_params, self.layer_of, self.hypernetworks = client_params, layer_of, hypernetworks
-        self.optimizers = [torch.optim.Adam(hn.parameters(), lr=lr) for hn in hypernetworks]
+        self.optimizers = [torch.optim.SGD(hn.parameters(), lr=lr) for hn in hypernetworks]
 
     @classmethod
     def from_strategy(cls, strategy: PFedLAStrategy, layout: LayerLayout, lr: float) -> NaiveServer:
@@ -116,6 +116,14 @@ class NaiveServer:
             for name, t in stacked.items()
         }
 
+    def layer_scales(self, delta: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Per layer, ‖Δ^l‖ times the mean over clients of ‖θ_j^l‖ (what divides the surrogate)."""
+        def norm(params: dict[str, torch.Tensor], layer: int) -> torch.Tensor:
+            return torch.sqrt(sum(params[n].square().sum() for n, of in self.layer_of.items() if of == layer))
+        layers = set(self.layer_of.values())
+        return {layer: norm(delta, layer) * torch.stack([norm(p, layer) for p in self.client_params]).mean()
+                for layer in layers}
+
     def configure_fit(self, clients: Sequence[int]) -> dict[int, dict[str, torch.Tensor]]:
         """θ̄_i for each of ``clients``, without autograd."""
         with torch.no_grad():
@@ -127,10 +135,12 @@ class NaiveServer:
         for i, delta in deltas.items():
             hn = self.hypernetworks[i]
             personalized = self.personalize(i)
+            scale = self.layer_scales(delta)
             grads = torch.autograd.grad(
                 outputs=list(personalized.values()),
                 inputs=list(hn.parameters()),
-                grad_outputs=[-delta[name] for name in personalized],  # θ̄ − θ' = −Δ
+                # θ̄ − θ' = −Δ, each layer divided by its scale
+                grad_outputs=[-delta[name] / scale[self.layer_of[name]] for name in personalized],
             )
             for param, grad in zip(hn.parameters(), grads):
                 param.grad = grad

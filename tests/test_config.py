@@ -2,6 +2,7 @@
 
 import contextlib
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -139,13 +140,22 @@ def test_bad_override_syntax_and_file_errors(tmp_path):
         load_config(listing)
 
 
-def test_shipped_example_configs_are_valid():
-    from pathlib import Path
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 
-    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-    assert configs
-    for path in configs:
-        load_config(path)
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda path: str(path.relative_to(path.parents[1])))
+def test_every_shipped_config_loads_and_validates(path):
+    """configs/*.yaml, configs/paper/ and configs/mnist-comparison.yaml included."""
+    load_config(path)
+
+
+def test_the_shipped_configs_include_the_paper_settings_and_the_mnist_comparison():
+    names = {str(path.relative_to(path.parents[1])) for path in SHIPPED}
+    assert "configs/mnist-comparison.yaml" in names
+    paper = {load_config(path).dataset for path in SHIPPED if path.parent.name == "paper"}
+    assert paper == {"emnist", "fmnist", "cifar10", "cifar100"}
+    kinds = {load_config(path).partition.kind for path in SHIPPED if path.parent.name == "paper"}
+    assert kinds == {"pathological", "dirichlet"}
 
 
 # Property-based: whatever a user writes, the answer is a config or a ConfigError, nothing else.

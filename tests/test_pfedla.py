@@ -29,7 +29,7 @@ def strategy_for(num_clients=5, sizes=(7, 3, 11), heur_k=0, hn_lr=0.01, seed=0, 
 
 def test_alpha_is_on_the_simplex_even_when_heads_are_clipped():
     heads = torch.randn(6, 4, 5) * 3
-    heads[0, 0] = -1.0  # every output clipped by the ReLU
+    heads[0, 0] = -1.0  # every output below zero
     alpha = pf.normalize_heads(heads)
     assert (alpha >= 0).all()
     torch.testing.assert_close(alpha.sum(-1), torch.ones(6, 4))
@@ -64,8 +64,10 @@ def test_hypernetwork_gradient_matches_finite_differences_of_the_surrogate():
     deltas = [torch.randn(3, rows.shape[1], generator=gen, dtype=torch.float64)
               for rows in strategy.models.rows]
     grads, _ = strategy.hypernetwork_gradients(clients, deltas)
-    # The surrogate: f(ψ) = Σ <θ̄(ψ), d> with d = θ̄(ψ0) − θ'(ψ0) = −Δ held fixed.
-    fixed = [-d for d in deltas]
+    # The surrogate: f(ψ) = Σ_l <θ̄^l(ψ), d^l> / scale^l with d = θ̄(ψ0) − θ'(ψ0) = −Δ and the
+    # layer scales held fixed.
+    scales = pf.layer_scales(deltas, strategy.models.rows)
+    fixed = [-d / scales[:, layer, None] for layer, d in enumerate(deltas)]
     params = dict(strategy.hypernetworks.named_parameters())
 
     def surrogate() -> float:
@@ -209,6 +211,90 @@ def test_round_zero_with_identical_models_leaves_alpha_exactly_where_it_was():
     assert not torch.equal(strategy.layer_weights(), alpha_before)
 
 
+def relu_heads(head_outputs: torch.Tensor) -> torch.Tensor:
+    """The heads before the fix: ReLU then normalise."""
+    positive = torch.relu(head_outputs) + pf.ALPHA_FLOOR
+    return positive / positive.sum(dim=-1, keepdim=True)
+
+
+def recovery_from_the_floor(rounds=40) -> tuple[float, float]:
+    """α_02 of client 0 pushed to (nearly) nothing, then rounds whose updates all point to client 2's
+    model: (α_02 before, α_02 after)."""
+    gen = torch.Generator().manual_seed(0)
+    strategy = pf.PFedLAStrategy([torch.randn(30, generator=gen)], 3, hn_lr=1.0, embedding_dim=4,
+                                 hidden_dim=6, heur_k=0, generator=torch.Generator().manual_seed(1))
+    strategy.models.rows[0].copy_(torch.randn(3, 30, generator=gen))
+    with torch.no_grad():
+        strategy.hypernetworks.head_b[0, 0, 2] = -3.0  # a ReLU head there is clipped to zero
+    before = float(strategy.layer_weights()[0, 0, 2])
+    for round_idx in range(rounds):
+        start = strategy.configure_fit(round_idx, [0])[0].layers[0]
+        toward_2 = 0.1 * (strategy.models.rows[0][2] - start)
+        strategy.aggregate_fit(round_idx, [ClientUpdate(0, 5, [toward_2], 0.0)], [])
+    return before, float(strategy.layer_weights()[0, 0, 2])
+
+
+def test_an_alpha_entry_driven_to_the_floor_recovers_when_the_gradient_favors_it():
+    before, after = recovery_from_the_floor()
+    assert before < 0.05 and after > 0.5
+
+
+def test_relu_heads_stay_at_the_floor(monkeypatch):
+    """The issue-13 lead: a ReLU head at or below zero has zero gradient, and its α never returns."""
+    monkeypatch.setattr(pf, "normalize_heads", relu_heads)
+    before, after = recovery_from_the_floor()
+    assert before < 1e-9 and after < 1e-9
+
+
+def alpha_step(deviation: float, scale: float = 1.0) -> torch.Tensor:
+    """How much client 0's α moves in one step when the four client models differ from their mean
+    by ``deviation`` (relative) and client 0's update points to client 1's model; all parameters
+    and updates times ``scale``."""
+    gen = torch.Generator().manual_seed(5)
+    center, spread = torch.randn(40, generator=gen), torch.randn(4, 40, generator=gen)
+    strategy = pf.PFedLAStrategy([center], 4, hn_lr=1.0, embedding_dim=4, hidden_dim=6, heur_k=0,
+                                 generator=torch.Generator().manual_seed(2))
+    strategy.models.rows[0].copy_(scale * (center + deviation * spread))
+    before = strategy.layer_weights()
+    start = strategy.configure_fit(1, [0])[0].layers[0]
+    update = 0.05 * scale * center.norm() * unit(strategy.models.rows[0][1] - start)
+    strategy.aggregate_fit(1, [ClientUpdate(0, 5, [update], 0.0)], [])
+    return (strategy.layer_weights() - before)[0].abs().max()
+
+
+def unit(vector: torch.Tensor) -> torch.Tensor:
+    return vector / vector.norm()
+
+
+def test_alpha_moves_with_how_different_the_client_models_are():
+    """Where the clients' models barely differ (alike clients), α barely moves; an optimizer that
+    normalizes the step size (Adam) moved it as far as for very different clients."""
+    alike, different = alpha_step(0.01), alpha_step(1.0)
+    assert different > 1e-3
+    assert alike < 0.05 * different
+
+
+def test_alpha_step_does_not_depend_on_the_scale_of_the_parameters():
+    """Each layer's surrogate term is divided by its scale: one hn_lr fits any model."""
+    torch.testing.assert_close(alpha_step(0.5, scale=10.0), alpha_step(0.5), rtol=1e-3, atol=1e-6)
+
+
+def test_personalized_model_is_the_aggregate_with_the_current_alpha():
+    """θ̄_i from the α and client models after the round, which is what client i starts from next."""
+    strategy = strategy_for(hn_lr=0.5)
+    sent = strategy.configure_fit(0, [0, 1, 2, 3, 4])
+    gen = torch.Generator().manual_seed(4)
+    updates = [ClientUpdate(c, 5, [torch.randn(t.shape, generator=gen) for t in sent[c].layers], 0.0)
+               for c in range(5)]
+    strategy.aggregate_fit(0, updates, [])
+    following = strategy.configure_fit(1, [0, 1, 2, 3, 4])
+    for client in range(5):
+        for personal, start, own in zip(strategy.personalized_layers(client), following[client].layers,
+                                        strategy.models.client(client)):
+            torch.testing.assert_close(personal, start)
+            assert not torch.allclose(personal, own)
+
+
 def test_state_dict_round_trip_restores_the_server():
     strategy = strategy_for()
     sent = strategy.configure_fit(0, [0, 1])
@@ -245,9 +331,11 @@ def same_group_mass(alpha: np.ndarray) -> float:
     return float((alpha * same[:, None, :]).sum(-1).mean())
 
 
-def run_clustered(rounds=12) -> float:
+def run_clustered(rounds=12, hn_lr=10.0) -> float:
+    # hn_lr above the default: α moves as far as the models differ, and in 12 rounds on these tiny
+    # shards they have not yet drifted far apart.
     config = config_from_dict({"clients": 8, "rounds": rounds, "algorithms": ["pfedla"],
-                               "local_epochs": 1, "device": "cpu"})
+                               "local_epochs": 1, "device": "cpu", "hn_lr": hn_lr})
     simulation = Simulation(config, clustered_data(), torch.device("cpu"), tracker=None, progress=False)
     strategy = make_strategy("pfedla", config, simulation.model)
     states = [strategy.client_rule.initial_state(simulation.init_model) for _ in range(config.clients)]

@@ -91,7 +91,7 @@ class ExperimentConfig:
     local_epochs: int = 2
     batch_size: int = 32
     lr: float = 0.05
-    hn_lr: float = 0.03
+    hn_lr: float = 3.0  # plain gradient steps on the scale-free surrogate (docs/study.md)
     embedding_dim: int = 32
     hidden_dim: int = 64
     heur_k: int = 0

@@ -7,11 +7,14 @@ per client, a hypernetwork HN_i that outputs α_i ∈ R^{L×N}: α_ij^l ≥ 0, �
 Round, for each participating client i:
   1. θ̄_i^l = Σ_j α_ij^l θ_j^l                       (``aggregate_layers``)
   2. the client trains from θ̄_i and returns Δ_i = θ_i' − θ̄_i
-  3. θ_i ← θ̄_i + Δ_i, and HN_i takes a *descent* step on the surrogate whose gradient is
-     (∂θ̄_i/∂ψ_i)ᵀ (θ̄_i − θ_i') = −(∂θ̄_i/∂ψ_i)ᵀ Δ_i   (``surrogate_alpha_grad``)
+  3. θ_i ← θ̄_i + Δ_i, and HN_i takes a plain gradient *descent* step on the surrogate whose
+     gradient is (∂θ̄_i/∂ψ_i)ᵀ (θ̄_i − θ_i') = −(∂θ̄_i/∂ψ_i)ᵀ Δ_i   (``surrogate_alpha_grad``),
+     each layer's term divided by ‖Δ_i^l‖ times the size of θ^l (``layer_scales``)
 
-All hypernetworks are evaluated as one batched computation, and each keeps its own Adam
-state so that clients outside the round are untouched.
+Client i's personalized model is θ̄_i formed with the current α and client models.
+All hypernetworks are evaluated as one batched computation; clients outside the round are untouched.
+docs/study.md gives the measurements behind the three choices that differ from a literal reading
+(softplus heads, the scale-free plain gradient step, θ̄_i as the personalized model).
 """
 
 from __future__ import annotations
@@ -24,12 +27,17 @@ from torch import nn
 from pfedla.algorithms.base import FitInstruction, ModelStack, Strategy, checked_tensor
 from pfedla.client import ClientFailure, ClientUpdate
 
-ALPHA_FLOOR = 1e-12  # keeps α defined (uniform) if every head output is clipped to zero
+ALPHA_FLOOR = 1e-12  # keeps α defined (uniform) if every head output underflows to zero
 
 
 def normalize_heads(head_outputs: torch.Tensor) -> torch.Tensor:
-    """ReLU then normalise over source clients (last dim): α ≥ 0, Σ_j α_j = 1."""
-    positive = torch.relu(head_outputs) + ALPHA_FLOOR
+    """Softplus then normalise over source clients (last dim): α > 0, Σ_j α_j = 1.
+
+    Softplus is the smooth ReLU: a ReLU head at or below zero has exactly zero gradient, so its α
+    entry (then ~1e-13) could never come back even where trusting that client later helps; in the
+    MNIST study about 80% of all α entries were there by round 10 (docs/study.md).
+    """
+    positive = nn.functional.softplus(head_outputs) + ALPHA_FLOOR
     return positive / positive.sum(dim=-1, keepdim=True)
 
 
@@ -45,6 +53,18 @@ def surrogate_alpha_grad(deltas: Sequence[torch.Tensor], stack: Sequence[torch.T
     Back-propagating it through α is exactly grad(θ̄, ψ, grad_outputs=θ̄ − θ').
     """
     return torch.stack([-(delta @ rows.T) for delta, rows in zip(deltas, stack, strict=True)], dim=1)
+
+
+def layer_scales(deltas: Sequence[torch.Tensor], stack: Sequence[torch.Tensor]) -> torch.Tensor:
+    """‖Δ_s^l‖ times the mean norm of the client models' layer l: [S, L], what divides the surrogate.
+
+    Dividing by it makes each layer's term dimensionless (a cosine between the update and the
+    models' deviations, times their relative size), so one ``hn_lr`` fits any model and layer, while
+    the step still grows with how different the clients' models are: that is what keeps α near
+    uniform where clients are alike and lets it personalize where they are not (docs/study.md).
+    """
+    scales = [delta.norm(dim=1) * rows.norm(dim=1).mean() for delta, rows in zip(deltas, stack, strict=True)]
+    return torch.stack(scales, dim=1).clamp_min(torch.finfo(stack[0].dtype).tiny)
 
 
 def self_weights(alpha: torch.Tensor, clients: torch.Tensor) -> torch.Tensor:
@@ -97,7 +117,8 @@ class HyperNetworks(nn.Module):
 
 
 class RowwiseAdam:
-    """Adam where row i of every parameter belongs to client i's hypernetwork.
+    """Adam where row i of every parameter belongs to client i's hypernetwork (for hypernetwork
+    baselines; pFedLA itself takes plain gradient steps, see ``PFedLAStrategy.aggregate_fit``).
 
     Only the rows of the round's clients move, with their own step counts: a client that
     sits a round out keeps its hypernetwork exactly (plain Adam would drift it by momentum).
@@ -153,7 +174,6 @@ class PFedLAStrategy(Strategy):
         self.hypernetworks = HyperNetworks(
             num_clients, len(init_layers), embedding_dim, hidden_dim, generator
         ).to(device)
-        self.optimizer = RowwiseAdam(dict(self.hypernetworks.named_parameters()), num_clients, hn_lr)
         self.hn_lr, self.heur_k, self.num_clients = hn_lr, heur_k, num_clients
 
     def _alpha(self, clients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,14 +203,16 @@ class PFedLAStrategy(Strategy):
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Surrogate gradients of every HN parameter, plus the α they were taken at.
 
-        ``deltas`` holds one [S, P_l] tensor per layer (row s: client clients[s]).
+        ``deltas`` holds one [S, P_l] tensor per layer (row s: client clients[s]); layer l's term
+        of the surrogate is divided by ``layer_scales``.
         Layers a client kept local (HeurpFedLA) contribute no gradient.
         """
         alpha, keep = self._alpha(clients)
-        grad_alpha = surrogate_alpha_grad(deltas, self.models.rows)
+        scales = layer_scales(deltas, self.models.rows)
+        grad_alpha = surrogate_alpha_grad(deltas, self.models.rows) / scales[:, :, None]
         # Where every client holds the same layer (all of them in round 0), θ̄ does not depend on α
-        # and the true gradient is exactly zero; the matrix product leaves ~1e-7 of rounding that
-        # Adam (eps 1e-8) would turn into a full-size step, moving α up to 7% at random.
+        # and the true gradient is exactly zero; the matrix product leaves ~1e-7 of rounding, which
+        # must not move α in a random direction.
         same = torch.tensor([all(torch.equal(rows[0], row) for row in rows[1:]) for rows in self.models.rows],
                             device=grad_alpha.device)
         grad_alpha = grad_alpha.masked_fill(keep[:, :, None] | same[None, :, None], 0.0)
@@ -216,7 +238,13 @@ class PFedLAStrategy(Strategy):
         for layer, (rows, delta) in enumerate(zip(self.models.rows, deltas, strict=True)):
             rows[clients] = delta.addmm_(alpha[:, layer], rows)
         if self.hn_lr > 0:
-            self.optimizer.step(grads, clients)
+            # Plain gradient descent, as in the paper: the step keeps the gradient's size, which is
+            # small where the clients' models barely differ. An optimizer that normalizes the step
+            # (Adam) turned the small but consistent pull towards the client's own model on iid
+            # data into full-size steps, and α collapsed onto self-weights of 1 (docs/study.md).
+            with torch.no_grad():
+                for name, param in self.hypernetworks.named_parameters():
+                    param[clients] -= self.hn_lr * grads[name][clients]
         return alpha_metrics(alpha, clients)
 
     def layer_weights(self) -> torch.Tensor:
@@ -236,13 +264,16 @@ class PFedLAStrategy(Strategy):
             return self.hypernetworks(self._client_index(range(self.num_clients)))
 
     def personalized_layers(self, client_id: int) -> list[torch.Tensor]:
-        """The client's latest trained model θ_i (what it holds after its last round)."""
-        return self.models.client(client_id)
+        """θ̄_i = Σ_j α_ij θ_j with the current α and client models: the paper's personalized model,
+        and the one client i would start its next round from. (Its own last trained model θ_i lacks
+        what the others learned since: on iid data it scored ~2 points below θ̄_i, docs/study.md.)"""
+        with torch.no_grad():
+            alpha, _ = self._alpha(self._client_index([client_id]))
+            return [layer[0] for layer in aggregate_layers(alpha, self.models.rows)]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = self.models.state_dict("models")
         state.update({f"hn.{k}": p.detach() for k, p in self.hypernetworks.named_parameters()})
-        state.update(self.optimizer.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -250,7 +281,6 @@ class PFedLAStrategy(Strategy):
         with torch.no_grad():
             for name, param in self.hypernetworks.named_parameters():
                 param.copy_(checked_tensor(state, f"hn.{name}", param))
-        self.optimizer.load_state_dict(state)
 
 
 def alpha_metrics(alpha: torch.Tensor, clients: torch.Tensor) -> dict[str, float]:
