@@ -29,12 +29,10 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from pfedla.algorithms import make_strategy  # noqa: E402
 from pfedla.algorithms.pfedla import PFedLAStrategy  # noqa: E402
 from pfedla.config import load_config  # noqa: E402
 from pfedla.data.federated import build_federated_data  # noqa: E402
-from pfedla.models import initial_layers  # noqa: E402
-from pfedla.simulation import Simulation, accuracy_metrics, evaluate_strategy  # noqa: E402
+from pfedla.simulation import Simulation, accuracy_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = {
@@ -59,14 +57,13 @@ def alpha_trace(alpha: torch.Tensor) -> dict[str, list[float] | float]:
 def run_algorithm(simulation: Simulation, name: str) -> dict:
     """All rounds of one algorithm: final accuracies, seconds, and α after every round (pfedla)."""
     config = simulation.config
-    strategy = make_strategy(name, config, initial_layers(simulation.model))
+    strategy, states = simulation.start(name)
     started, trace = time.perf_counter(), []
     for round_idx in range(config.rounds):
-        simulation.run_round(strategy, round_idx)
+        simulation.run_round(strategy, states, round_idx)
         if isinstance(strategy, PFedLAStrategy):
             trace.append(alpha_trace(strategy.layer_weights()))
-    metrics = accuracy_metrics(evaluate_strategy(strategy, simulation.model, simulation.layout,
-                                                 simulation.tests))
+    metrics = accuracy_metrics(simulation.evaluate(strategy, states, config.rounds)[1])
     return {"accuracy": metrics["accuracy_mean"], "client_mean": metrics["accuracy_client_mean"],
             "seconds": time.perf_counter() - started, "alpha": trace}
 

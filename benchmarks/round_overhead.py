@@ -14,10 +14,9 @@ import torch
 from common import Settings, log, timed_into
 from torch import nn
 
-from pfedla.algorithms import make_strategy
 from pfedla.config import load_config
 from pfedla.data import build_federated_data
-from pfedla.models import build_model, initial_layers
+from pfedla.models import build_model
 from pfedla.seeding import torch_generator
 
 
@@ -29,7 +28,7 @@ def bench(settings: Settings) -> dict:
     device = torch.device("cpu")
     data = build_federated_data(config)
     sim = simulation.Simulation(config, data, device, tracker=None, progress=False)
-    strategy = make_strategy("pfedla", config, initial_layers(sim.model))
+    strategy, states = sim.start("pfedla")
 
     phase = {"server": 0.0, "clients": 0.0}
     strategy.configure_fit = timed_into(strategy.configure_fit, phase, "server")  # type: ignore[method-assign]
@@ -61,7 +60,7 @@ def bench(settings: Settings) -> dict:
 
     def timed_round(round_idx: int) -> float:
         started = time.perf_counter()
-        sim.run_round(strategy, round_idx)
+        sim.run_round(strategy, states, round_idx)
         return time.perf_counter() - started
 
     def timed_compute(work: list) -> float:

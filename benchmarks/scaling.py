@@ -14,11 +14,9 @@ from pathlib import Path
 import torch
 from common import MIB, RESULTS_DIR, PeakRss, Settings, log, measured_sizes, run_worker, timed_into
 
-from pfedla.algorithms import make_strategy
 from pfedla.algorithms.pfedla import PFedLAStrategy
 from pfedla.config import config_from_dict
 from pfedla.data import build_federated_data
-from pfedla.models import initial_layers
 
 
 def worker(spec: dict) -> dict:
@@ -32,7 +30,7 @@ def worker(spec: dict) -> dict:
     })
     data = build_federated_data(config)
     sim = simulation.Simulation(config, data, torch.device("cpu"), tracker=None, progress=False)
-    strategy = make_strategy("pfedla", config, initial_layers(sim.model))
+    strategy, states = sim.start("pfedla")
     assert isinstance(strategy, PFedLAStrategy)
     hn_bytes = sum(p.numel() * p.element_size() for p in strategy.hypernetworks.parameters())
     stack_bytes = sum(r.numel() * r.element_size() for r in strategy.models.rows)
@@ -41,12 +39,12 @@ def worker(spec: dict) -> dict:
     strategy.configure_fit = timed_into(strategy.configure_fit, phase, "server")  # type: ignore[method-assign]
     strategy.aggregate_fit = timed_into(strategy.aggregate_fit, phase, "server")  # type: ignore[method-assign]
     with PeakRss() as peak:
-        sim.run_round(strategy, 0)  # warm-up
+        sim.run_round(strategy, states, 0)  # warm-up
         times, server_times = [], []
         for round_idx in range(1, rounds + 1):
             phase["server"] = 0.0
             started = time.perf_counter()
-            sim.run_round(strategy, round_idx)
+            sim.run_round(strategy, states, round_idx)
             times.append(time.perf_counter() - started)
             server_times.append(phase["server"])
     return {

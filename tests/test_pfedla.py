@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from pfedla.algorithms import make_strategy
 from pfedla.algorithms import pfedla as pf
 from pfedla.algorithms.fedavg import FedAvgStrategy
 from pfedla.client import ClientUpdate
@@ -337,8 +336,7 @@ def run_clustered(rounds=12, hn_lr=10.0) -> float:
     config = config_from_dict({"clients": 8, "rounds": rounds, "algorithms": ["pfedla"],
                                "local_epochs": 1, "device": "cpu", "hn_lr": hn_lr})
     simulation = Simulation(config, clustered_data(), torch.device("cpu"), tracker=None, progress=False)
-    strategy = make_strategy("pfedla", config, simulation.model)
-    states = [strategy.client_rule.initial_state(simulation.init_model) for _ in range(config.clients)]
+    strategy, states = simulation.start("pfedla")
     for round_idx in range(rounds):
         simulation.run_round(strategy, states, round_idx)
     return same_group_mass(strategy.layer_weights().numpy())

@@ -252,8 +252,7 @@ class Simulation:
     def run(self, name: str, identity: str, resume: bool = False) -> AlgorithmResult:
         """Run all rounds of one algorithm, or continue it from its newest good checkpoint."""
         config = self.config
-        strategy = make_strategy(name, config, self.model)
-        states = [strategy.client_rule.initial_state(self.init_model) for _ in range(config.clients)]
+        strategy, states = self.start(name)
         first_round, history, earlier_seconds, run_id = 0, [], 0.0, None
         checkpoint = self.checkpoints.latest(name) if (resume and self.checkpoints) else None
         if checkpoint is not None:
@@ -297,6 +296,12 @@ class Simulation:
             result.layer_weights, result.raw_layer_weights = alpha_arrays(strategy)
         self.save_outputs(self.full_state(strategy, states), models, result)
         return result
+
+    def start(self, name: str) -> tuple[Strategy, list[ClientState]]:
+        """A fresh server state of algorithm ``name`` and every client's initial state."""
+        strategy = make_strategy(name, self.config, self.model)
+        rule = strategy.client_rule
+        return strategy, [rule.initial_state(self.init_model) for _ in range(self.config.clients)]
 
     def evaluate(self, strategy: Strategy, states: Sequence[ClientState], rounds_done: int
                  ) -> tuple[list[ModelState], list[EvalResult]]:
