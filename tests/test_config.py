@@ -49,6 +49,7 @@ def test_flat_params_cover_nested_keys():
         ({"partition": {"alpha": 0}}, "partition.alpha", "> 0"),
         ({"lr": -0.1}, "lr", "> 0"),
         ({"hn_lr": -1}, "hn_lr", ">= 0"),
+        ({"pfedhn_lr": 0}, "pfedhn_lr", "> 0"),
         ({"rounds": "ten"}, "rounds", "integer"),
         ({"rounds": True}, "rounds", "integer"),
         ({"lr": float("nan")}, "lr", "finite"),

@@ -328,3 +328,15 @@ def test_fedprox_through_the_steps_equals_the_simulation(tmp_path):
     plain = config_from_dict({**json.loads(cfg), "mu": 0.0, "output_dir": str(tmp_path / "f")})
     without_mu = run_experiment(plain, progress=False, track=False).results["fedprox"]
     assert [h["train_loss"] for h in without_mu.history] != [h["train_loss"] for h in simulated.history]
+
+
+def test_pfedhn_through_the_steps_equals_the_simulation(tmp_path):
+    """The hypernetwork and both Adam states travel in the server state; clients need nothing new."""
+    cfg = config_json(tmp_path, algorithms=["pfedhn"], pipeline={"data_root": str(tmp_path / "plane"),
+                                                                 "algorithm": "pfedhn"})
+    _, _, evaluation_manifest = run_steps(tmp_path, cfg)
+    evaluation, weights = steps.read_evaluation(steps.parse_config(cfg), evaluation_manifest)
+    simulated = run_experiment(steps.parse_config(cfg), progress=False, track=False).results["pfedhn"]
+    assert evaluation["client_accuracies"] == simulated.client_accuracies
+    assert [h["train_loss"] for h in evaluation["history"]] == [h["train_loss"] for h in simulated.history]
+    assert weights is None  # no α: pFedHN generates whole models

@@ -1,4 +1,4 @@
-"""Federated strategies: pfedla (with HeurpFedLA and a frozen ablation), fedavg, fedprox, local."""
+"""Federated strategies: pfedla (with HeurpFedLA and a frozen ablation), fedavg, fedprox, local, pfedhn."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pfedla.algorithms.base import FitInstruction, Strategy
 from pfedla.algorithms.fedavg import FedAvgStrategy
 from pfedla.algorithms.fedprox import FedProxStrategy
 from pfedla.algorithms.local import LocalStrategy
+from pfedla.algorithms.pfedhn import PFedHNStrategy
 from pfedla.algorithms.pfedla import PFedLAStrategy
 from pfedla.config import ExperimentConfig
 from pfedla.seeding import torch_generator
@@ -25,6 +26,10 @@ def make_strategy(name: str, config: ExperimentConfig, init_layers: Sequence[tor
         return FedProxStrategy(init_layers, config.mu)
     if name == "local":
         return LocalStrategy(init_layers, config.clients)
+    if name == "pfedhn":
+        return PFedHNStrategy(init_layers, config.clients, lr=config.pfedhn_lr,
+                              embedding_dim=config.embedding_dim, hidden_dim=config.hidden_dim,
+                              generator=torch_generator(config.seed, "hypernetworks"))
     strategy = PFedLAStrategy(
         init_layers,
         config.clients,
