@@ -360,9 +360,20 @@ def test_every_baseline_through_the_steps_equals_the_simulation_and_keeps_its_pr
     for report in (r for m in reports for r in m["clients"].values()):
         delta, _ = plane.get_tensors(ObjectRef.from_dict(report["update"], "update"))
         assert {int(key.split(".")[1]) for key in delta} == set(range(6)) - private
-    # A segment boundary: the checkpoint carries the client states, and a run resumed from it
-    # configures the same next round.
+    # A segment boundary: the checkpoint carries copies of the client states.
     steps.checkpoint(cfg, final_plan, tmp_path / "checkpoint.json")
     table = plane.get_json(ObjectRef.from_dict(read(tmp_path / "checkpoint.json")["client_states"], "table"))
     assert sorted(table, key=int) == ["0", "1", "2"]
     assert all("checkpoints/round_00002" in entry["uri"] for entry in table.values())
+
+
+def test_pfedhn_through_the_steps_equals_the_simulation(tmp_path):
+    """The hypernetwork and both Adam states travel in the server state; clients need nothing new."""
+    cfg = config_json(tmp_path, algorithms=["pfedhn"], pipeline={"data_root": str(tmp_path / "plane"),
+                                                                 "algorithm": "pfedhn"})
+    _, _, evaluation_manifest = run_steps(tmp_path, cfg)
+    evaluation, weights = steps.read_evaluation(steps.parse_config(cfg), evaluation_manifest)
+    simulated = run_experiment(steps.parse_config(cfg), progress=False, track=False).results["pfedhn"]
+    assert evaluation["client_accuracies"] == simulated.client_accuracies
+    assert [h["train_loss"] for h in evaluation["history"]] == [h["train_loss"] for h in simulated.history]
+    assert weights is None  # no α: pFedHN generates whole models

@@ -21,7 +21,7 @@ MODELS = ("cnn", "cnn_bn", "mlp", "mlp_bn")
 LAYER_COUNTS = {"cnn": 4, "cnn_bn": 6, "mlp": 3, "mlp_bn": 5}  # layers (see models.LayerLayout) of each model
 DEVICES = ("auto", "cpu", "cuda")
 ALGORITHMS = ("pfedla", "pfedla_frozen", "fedavg", "fedavg_ft", "fedprox", "fedper", "fedrep", "fedbn",
-              "ditto", "local")
+              "ditto", "pfedhn", "local")
 
 
 @dataclass
@@ -92,6 +92,7 @@ class ExperimentConfig:
     batch_size: int = 32
     lr: float = 0.05
     hn_lr: float = 3.0  # plain gradient steps on the scale-free surrogate (docs/study.md)
+    pfedhn_lr: float = 0.0003  # pfedhn: Adam learning rate of its model-generating hypernetwork
     embedding_dim: int = 32
     hidden_dim: int = 64
     heur_k: int = 0
@@ -345,6 +346,7 @@ def validate(config: ExperimentConfig) -> None:
     _require(config.batch_size >= 1, "batch_size", f"must be >= 1, got {config.batch_size}")
     _require(config.lr > 0, "lr", f"must be > 0, got {config.lr}")
     _require(config.hn_lr >= 0, "hn_lr", f"must be >= 0 (0 freezes the hypernetworks), got {config.hn_lr}")
+    _require(config.pfedhn_lr > 0, "pfedhn_lr", f"must be > 0, got {config.pfedhn_lr}")
     _require(config.embedding_dim >= 1, "embedding_dim", f"must be >= 1, got {config.embedding_dim}")
     _require(config.hidden_dim >= 1, "hidden_dim", f"must be >= 1, got {config.hidden_dim}")
     _require(config.mu >= 0, "mu", f"must be >= 0 (0: fedprox is fedavg), got {config.mu}")

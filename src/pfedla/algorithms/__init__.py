@@ -1,5 +1,5 @@
 """Federated strategies: pfedla (with HeurpFedLA and a frozen ablation) and the baselines fedavg,
-fedavg_ft, fedprox, fedper, fedrep, fedbn, ditto and local."""
+fedavg_ft, fedprox, fedper, fedrep, fedbn, ditto, pfedhn and local."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pfedla.algorithms.fedper import FedPerStrategy
 from pfedla.algorithms.fedprox import FedProxStrategy
 from pfedla.algorithms.fedrep import FedRepStrategy
 from pfedla.algorithms.local import LocalStrategy
+from pfedla.algorithms.pfedhn import PFedHNStrategy
 from pfedla.algorithms.pfedla import PFedLAStrategy
 from pfedla.config import ExperimentConfig
 from pfedla.models import LayerLayout, initial_layers
@@ -41,6 +42,10 @@ def make_strategy(name: str, config: ExperimentConfig, model: nn.Module) -> Stra
         return DittoStrategy(init_layers, config.ditto_lambda)
     if name == "local":
         return LocalStrategy(len(init_layers))
+    if name == "pfedhn":
+        return PFedHNStrategy(init_layers, config.clients, lr=config.pfedhn_lr,
+                              embedding_dim=config.embedding_dim, hidden_dim=config.hidden_dim,
+                              generator=torch_generator(config.seed, "hypernetworks"))
     strategy = PFedLAStrategy(
         init_layers,
         config.clients,
@@ -55,7 +60,7 @@ def make_strategy(name: str, config: ExperimentConfig, model: nn.Module) -> Stra
 
 
 # Algorithms whose clients follow the default rule: their client pods need not build server state.
-_DEFAULT_CLIENT = ("pfedla", "pfedla_frozen")
+_DEFAULT_CLIENT = ("pfedla", "pfedla_frozen", "pfedhn")
 
 
 def make_client_rule(name: str, config: ExperimentConfig, model: nn.Module) -> ClientRule:

@@ -1,0 +1,178 @@
+"""pFedHN: one server hypernetwork generates every client's whole model from a learned embedding.
+
+Shamsian et al. (ICML 2021). The server holds a hypernetwork h(v; φ) shared by all clients and
+one embedding v_i per client; h is an MLP on v_i followed by one linear head per model layer
+that outputs the layer's flat parameters, so θ_i = h(v_i; φ).
+
+Round, for the participating clients S:
+  1. the server sends θ_i = h(v_i; φ)                                   (``configure_fit``)
+  2. client i trains from θ_i and returns Δ_i = θ_i' − θ_i
+  3. φ and v take one *descent* step on J = (1/|S|) Σ_i ½‖h(v_i; φ) − θ_i'‖², θ_i' held fixed,
+     whose gradient at the current point is (1/|S|) Σ_i (∂θ_i/∂(φ, v))ᵀ (θ_i − θ_i'), i.e.
+     autograd with grad_outputs = θ_i − θ_i' = −Δ_i                     (``hypernetwork_gradients``)
+
+pFedLA's surrogate gradient is this rule applied to α instead of to whole models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from pfedla.algorithms.base import FitInstruction, Strategy, checked_tensor
+from pfedla.algorithms.pfedla import RowwiseAdam
+from pfedla.client import ClientFailure, ClientUpdate
+
+
+class ModelHyperNetwork(nn.Module):
+    """h(v_i; φ): embedding v_i -> two ReLU layers -> one linear head per target layer -> θ_i^l.
+
+    The head biases start as the target model's initial parameters and the head weights at zero,
+    so every client's first model is exactly the model the other algorithms start from.
+    """
+
+    def __init__(self, init_layers: Sequence[torch.Tensor], num_clients: int, embedding_dim: int,
+                 hidden_dim: int, generator: torch.Generator):
+        super().__init__()
+        dtype = init_layers[0].dtype  # the target model's: float64 models get a float64 hypernetwork
+
+        def normal(*shape: int, std: float) -> nn.Parameter:
+            return nn.Parameter((torch.randn(*shape, generator=generator) * std).to(dtype))
+
+        emb, hid = embedding_dim, hidden_dim
+        self.embeddings = normal(num_clients, emb, std=1.0)
+        self.w1 = normal(emb, hid, std=emb**-0.5)
+        self.b1 = nn.Parameter(torch.zeros(hid, dtype=dtype))
+        self.w2 = normal(hid, hid, std=hid**-0.5)
+        self.b2 = nn.Parameter(torch.zeros(hid, dtype=dtype))
+        self.head_w = nn.ParameterList(torch.zeros(hid, layer.numel(), dtype=dtype) for layer in init_layers)
+        self.head_b = nn.ParameterList(layer.detach().reshape(-1).clone() for layer in init_layers)
+
+    def forward(self, clients: torch.Tensor) -> list[torch.Tensor]:
+        """θ for the given clients: one [S, P_l] tensor per layer."""
+        hidden = torch.relu(self.embeddings[clients] @ self.w1 + self.b1)
+        hidden = torch.relu(hidden @ self.w2 + self.b2)
+        heads = zip(self.head_w, self.head_b, strict=True)
+        return [torch.addmm(bias, hidden, weight) for weight, bias in heads]
+
+
+class SharedAdam:
+    """Adam over the parameters every client shares (φ): one step count, state kept from round 0 on.
+
+    torch.optim.Adam would do the same arithmetic, but building one imports torch._dynamo (a second
+    or more in every pipeline step's process) and its state appears only at the first step, while a
+    checkpoint should hold the same tensors from round 0 on.
+    """
+
+    def __init__(self, params: dict[str, nn.Parameter], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.exp_avg = {k: torch.zeros_like(p) for k, p in params.items()}
+        self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in params.items()}
+        self.steps = torch.zeros((), dtype=torch.float64)
+
+    @torch.no_grad()
+    def step(self, grads: dict[str, torch.Tensor]) -> None:
+        beta1, beta2 = self.betas
+        self.steps += 1
+        correction1, correction2 = 1 - beta1 ** float(self.steps), 1 - beta2 ** float(self.steps)
+        for name, param in self.params.items():
+            grad = grads[name]
+            m = self.exp_avg[name].mul_(beta1).add_(grad, alpha=1 - beta1)
+            v = self.exp_avg_sq[name].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denominator = (v / correction2).sqrt_().add_(self.eps)  # the one temporary: heads are large
+            param.addcdiv_(m, denominator, value=-self.lr / correction1)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"shared_adam.m.{k}": t for k, t in self.exp_avg.items()}
+        state.update({f"shared_adam.v.{k}": t for k, t in self.exp_avg_sq.items()})
+        state["shared_adam.steps"] = self.steps
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name in self.params:
+            self.exp_avg[name].copy_(checked_tensor(state, f"shared_adam.m.{name}", self.exp_avg[name]))
+            self.exp_avg_sq[name].copy_(checked_tensor(state, f"shared_adam.v.{name}", self.exp_avg_sq[name]))
+        self.steps.copy_(checked_tensor(state, "shared_adam.steps", self.steps))
+
+
+def objective_output_grads(deltas: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """∂J/∂θ_s = (θ_s − θ'_s)/S = −Δ_s/S per layer, from the round's Δ ([S, P_l] per layer).
+
+    The sign is the whole difference between descent and the ascent bug: grad_outputs = +Δ would
+    move each generated model away from the model its client trained.
+    """
+    return [-delta / delta.shape[0] for delta in deltas]
+
+
+class PFedHNStrategy(Strategy):
+    """Server side of pFedHN; client i is evaluated with h(v_i) after the last update."""
+
+    name = "pfedhn"
+
+    def __init__(self, init_layers: Sequence[torch.Tensor], num_clients: int, *, lr: float,
+                 embedding_dim: int, hidden_dim: int, generator: torch.Generator):
+        device = init_layers[0].device
+        self.hypernetwork = ModelHyperNetwork(init_layers, num_clients, embedding_dim, hidden_dim,
+                                              generator).to(device)
+        self.num_layers = len(init_layers)
+        shared = {k: p for k, p in self.hypernetwork.named_parameters() if k != "embeddings"}
+        self.shared_optimizer = SharedAdam(shared, lr)
+        # An embedding belongs to one client: per-row Adam leaves clients outside the round exactly
+        # where they were (plain Adam would move them by momentum).
+        self.embedding_optimizer = RowwiseAdam({"embeddings": self.hypernetwork.embeddings}, num_clients,
+                                               lr)
+
+    def _client_index(self, clients: Sequence[int]) -> torch.Tensor:
+        return torch.as_tensor(list(clients), dtype=torch.long, device=self.hypernetwork.b1.device)
+
+    def configure_fit(self, round_idx: int, clients: Sequence[int]) -> dict[int, FitInstruction]:
+        with torch.no_grad():
+            models = self.hypernetwork(self._client_index(clients))
+        return {client: FitInstruction([layer[row] for layer in models])
+                for row, client in enumerate(clients)}
+
+    def hypernetwork_gradients(self, clients: torch.Tensor, deltas: Sequence[torch.Tensor]
+                               ) -> dict[str, torch.Tensor]:
+        """∂J/∂(φ, v) for J = (1/S) Σ_s ½‖h(v_{clients[s]}) − θ'_s‖² with θ' = h + Δ held fixed.
+
+        ``deltas`` holds one [S, P_l] tensor per layer (row s: client clients[s]). Averaging over the
+        round's clients keeps the gradient's scale independent of how many took part.
+        """
+        models = self.hypernetwork(clients)
+        params = dict(self.hypernetwork.named_parameters())
+        grads = torch.autograd.grad(models, list(params.values()),
+                                    grad_outputs=objective_output_grads(deltas))
+        return dict(zip(params, grads, strict=True))
+
+    def aggregate_fit(
+        self, round_idx: int, updates: Sequence[ClientUpdate], failures: Sequence[ClientFailure]
+    ) -> dict[str, float]:
+        if not updates:
+            return {}
+        clients = self._client_index([u.client_id for u in updates])
+        deltas = [torch.stack([u.delta[layer] for u in updates]) for layer in range(self.num_layers)]
+        grads = self.hypernetwork_gradients(clients, deltas)
+        self.shared_optimizer.step(grads)
+        self.embedding_optimizer.step({"embeddings": grads["embeddings"]}, clients)
+        return {}
+
+    def personalized_layers(self, client_id: int) -> list[torch.Tensor]:
+        """h(v_i): the model the hypernetwork generates for the client now."""
+        with torch.no_grad():
+            return [layer[0] for layer in self.hypernetwork(self._client_index([client_id]))]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"hn.{k}": p.detach() for k, p in self.hypernetwork.named_parameters()}
+        state.update(self.shared_optimizer.state_dict())
+        state.update(self.embedding_optimizer.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, param in self.hypernetwork.named_parameters():
+                param.copy_(checked_tensor(state, f"hn.{name}", param))
+        self.shared_optimizer.load_state_dict(state)
+        self.embedding_optimizer.load_state_dict(state)
