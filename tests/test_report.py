@@ -198,6 +198,21 @@ def test_pfedla_report_rewrites_the_same_report(seeded_run, capsys):
     assert len(list((out / "figures").glob("*.png"))) == 6
 
 
+def test_heurpfedla_heatmaps_show_the_alpha_the_hypernetworks_learned(seeded_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(seeded_run, out)
+    masked = np.load(out / "seed_1" / "layer_weights.npy")
+    raw = np.random.default_rng(1).dirichlet(np.ones(masked.shape[0]), size=masked.shape[:2])
+    np.save(out / "seed_1" / "layer_weights_raw.npy", raw)  # what a run with heur_k > 0 writes beside it
+    data = report.load_run(out)
+    np.testing.assert_array_equal(data.alphas["pfedla"][1][0], raw)
+    assert data.alphas["pfedla"][1][1] and not data.alphas["pfedla"][0][1]
+    report.write_report(out)
+    assert "seed 1: final α per layer before HeurpFedLA's one-hot rows" in (out / "report.md").read_text()
+
+
 def test_a_report_without_pfedla_and_with_one_seed(tmp_path):
     out = tmp_path / "out"
     config = config_from_dict({"clients": 3, "rounds": 2, "algorithms": ["fedavg", "local"], "seed": 7,

@@ -82,8 +82,8 @@ def load_run(output_dir: str | Path) -> RunData:
         histories = {name: {seed: _history(directory, name, seed) for seed in seeds} for name in summary}
         counts = {seed: _class_counts(directory, seed) for seed in seeds}
     except (AttributeError, KeyError, StopIteration, TypeError, ValueError) as error:
-        raise ArtifactError(f"{summary_path} or a seed's files are damaged: {shown(error)}; "
-                            "rerun the experiment with --overwrite") from None
+        raise ArtifactError(f"{summary_path} or a seed's results or partition is damaged, or from an older "
+                            f"pfedla without seed folders: {shown(error)}") from None
     alphas: dict[str, dict[int, tuple[np.ndarray, bool]]] = {}
     for name in summary:
         for seed in seeds:
