@@ -231,9 +231,19 @@ def test_a_report_without_pfedla_and_with_one_seed(tmp_path):
     assert [len(line.get_xdata()) for line in accuracy.axes[0].lines] == [1, 1]  # evaluated once
 
 
-def test_a_directory_without_a_finished_run_is_one_error_line(tmp_path, capsys):
+def test_a_directory_without_a_finished_run_or_with_an_old_summary_is_one_error_line(seeded_run, tmp_path,
+                                                                                    capsys):
     with pytest.raises(PfedlaError, match="holds no finished pfedla run"):
         report.write_report(tmp_path)
     assert main(["report", str(tmp_path / "missing")]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("pfedla: error: ") and "pfedla run --resume" in line
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "run.json").write_bytes((seeded_run / "run.json").read_bytes())
+    flat = {"local": {"mean_accuracy": 0.9, "client_accuracies": [0.9]}}  # before seed folders
+    (old / "summary.json").write_text(json.dumps(flat))
+    assert main(["report", str(old)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "is damaged, or from an older pfedla without seed folders" in line
+    assert not (old / "report.md").exists()
