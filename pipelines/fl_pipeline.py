@@ -18,7 +18,7 @@ from typing import Any
 
 from kfp import compiler, dsl, kubernetes
 
-from pfedla.config import ExperimentConfig
+from pfedla.config import ExperimentConfig, single_seed
 from pfedla.errors import PfedlaError
 from pfedla.images import step_image
 from pfedla.simulation import participants
@@ -175,7 +175,9 @@ def build_pipeline(config: ExperimentConfig) -> Callable:
 
 
 def compile_pipeline(config: ExperimentConfig, output: str | Path) -> RoundRange:
-    """Write the pipeline YAML for ``config``'s segment; returns the rounds it covers."""
+    """Write the pipeline YAML for ``config``'s segment; returns the rounds it covers. The pipeline runs
+    one seed: a ConfigError when ``seeds`` lists several."""
+    config = single_seed(config)
     if not config.pipeline.data_root:
         raise PipelineError("pipeline.data_root is not set: the pipeline keeps its tensors in an object "
                             "store prefix, e.g. --set pipeline.data_root=s3://pfedla")

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pfedla import storage
-from pfedla.config import ExperimentConfig, experiment_key
+from pfedla.config import ExperimentConfig, experiment_key, single_seed
 from pfedla.simulation import AlgorithmResult
 from pfedla.steps import read_evaluation, round_traffic
 from pfedla_pipelines.fl_pipeline import (
@@ -48,9 +48,11 @@ def run_local(config: ExperimentConfig, pipeline_root: str | Path | None = None)
     the bytes each step moved) and, for pFedLA, ``layer_weights.npy`` (and with HeurpFedLA
     ``layer_weights_raw.npy``) into ``config.output_dir``;
     returns the summary. Without ``pipeline.data_root`` the data plane is ``output_dir/data-plane``.
+    One seed only (``single_seed``).
     """
     from kfp import local
 
+    config = single_seed(config)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     root = Path(pipeline_root) if pipeline_root else Path(tempfile.mkdtemp(prefix="pfedla-kfp-"))
@@ -171,8 +173,9 @@ def submit(config: ExperimentConfig, host: str, experiment: str | None = None, w
     With ``wait`` (the default when there is more than one segment), each segment is followed
     until it ends and the next is submitted after it; without, the first unfinished segment
     is submitted and the call returns. Segments that already succeeded are skipped, so the
-    same command continues an interrupted experiment.
+    same command continues an interrupted experiment. One seed only (``single_seed``).
     """
+    config = single_seed(config)
     say = log or (lambda line: print(line, file=sys.stderr, flush=True))
     check_cluster_contract(config)
     plan = segments(config)

@@ -41,9 +41,9 @@ def test_private_layers_are_never_sent_never_held_by_the_server_and_do_train(tmp
     for round_idx, entry in enumerate(result.history):
         expected = shared_bytes * len(participants(config, round_idx))
         assert entry["bytes_down"] == entry["bytes_up"] == expected
-    server, _ = storage.load_tensors(tmp_path / name / "checkpoints" / f"{name}.safetensors")
+    server, _ = storage.load_tensors(tmp_path / name / "seed_0" / "checkpoints" / f"{name}.safetensors")
     assert not any(key.startswith("global.") and int(key.split(".")[1]) in private for key in server)
-    models, _ = storage.load_tensors(tmp_path / name / "models" / f"{name}.safetensors")
+    models, _ = storage.load_tensors(tmp_path / name / "seed_0" / "models" / f"{name}.safetensors")
     head = f"{layout.names[max(private)]}.weight"
     assert not torch.equal(models[f"client0.{head}"], models[f"client1.{head}"])  # personal layers differ
 

@@ -146,7 +146,8 @@ def test_store_outage_mid_run_stops_clearly_then_resume_completes(tmp_path, s3_s
     assert "--resume" in stderr and "Traceback" not in stderr
     assert not (out / "summary.json").exists()
     identity = json.loads((out / "run.json").read_text())["identity"]
-    assert list((out / "checkpoints" / "fallback" / identity / "pfedla").glob("round_*.safetensors"))
+    fallback = out / "checkpoints" / "fallback" / identity / "seed_0" / "pfedla"
+    assert list(fallback.glob("round_*.safetensors"))
 
     resumed = subprocess.run(command + ["--resume", str(out)], env=env, capture_output=True, text=True,
                              timeout=600)
@@ -156,8 +157,9 @@ def test_store_outage_mid_run_stops_clearly_then_resume_completes(tmp_path, s3_s
                                                        "output_dir": str(tmp_path / "ref")}))
     subprocess.run(command + ["--config", str(tmp_path / "ref.yaml")], env=env, check=True, timeout=600,
                    capture_output=True)
-    summary = json.loads((out / "summary.json").read_text())["pfedla"]
-    reference = json.loads((tmp_path / "ref" / "summary.json").read_text())["pfedla"]
+    summary = json.loads((out / "summary.json").read_text())["pfedla"]["seeds"]["0"]
+    reference = json.loads((tmp_path / "ref" / "summary.json").read_text())["pfedla"]["seeds"]["0"]
     assert summary["client_accuracies"] == reference["client_accuracies"]
-    stored = s3.list_objects_v2(Bucket=s3_server.bucket, Prefix=f"{prefix}/{identity}/pfedla/")["Contents"]
-    assert f"{prefix}/{identity}/pfedla/round_00040.safetensors" in {o["Key"] for o in stored}
+    folder = f"{prefix}/{identity}/seed_0/pfedla"
+    stored = s3.list_objects_v2(Bucket=s3_server.bucket, Prefix=f"{folder}/")["Contents"]
+    assert f"{folder}/round_00040.safetensors" in {o["Key"] for o in stored}

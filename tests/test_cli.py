@@ -28,6 +28,35 @@ def test_run_prints_the_table_and_where_outputs_are(tmp_path, capsys, monkeypatc
     assert set(json.loads((out / "summary.json").read_text())) == {"local", "fedavg"}
 
 
+def test_run_over_several_seeds_prints_mean_and_spread(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "out"
+    assert main(["run", "--quiet", "--set", "clients=3", "--set", "rounds=1", "--set", f"output_dir={out}",
+                 "--set", "algorithms=[local]", "--set", "seeds=[0, 1]"]) == 0
+    printed = capsys.readouterr().out
+    entry = json.loads((out / "summary.json").read_text())["local"]
+    (row,) = [line for line in printed.splitlines() if line.startswith("local ")]
+    assert row.split()[1:7] == [f"{entry['mean_accuracy']:.4f}", "±", f"{entry['mean_accuracy_std']:.4f}",
+                                f"{entry['client_mean_accuracy']:.4f}", "±",
+                                f"{entry['client_mean_accuracy_std']:.4f}"]
+    assert "mean ± sample standard deviation over seeds" in printed
+    assert (out / "report.md").is_file()
+    assert sorted(p.name for p in out.glob("seed_*")) == ["seed_0", "seed_1"]
+
+
+def test_the_pipeline_runs_one_seed_and_refuses_several(tmp_path, capsys):
+    args = ["pipeline", "compile", "--set", "pipeline.data_root=s3://pfedla", "--set", "rounds=2"]
+    code = main([*args, "--set", "seeds=[0, 1]", "-o", str(tmp_path / "two.yaml")])
+    assert error_line(code, capsys.readouterr().err) == (
+        "pfedla: error: config key 'seeds': the pipeline runs one seed, got 2 ([0, 1]): run one pipeline per "
+        "seed with seed=<s>, or use `pfedla run` for several")
+    assert not (tmp_path / "two.yaml").exists()
+    for name, setting in (("one", "seeds=[3]"), ("plain", "seed=3")):
+        assert main([*args, "--set", setting, "-o", str(tmp_path / f"{name}.yaml")]) == 0
+    # a one-entry seeds list is that seed: the same pipeline as seed=3
+    assert (tmp_path / "one.yaml").read_text() == (tmp_path / "plain.yaml").read_text()
+
+
 def test_bad_config_fails_before_any_work(tmp_path):
     out = tmp_path / "never"
     result = subprocess.run(
@@ -82,7 +111,7 @@ def test_a_failing_or_unasked_fresh_run_leaves_a_stored_run_exactly_as_it_was(tm
     args = ["run", "--quiet", "--set", "clients=3", "--set", "rounds=2", "--set", f"output_dir={out}",
             "--set", "algorithms=[local]"]
     assert main(args) == 0
-    (out / "results" / "notes.json").write_text("{}")  # not pfedla's: must survive everything
+    (out / "seed_0" / "results" / "notes.json").write_text("{}")  # not pfedla's: must survive everything
     finished = stored_files(out)
     capsys.readouterr()
     assert main(args) == 2
@@ -108,7 +137,7 @@ def test_a_failing_or_unasked_fresh_run_leaves_a_stored_run_exactly_as_it_was(tm
             monkeypatch.delenv(key)
         assert stored_files(out) == finished, case
     assert main(args + ["--set", "seed=1", "--overwrite"]) == 0
-    assert (out / "results" / "notes.json").read_text() == "{}"
+    assert (out / "seed_0" / "results" / "notes.json").read_text() == "{}"
     assert json.loads((out / "run.json").read_text())["config"]["seed"] == 1
 
 

@@ -10,7 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cli_errors import error_line, run_cli
-from pfedla.config import MAXIMA, ExperimentConfig, config_from_dict, load_config
+from pfedla.config import (
+    MAXIMA,
+    ExperimentConfig,
+    config_from_dict,
+    experiment_key,
+    load_config,
+    run_seeds,
+    seed_config,
+    single_seed,
+)
 from pfedla.errors import MESSAGE_CHARS, ConfigError
 
 
@@ -92,6 +101,14 @@ def test_flat_params_cover_nested_keys():
         ({"synthetic": {"num_classes": 1001}}, "synthetic.num_classes", "must be at most 1000"),
         ({"synthetic": {"samples_per_client": 10**7}}, "synthetic.samples_per_client", "at most 1000000"),
         ({"pipeline": {"rounds_per_run": 1001}}, "pipeline.rounds_per_run", "must be at most 1000"),
+        ({"seeds": []}, "seeds", "list at least one seed"),
+        ({"seeds": 3}, "seeds", "expected a list of integers, got 3"),
+        ({"seeds": [0, "1"]}, "seeds", "expected a list of integers"),
+        ({"seeds": [0, True]}, "seeds", "expected a list of integers"),
+        ({"seeds": [1, 2, 1]}, "seeds", "each seed at most once"),
+        ({"seeds": [0, -1]}, "seeds", "each seed must be in [0, 4294967295]"),
+        ({"seeds": [2**32]}, "seeds", "each seed must be in [0, 4294967295]"),
+        ({"seeds": list(range(101))}, "seeds", "at most 100 seeds, got 101"),
     ],
 )
 def test_invalid_values_name_the_key(raw, key, fragment):
@@ -99,6 +116,28 @@ def test_invalid_values_name_the_key(raw, key, fragment):
         config_from_dict(raw)
     assert caught.value.key == key
     assert key in str(caught.value) and fragment in str(caught.value)
+
+
+def key(**raw) -> str:
+    return experiment_key(config_from_dict(raw))
+
+
+def test_seeds_decide_which_experiments_run_and_their_keys():
+    assert run_seeds(config_from_dict({"seed": 4})) == [4]
+    several = config_from_dict({"seed": 9, "seeds": [2, 0, 1]})
+    assert run_seeds(several) == [2, 0, 1]  # `seed` is not used
+    assert config_from_dict({"seeds": list(range(100))}).seeds == list(range(100))
+    # one entry is the same experiment as `seed`; several are one of their own, whatever `seed` and order
+    assert key(seeds=[3]) == key(seed=3)
+    assert experiment_key(several) == key(seeds=[0, 1, 2])
+    assert experiment_key(several) not in {key(seed=s) for s in (0, 1, 2, 9)}
+    assert key(seed=0) != key(seed=1)
+    part = seed_config(several, 1)
+    assert (part.seed, part.seeds) == (1, None)
+    assert experiment_key(part) == key(seed=1)
+    assert single_seed(config_from_dict({"seed": 5, "seeds": [3]})).seed == 3
+    with pytest.raises(ConfigError, match="config key 'seeds': the pipeline runs one seed, got 3"):
+        single_seed(several)
 
 
 def test_every_upper_bound_itself_is_accepted():

@@ -14,7 +14,7 @@ def run(tmp_path, lam, algorithms=("ditto",)):
 
 
 def personal_models(tmp_path, lam, name):
-    return storage.load_tensors(tmp_path / f"ditto{lam}" / "models" / f"{name}.safetensors")[0]
+    return storage.load_tensors(tmp_path / f"ditto{lam}" / "seed_0" / "models" / f"{name}.safetensors")[0]
 
 
 def test_with_lambda_zero_personal_models_train_exactly_like_local(tmp_path):

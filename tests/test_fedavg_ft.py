@@ -24,7 +24,7 @@ def test_fine_tuning_personalizes_the_evaluated_models_but_never_the_server_mode
     results = run_experiment(config(tmp_path, 2), progress=False, track=False).results
     # digits' pathological 2-class split: a model tuned to its client's classes beats the global one
     assert results["fedavg_ft"].client_mean_accuracy > results["fedavg"].client_mean_accuracy + 0.1
-    out = tmp_path / "ft2"
+    out = tmp_path / "ft2" / "seed_0"
     server = {name: storage.load_tensors(out / "checkpoints" / f"{name}.safetensors")[0]
               for name in ("fedavg", "fedavg_ft")}
     assert server["fedavg"].keys() == server["fedavg_ft"].keys()

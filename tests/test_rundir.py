@@ -1,5 +1,7 @@
 """The run directory: identity, run.json checks, the writer lock, where a run may be written."""
 
+from pathlib import Path
+
 import pytest
 
 from pfedla import rundir
@@ -75,10 +77,21 @@ def test_resume_needs_a_run_json_and_creates_nothing(tmp_path):
 
 
 def test_overwrite_removes_only_the_files_a_run_writes(tmp_path):
-    for name in ("summary.json", "results/pfedla.json", "results/mine.json", "models/pfedla.safetensors",
-                 "layer_weights.npy", "layer_weights_raw.npy", "layer_weights_extra.npy", "notes.txt"):
-        (tmp_path / name).parent.mkdir(exist_ok=True)
+    ours = ["summary.json", "seed_0/partition.json", "seed_3/results/pfedla.json",
+            "seed_3/models/pfedla.safetensors", "seed_0/checkpoints/pfedla.safetensors",
+            "seed_0/layer_weights.npy", "seed_3/layer_weights_raw.npy"]
+    others = ["seed_0/results/mine.json", "seed_0/layer_weights_extra.npy", "seed_7/results/pfedla.json",
+              "results/pfedla.json", "notes.txt"]
+    for name in ours + others:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(name)
-    rundir.remove_outputs(tmp_path, ["pfedla"])
+    rundir.remove_outputs(tmp_path, rundir.seed_files(["pfedla"], [0, 3]))
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
-    assert left == ["layer_weights_extra.npy", "notes.txt", "results/mine.json"]
+    assert left == sorted(others)
+
+
+def test_each_seed_writes_into_a_folder_of_its_own():
+    files = rundir.seed_files(["pfedla", "local"], [0, 12])
+    assert {f.split("/")[0] for f in files} == {"seed_0", "seed_12"}
+    assert len(files) == len(set(files)) == 2 * (1 + 2 * 5)
+    assert rundir.seed_dir(Path("out"), 12) == Path("out/seed_12")

@@ -3,6 +3,7 @@ and the default experiment's headline result."""
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,14 @@ from pfedla import storage
 from pfedla.client import EvalResult
 from pfedla.config import config_from_dict
 from pfedla.data.federated import class_overlap
-from pfedla.simulation import AlgorithmResult, accuracy_metrics, format_table, participants, run_experiment
+from pfedla.simulation import (
+    AlgorithmResult,
+    accuracy_metrics,
+    experiment_summary,
+    format_table,
+    participants,
+    run_experiment,
+)
 
 
 def small_config(tmp_path, **extra):
@@ -30,21 +38,26 @@ def test_outputs_follow_the_contract_and_are_tracked(tmp_path, monkeypatch):
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary) == ["pfedla", "fedavg", "local"]
     for entry in summary.values():
-        assert len(entry["client_accuracies"]) == 4 and entry["rounds"] == 3 and entry["wall_seconds"] > 0
-        assert 0.0 <= entry["mean_accuracy"] <= 1.0
-        assert entry["client_mean_accuracy"] == pytest.approx(np.mean(entry["client_accuracies"]))
-    partition = json.loads((out / "partition.json").read_text())["clients"]
+        (seed_entry,) = entry["seeds"].values()  # one seed: the experiment's numbers are that seed's
+        assert list(entry["seeds"]) == ["0"] and entry["mean_accuracy_std"] is None
+        assert len(seed_entry["client_accuracies"]) == 4 and entry["rounds"] == 3
+        assert entry["wall_seconds"] == seed_entry["wall_seconds"] > 0
+        assert 0.0 <= entry["mean_accuracy"] == seed_entry["mean_accuracy"] <= 1.0
+        assert entry["client_mean_accuracy"] == pytest.approx(np.mean(seed_entry["client_accuracies"]))
+    seed = out / "seed_0"
+    partition = json.loads((seed / "partition.json").read_text())["clients"]
     assert len(partition) == 4 and all(len(c["train"]) == 10 for c in partition)
-    alpha = np.load(out / "layer_weights.npy")
+    alpha = np.load(seed / "layer_weights.npy")
     assert alpha.shape == (4, 4, 4)  # client, layer (conv1, conv2, fc1, fc2), source client
     np.testing.assert_allclose(alpha.sum(-1), 1.0, rtol=1e-5)
-    assert not (out / "layer_weights_raw.npy").exists()  # heur_k = 0: nothing masked, no second copy
-    models, meta = storage.load_tensors(out / "models" / "pfedla.safetensors")
+    assert not (seed / "layer_weights_raw.npy").exists()  # heur_k = 0: nothing masked, no second copy
+    models, meta = storage.load_tensors(seed / "models" / "pfedla.safetensors")
     assert meta["algorithm"] == "pfedla" and "client3.fc2.bias" in models
+    assert (out / "report.md").is_file() and (out / "figures" / "accuracy.png").is_file()
 
     assert outcome.tracking_uri == f"sqlite:///{out.resolve()}/mlflow.db"
     client = MlflowClient(outcome.tracking_uri)
-    run = client.get_run(summary["pfedla"]["mlflow_run_id"])
+    run = client.get_run(summary["pfedla"]["seeds"]["0"]["mlflow_run_id"])
     assert run.data.params["clients"] == "4" and run.data.params["partition.kind"] == "pathological"
     history = client.get_metric_history(run.info.run_id, "accuracy_mean")
     assert [m.step for m in history] == [0, 1, 2]
@@ -62,7 +75,7 @@ def test_outputs_follow_the_contract_and_are_tracked(tmp_path, monkeypatch):
     assert "layer_weights/round_0003/layer_weights_raw.npy" not in final
     assert sum(p.endswith(".png") for p in final) == 4
     assert {a.path for a in client.list_artifacts(run.info.run_id, "models")} == {"models/pfedla.safetensors"}
-    assert "pfedla" in format_table(outcome.results)
+    assert "pfedla" in format_table(outcome.summary)
 
 
 def test_sample_weighted_and_client_mean_accuracies_follow_their_definitions():
@@ -80,7 +93,7 @@ def test_sample_weighted_and_client_mean_accuracies_follow_their_definitions():
     summary = result.summary()
     assert (summary["mean_accuracy"], summary["client_mean_accuracy"]) == (
         metrics["accuracy_mean"], metrics["accuracy_client_mean"])
-    header, _, row, legend = format_table({"local": result}).splitlines()
+    header, _, row, legend = format_table(experiment_summary({0: {"local": result}}, ["local"])).splitlines()
     assert header.split()[1:3] == ["sample", "acc"] and "client acc" in header
     assert row.split()[1:3] == [f"{weighted:.4f}", f"{sum(per_client) / len(per_client):.4f}"]
     assert "weighted by test size" in legend and "unweighted" in legend
@@ -119,7 +132,7 @@ def test_heurpfedla_records_the_hypernetworks_alpha_beside_the_masked_one(tmp_pa
     outcome = run_experiment(small_config(tmp_path, algorithms=["pfedla"], heur_k=1, rounds=2),
                              progress=False)
     result, out = outcome.results["pfedla"], tmp_path / "out"
-    masked, raw = np.load(out / "layer_weights.npy"), np.load(out / "layer_weights_raw.npy")
+    masked, raw = (np.load(out / "seed_0" / name) for name in ("layer_weights.npy", "layer_weights_raw.npy"))
     np.testing.assert_array_equal(masked, result.layer_weights)
     np.testing.assert_array_equal(raw, result.raw_layer_weights)
     assert raw.shape == masked.shape == (4, 4, 4)
@@ -142,7 +155,7 @@ def test_default_experiment_pfedla_beats_baselines_and_trusts_class_sharing_clie
     accuracy = {name: r.mean_accuracy for name, r in outcome.results.items()}
     assert accuracy["pfedla"] >= accuracy["local"]
     assert accuracy["pfedla"] > accuracy["fedavg"] + 0.05
-    counts = json.loads((tmp_path / "default" / "partition.json").read_text())["clients"]
+    counts = json.loads((tmp_path / "default" / "seed_0" / "partition.json").read_text())["clients"]
     share = class_overlap(counts)
     others = ~np.eye(len(counts), dtype=bool)
     alpha = outcome.results["pfedla"].layer_weights
@@ -153,7 +166,9 @@ def test_default_experiment_pfedla_beats_baselines_and_trusts_class_sharing_clie
 
 def comparable(summary: dict) -> dict:
     """summary.json without what legitimately differs between runs (time, MLflow ids)."""
-    return {name: {k: v for k, v in entry.items() if k not in ("wall_seconds", "mlflow_run_id")}
+    def kept(entry: dict) -> dict:
+        return {k: v for k, v in entry.items() if k not in ("wall_seconds", "mlflow_run_id")}
+    return {name: {**kept(entry), "seeds": {seed: kept(run) for seed, run in entry["seeds"].items()}}
             for name, entry in summary.items()}
 
 
@@ -209,7 +224,7 @@ def test_sigkill_mid_round_and_inside_checkpoint_writes_then_resume_gives_the_un
     def kill_when_written(args, checkpoint):
         process = subprocess.Popen(command + args, env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
-        wait_for(f"*/{checkpoint}", out / "checkpoints" / "rounds")
+        wait_for(f"*/seed_0/{checkpoint}", out / "checkpoints" / "rounds")
         process.send_signal(signal.SIGKILL)
         assert process.wait(timeout=30) == -signal.SIGKILL
 
@@ -221,7 +236,8 @@ def test_sigkill_mid_round_and_inside_checkpoint_writes_then_resume_gives_the_un
         assert not (rounds_dir / file).exists() or file.endswith("LATEST")
 
     kill_when_written(["--config", str(tmp_path / "killed.yaml")], "pfedla/round_00002.safetensors")
-    rounds_dir = out / "checkpoints" / "rounds" / json.loads((out / "run.json").read_text())["identity"]
+    identity = json.loads((out / "run.json").read_text())["identity"]
+    rounds_dir = out / "checkpoints" / "rounds" / identity / "seed_0"
     kill_inside_write("open", "pfedla/round_00004.safetensors")  # the file has just been created
     kill_inside_write("os.rename", "pfedla/round_00005.safetensors")  # written, not yet renamed
     kill_when_written(["--resume", str(out)], "local/round_00003.safetensors")
@@ -238,12 +254,13 @@ def test_sigkill_mid_round_and_inside_checkpoint_writes_then_resume_gives_the_un
     resumed = json.loads((out / "summary.json").read_text())
     expected = json.loads((tmp_path / "ref" / "summary.json").read_text())
     assert comparable(resumed) == comparable(expected)
-    np.testing.assert_array_equal(np.load(out / "layer_weights.npy"),
-                                  np.load(tmp_path / "ref" / "layer_weights.npy"))
+    np.testing.assert_array_equal(np.load(out / "seed_0" / "layer_weights.npy"),
+                                  np.load(tmp_path / "ref" / "seed_0" / "layer_weights.npy"))
     # The MLflow runs continued: every round logged exactly once.
     client = MlflowClient(f"sqlite:///{out.resolve()}/mlflow.db")
     for name in ("pfedla", "local"):
-        steps = [m.step for m in client.get_metric_history(resumed[name]["mlflow_run_id"], "round_seconds")]
+        run_id = resumed[name]["seeds"]["0"]["mlflow_run_id"]
+        steps = [m.step for m in client.get_metric_history(run_id, "round_seconds")]
         assert sorted(steps) == list(range(6)), name
 
 
@@ -324,7 +341,7 @@ def test_too_many_failures_abort_with_a_clear_error_and_keep_the_last_checkpoint
     with pytest.raises(simulation.RunAborted, match="round 2: 3 of 4 clients failed.*disk full"):
         run_experiment(config, progress=False, track=False)
     identity = json.loads((tmp_path / "out" / "run.json").read_text())["identity"]
-    store = CheckpointStore(tmp_path / "out" / "checkpoints" / "rounds", keep=3, run=identity)
+    store = CheckpointStore(tmp_path / "out" / "checkpoints" / "rounds", keep=3, run=f"{identity}/seed_0")
     latest = store.latest("pfedla")
     assert latest.rounds_done == 2
 
@@ -441,8 +458,96 @@ def test_resume_continues_its_own_state_wherever_the_directory_is(tmp_path, monk
         assert run.data.tags["pfedla.run"] == json.loads((moved / "run.json").read_text())["identity"]
     # the other run's checkpoints are intact and still its own
     assert other.results["pfedla"].summary()["client_accuracies"] == json.loads(
-        (tmp_path / "other" / "summary.json").read_text())["pfedla"]["client_accuracies"]
+        (tmp_path / "other" / "summary.json").read_text())["pfedla"]["seeds"]["5"]["client_accuracies"]
     assert len(os.listdir(tmp_path / "shared-checkpoints")) == 2
+
+
+SEEDED = {"clients": 3, "rounds": 2, "algorithms": ["pfedla", "local"], "device": "cpu", "seeds": [0, 1]}
+
+
+@pytest.fixture(scope="module")
+def two_seeds(tmp_path_factory):
+    """The uninterrupted, untracked run of SEEDED: the reference of the tests below."""
+    out = tmp_path_factory.mktemp("seeds") / "ref"
+    return run_experiment(config_from_dict({**SEEDED, "output_dir": str(out)}), progress=False, track=False)
+
+
+def test_each_seed_is_its_own_experiment_and_the_summary_has_mean_and_std_over_seeds(two_seeds, tmp_path):
+    out = two_seeds.output_dir
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == two_seeds.summary and list(summary) == ["pfedla", "local"]
+    for name, entry in summary.items():
+        assert list(entry["seeds"]) == ["0", "1"]
+        runs = list(entry["seeds"].values())
+        for key in ("mean_accuracy", "client_mean_accuracy"):
+            values = [run[key] for run in runs]
+            assert entry[key] == pytest.approx(np.mean(values)), (name, key)
+            assert entry[f"{key}_std"] == pytest.approx(np.std(values, ddof=1)), (name, key)
+        everyone = [a for run in runs for a in run["client_accuracies"]]
+        assert (entry["min_accuracy"], entry["max_accuracy"]) == (min(everyone), max(everyone))
+        assert entry["wall_seconds"] == pytest.approx(sum(run["wall_seconds"] for run in runs))
+    partitions = [json.loads((out / f"seed_{s}" / "partition.json").read_text()) for s in (0, 1)]
+    assert partitions[0] != partitions[1]  # each seed draws its own partition
+    # seed 1's part is exactly the single-seed experiment with seed 1
+    alone = config_from_dict({**SEEDED, "seeds": None, "seed": 1, "output_dir": str(tmp_path / "single")})
+    single = run_experiment(alone, progress=False, track=False)
+    for name in SEEDED["algorithms"]:  # tolerance: exact equality
+        assert single.results[name].client_accuracies == two_seeds.runs[1][name].client_accuracies
+    assert (tmp_path / "single" / "seed_1" / "partition.json").read_text() == \
+        (out / "seed_1" / "partition.json").read_text()
+    np.testing.assert_array_equal(np.load(tmp_path / "single" / "seed_1" / "layer_weights.npy"),
+                                  np.load(out / "seed_1" / "layer_weights.npy"))
+    with pytest.raises(ValueError, match="ran 2 seeds"):
+        two_seeds.results  # noqa: B018 - the property refuses to pick one
+
+
+def test_a_run_over_seeds_resumes_per_algorithm_and_seed_under_one_mlflow_parent_run(two_seeds, tmp_path,
+                                                                                      monkeypatch):
+    from pfedla import simulation
+    from pfedla.config import experiment_key, seed_config
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "out"
+    config = config_from_dict({**SEEDED, "output_dir": str(out)})
+    # a seed trains 2 algorithms x 2 rounds x 3 clients: stop in seed 1's pfedla, round 1, client 1
+    interrupted_run(config, monkeypatch, after_calls=12 + 3 + 2)
+    identity = json.loads((out / "run.json").read_text())["identity"]
+    assert (out / "seed_0" / "results" / "local.json").is_file()
+    assert not (out / "seed_1" / "results" / "pfedla.json").exists() and not (out / "summary.json").exists()
+    saved = out / "checkpoints" / "rounds" / identity / "seed_1" / "pfedla"
+    assert [p.name for p in saved.glob("round_*")] == ["round_00001.safetensors"]
+    trained, real_fit = [], simulation.fit_client
+    monkeypatch.setattr(simulation, "fit_client", lambda *args: trained.append(args[4:]) or real_fit(*args))
+    finished = resumed(out)
+    assert len(trained) == 3 + 6  # seed 1's pfedla round 1, then its local; seed 0 was read back
+    assert comparable(finished.summary) == comparable(two_seeds.summary)
+
+    store = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    runs = store.search_runs([store.get_experiment_by_name("pfedla").experiment_id])
+    (parent,) = [run for run in runs if run.data.tags.get("pfedla.role") == "experiment"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["pfedla.run"] == identity
+    assert parent.data.tags["pfedla.experiment_key"] == experiment_key(config)
+    children = {(run.data.tags["pfedla.algorithm"], run.data.tags["pfedla.seed"]): run
+                for run in runs if run is not parent}
+    assert set(children) == {(name, seed) for name in SEEDED["algorithms"] for seed in ("0", "1")}
+    for (name, seed), run in children.items():
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == "FINISHED" and run.info.run_name == f"{name} seed {seed}"
+        assert run.info.run_id == finished.summary[name]["seeds"][seed]["mlflow_run_id"]
+        assert run.data.tags["pfedla.experiment_key"] == experiment_key(seed_config(config, int(seed)))
+        assert sorted(m.step for m in store.get_metric_history(run.info.run_id, "clients")) == [0, 1]
+    shared = {a.path for a in store.list_artifacts(parent.info.run_id)}
+    assert shared == {"report.md", "summary.json", "figures"}
+    assert {a.path for a in store.list_artifacts(parent.info.run_id, "figures")} == {
+        f"figures/{p.name}" for p in (out / "figures").iterdir()}
+    report_copy = store.download_artifacts(parent.info.run_id, "report.md", str(tmp_path))
+    assert Path(report_copy).read_text() == (out / "report.md").read_text()
+    for name, entry in finished.summary.items():
+        for metric, key in (("final_accuracy_mean", "mean_accuracy"),
+                            ("final_accuracy_client_mean", "client_mean_accuracy")):
+            for suffix in ("", "_std"):
+                (logged,) = store.get_metric_history(parent.info.run_id, f"{name}/{metric}{suffix}")
+                assert logged.value == entry[f"{key}{suffix}"]
 
 
 # Kills the CLI at the first `open` of a path containing the needle (see KILL_AT_EVENT).
@@ -478,8 +583,9 @@ def test_mlflow_is_consistent_after_a_kill_at_any_point_of_the_finish(tmp_path, 
     assert comparable(json.loads((out / "summary.json").read_text())) == \
         comparable(json.loads((tmp_path / "ref" / "summary.json").read_text()))
     store = MlflowClient(f"sqlite:///{out}/mlflow.db")
-    runs = store.search_runs([store.get_experiment_by_name("pfedla").experiment_id])
-    final_id = json.loads((out / "summary.json").read_text())["local"]["mlflow_run_id"]
+    runs = store.search_runs([store.get_experiment_by_name("pfedla").experiment_id],
+                             "tags.`pfedla.algorithm` = 'local'")  # not the parent run
+    final_id = json.loads((out / "summary.json").read_text())["local"]["seeds"]["0"]["mlflow_run_id"]
     statuses = {run.info.run_id: run.info.status for run in runs}
     assert statuses.pop(final_id) == "FINISHED"
     assert set(statuses.values()) <= {"KILLED"}  # an orphan is closed, never left RUNNING
@@ -536,10 +642,11 @@ def test_checkpoint_every_n_rounds_resumes_to_the_same_numbers_without_duplicate
     out = tmp_path / "out"
     interrupted_run(config_from_dict({**raw, "output_dir": str(out)}), monkeypatch, after_calls=3 * 4 + 2)
     identity = json.loads((out / "run.json").read_text())["identity"]
-    saved = sorted(p.name for p in (out / "checkpoints" / "rounds" / identity / "pfedla").glob("round_*"))
+    folder = out / "checkpoints" / "rounds" / identity / "seed_0" / "pfedla"
+    saved = sorted(p.name for p in folder.glob("round_*"))
     assert saved == ["round_00003.safetensors"]  # round 4 was done, but not checkpointed
     finished = resumed(out)
-    assert sorted(p.name for p in (out / "checkpoints" / "rounds" / identity / "pfedla").glob("round_*")) == [
+    assert sorted(p.name for p in folder.glob("round_*")) == [
         "round_00003.safetensors", "round_00006.safetensors", "round_00007.safetensors"]
     assert finished.results["pfedla"].client_accuracies == reference.results["pfedla"].client_accuracies
     store = MlflowClient(f"sqlite:///{out}/mlflow.db")

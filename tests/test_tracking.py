@@ -16,6 +16,24 @@ def test_default_uri_is_sqlite_in_the_output_dir_unless_the_environment_says_oth
     assert default_tracking_uri(tmp_path) == "http://127.0.0.1:5000"
 
 
+def test_a_parent_run_groups_runs_continues_on_resume_and_logs_its_outputs_once(tmp_path):
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "parents", tmp_path / "mlartifacts")
+    tags = {"pfedla.run": "r1", "pfedla.role": "experiment"}
+    parent = tracker.open_parent("experiment r1", {"seeds": "[0, 1]"}, tags, resume=False)
+    child = tracker.start_run("local seed 0", {}, {"mlflow.parentRunId": parent})
+    tracker.end_run()
+    assert tracker.open_parent("experiment r1", {}, tags, resume=True) == parent  # continued, not duplicated
+    assert tracker.open_parent("other", {}, {**tags, "pfedla.run": "r2"}, resume=True) != parent
+    (tmp_path / "report.md").write_text("# report")
+    for _ in range(2):  # a resume after a kill inside close_parent repeats it
+        tracker.close_parent(parent, {"local/final_accuracy_mean": 0.5}, [(tmp_path / "report.md", None)])
+    run = tracker.client.get_run(parent)
+    assert run.info.status == "FINISHED" and run.data.params == {"seeds": "[0, 1]"}
+    assert len(tracker.client.get_metric_history(parent, "local/final_accuracy_mean")) == 1
+    assert [a.path for a in tracker.client.list_artifacts(parent)] == ["report.md"]
+    assert tracker.client.get_run(child).data.tags["mlflow.parentRunId"] == parent
+
+
 @pytest.mark.integration
 def test_short_experiment_on_a_real_mlflow_server(tmp_path, mlflow_server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.tracking_uri)
@@ -29,9 +47,12 @@ def test_short_experiment_on_a_real_mlflow_server(tmp_path, mlflow_server, monke
 
     client = MlflowClient(mlflow_server.tracking_uri)
     experiment = client.get_experiment_by_name(config.experiment_name)
-    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-    assert set(runs) == {"pfedla", "local"}
-    run = runs["pfedla"]
+    found = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in found if r.data.tags.get("pfedla.role") == "experiment"]
+    runs = {r.info.run_name: r for r in found if r is not parent}
+    assert set(runs) == {"pfedla seed 0", "local seed 0"}
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {parent.info.run_id}
+    run = runs["pfedla seed 0"]
     assert run.info.status == "FINISHED"
     assert run.data.params["rounds"] == str(rounds) and run.data.tags["pfedla.algorithm"] == "pfedla"
     history = client.get_metric_history(run.info.run_id, "accuracy_mean")
@@ -93,11 +114,15 @@ def test_credentials_never_reach_mlflow_logs_or_outputs(tmp_path, mlflow_server,
     assert finished.returncode == 0, finished.stderr
     client = MlflowClient(mlflow_server.tracking_uri)
     experiment = client.get_experiment_by_name(config["experiment_name"])
-    (run,) = client.search_runs([experiment.experiment_id])
-    texts = [finished.stdout, finished.stderr, *run.data.params, *run.data.params.values(),
-             *run.data.tags, *run.data.tags.values(), *run.data.metrics]
-    downloaded = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts")))
-    files = [p for p in downloaded.rglob("*") if p.is_file()] + [p for p in out.rglob("*") if p.is_file()]
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 2  # pfedla's, and the parent run holding the report
+    texts = [finished.stdout, finished.stderr]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    for run in runs:
+        texts += [*run.data.params, *run.data.params.values(), *run.data.tags, *run.data.tags.values(),
+                  *run.data.metrics]
+        downloaded = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / run.info.run_id)))
+        files += [p for p in downloaded.rglob("*") if p.is_file()]
     assert len(files) > 5
     for secret in secrets:
         assert not any(secret in text for text in texts), "a credential reached MLflow or the logs"

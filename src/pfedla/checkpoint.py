@@ -5,8 +5,9 @@ Layout under the checkpoint location (a local directory or an ``s3://`` prefix):
     <run>/<algorithm>/round_00012.safetensors   server state after 12 rounds, metadata in the header
     <run>/<algorithm>/LATEST                    name of the newest complete checkpoint
 
-``<run>`` is the run's identity (``run.json``), also in every checkpoint's metadata: runs that
-share a checkpoint location never read, prune or clear each other's checkpoints.
+``<run>`` is the run's identity (``run.json``) and seed, ``<identity>/seed_<s>``, also in every
+checkpoint's metadata: runs (and seeds) that share a checkpoint location never read, prune or
+clear each other's checkpoints; a store of ``<identity>`` alone clears all its seeds.
 
 Locally a file is written to ``*.partial`` and renamed, so a crash never leaves a torn
 checkpoint under its final name; on S3 a PUT is atomic and the pointer is updated after it.

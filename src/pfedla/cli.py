@@ -28,12 +28,20 @@ def _run(args: argparse.Namespace) -> None:
         config = load_config(args.config, args.overrides)
     outcome = run_experiment(config, progress=not args.quiet, resume=bool(args.resume),
                              overwrite=args.overwrite)
-    print(format_table(outcome.results))
-    print(f"\noutputs:  {outcome.output_dir}/ (summary.json, partition.json, layer_weights.npy, models/)")
+    print(format_table(outcome.summary))
+    print(f"\noutputs:  {outcome.output_dir}/ (summary.json, report.md, figures/; per seed s: seed_<s>/ with "
+          "partition.json, layer_weights.npy, models/)")
     print(f"run:      {outcome.identity} (run.json; MLflow tag pfedla.run)")
     print(f"tracking: {without_credentials(outcome.tracking_uri)}")
     if outcome.tracking_uri.startswith("sqlite:"):
         print(f"view:     mlflow ui --backend-store-uri {outcome.tracking_uri}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from pfedla.report import write_report
+
+    written = write_report(args.output_dir)
+    print(f"wrote {written[0]} and {len(written) - 1} figures in {written[0].parent / 'figures'}/")
 
 
 def _pipeline_compile(args: argparse.Namespace) -> None:
@@ -97,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true",
                      help="start over in an output_dir holding an unfinished run (deletes its checkpoints)")
     run.set_defaults(handler=_run)
+
+    report = commands.add_parser("report", help="write report.md and figures for a finished run (pfedla run "
+                                                "writes them too)")
+    report.add_argument("output_dir", metavar="OUTPUT_DIR", help="the output_dir of a finished pfedla run")
+    report.set_defaults(handler=_report)
 
     pipeline = commands.add_parser("pipeline", help="the Kubeflow pipeline: compile, run locally, submit")
     actions = pipeline.add_subparsers(dest="action", required=True)

@@ -103,6 +103,7 @@ class ExperimentConfig:
     ditto_lambda: float = 0.1  # ditto: weight of (λ/2)·‖v − w‖² pulling a personal model v toward w
     model: str = "cnn"
     seed: int = 0
+    seeds: list[int] | None = None  # the experiment once per seed; when set, `seed` is not used
     device: str = "auto"
     algorithms: list[str] = field(default_factory=lambda: ["pfedla", "fedavg", "local"])
     output_dir: str = "runs/default"
@@ -133,10 +134,41 @@ class ExperimentConfig:
 _NOT_IN_KEY = {"rounds", "device", "algorithms", "output_dir", "eval_every", "heatmap_every",
                "experiment_name", "checkpoint_dir", "keep_checkpoints", "checkpoint_every"}
 
+MAX_SEEDS = 100
+SEED_LIMIT = 2**32  # derive_seed keeps a seed's low 32 bits: larger seeds would repeat smaller ones
+
+
+def run_seeds(config: ExperimentConfig) -> list[int]:
+    """The seeds the experiment runs: ``seeds`` when set, else ``[seed]``."""
+    return list(config.seeds) if config.seeds is not None else [config.seed]
+
+
+def seed_config(config: ExperimentConfig, seed: int) -> ExperimentConfig:
+    """The single-seed experiment that ``config`` runs for ``seed``: ``seed`` set, ``seeds`` unset."""
+    return dataclasses.replace(config, seed=seed, seeds=None)
+
+
+def single_seed(config: ExperimentConfig) -> ExperimentConfig:
+    """``config`` as one single-seed experiment, for what runs one seed only (the pipeline);
+    a ConfigError when ``seeds`` lists several."""
+    seeds = run_seeds(config)
+    if len(seeds) > 1:
+        raise ConfigError("seeds", f"the pipeline runs one seed, got {len(seeds)} ({shown(seeds)}): run one "
+                                   "pipeline per seed with seed=<s>, or use `pfedla run` for several")
+    return seed_config(config, seeds[0])
+
 
 def experiment_key(config: ExperimentConfig) -> str:
-    """A short digest of everything that determines the experiment's numbers."""
-    relevant = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_KEY | {"pipeline"}}
+    """A short digest of everything that determines the experiment's numbers.
+
+    A one-entry ``seeds`` is the same experiment as ``seed`` set to that entry (same key); several
+    seeds make a key of their own, from the sorted seeds. Each seed's part of such an experiment
+    is the single-seed experiment ``seed_config(config, s)``, with that one's key.
+    """
+    relevant = {k: v for k, v in config.to_dict().items()
+                if k not in _NOT_IN_KEY | {"pipeline", "seed", "seeds"}}
+    seeds = run_seeds(config)
+    relevant["seed"] = seeds[0] if len(seeds) == 1 else sorted(seeds)
     relevant["pipeline.algorithm"] = config.pipeline.algorithm
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
     return digest[:16]
@@ -261,6 +293,10 @@ def _coerce(key: str, value: Any, spec: dataclasses.Field) -> Any:
         if not math.isfinite(value):
             raise ConfigError(key, f"expected a finite number, got {shown(value)}")
         return float(value)
+    if kind == "list[int]":
+        if not isinstance(value, list) or not all(type(v) is int for v in value):  # bool is no seed
+            raise ConfigError(key, f"expected a list of integers, got {shown(value)}")
+        return list(value)
     if kind == "list[str]":
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
@@ -419,6 +455,7 @@ def validate(config: ExperimentConfig) -> None:
                  f"must be >= 1 (or null for no relative limit), got {config.update_norm_ratio}")
     _require(config.checkpoint_every >= 1, "checkpoint_every",
              f"must be >= 1, got {config.checkpoint_every}")
+    _validate_seeds(config.seeds)
     _validate_pipeline(config)
     if "fedbn" in (*config.algorithms, config.pipeline.algorithm):
         _require(config.model in ("cnn_bn", "mlp_bn"), "model", "fedbn keeps normalization layers local: "
@@ -426,6 +463,16 @@ def validate(config: ExperimentConfig) -> None:
     if config.dataset == "synthetic":
         _require(config.model in ("mlp", "mlp_bn"), "model",
                  "the synthetic dataset is a vector task: use model: mlp or mlp_bn")
+
+
+def _validate_seeds(seeds: list[int] | None) -> None:
+    if seeds is None:
+        return
+    _require(bool(seeds), "seeds", "list at least one seed (or null to run `seed` alone)")
+    _require(len(seeds) <= MAX_SEEDS, "seeds", f"at most {MAX_SEEDS} seeds, got {len(seeds)}")
+    _require(all(0 <= s < SEED_LIMIT for s in seeds), "seeds",
+             f"each seed must be in [0, {SEED_LIMIT - 1}], got {shown(seeds)}")
+    _require(len(set(seeds)) == len(seeds), "seeds", f"each seed at most once, got {shown(seeds)}")
 
 
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")

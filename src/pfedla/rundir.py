@@ -21,6 +21,7 @@ from pfedla.errors import ArtifactError, ConfigError, PfedlaError
 
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
+PARTITION_FILE = "partition.json"
 LOCK_FILE = ".pfedla.lock"
 _IDENTITY = re.compile(r"^[0-9a-f]{16}-[0-9a-f]{8}$")
 
@@ -108,22 +109,35 @@ def check_state(output_dir: Path, resume: bool, overwrite: bool) -> RunRecord | 
                       f"{output_dir}`, or start over there with --overwrite (deletes its checkpoints)")
 
 
+def seed_dir(output_dir: Path, seed: int) -> Path:
+    """Where one seed's outputs go: ``output_dir/seed_<seed>/``, for one seed as for several."""
+    return output_dir / f"seed_{seed}"
+
+
 def layer_weights_file(algorithm: str, raw: bool = False) -> str:
-    """Where in ``output_dir`` a pFedLA variant's final α goes: ``layer_weights.npy`` for pfedla,
+    """Where in a seed's folder a pFedLA variant's final α goes: ``layer_weights.npy`` for pfedla,
     ``layer_weights_<algorithm>.npy`` otherwise; ``raw`` names HeurpFedLA's unmasked α beside it."""
     stem = "layer_weights_raw" if raw else "layer_weights"
     return f"{stem}.npy" if algorithm == "pfedla" else f"{stem}_{algorithm}.npy"
 
 
-def remove_outputs(output_dir: Path, algorithms: list[str]) -> None:
-    """Delete the result files a run writes for ``algorithms`` (those of a run being replaced)."""
-    stale = [output_dir / SUMMARY_FILE]
-    for name in algorithms:
-        stale += [output_dir / "results" / f"{name}.json", output_dir / "models" / f"{name}.safetensors",
-                  output_dir / "checkpoints" / f"{name}.safetensors",
-                  output_dir / layer_weights_file(name), output_dir / layer_weights_file(name, raw=True)]
-    for path in stale:
-        path.unlink(missing_ok=True)
+def seed_files(algorithms: list[str], seeds: list[int]) -> list[str]:
+    """The files (relative to ``output_dir``) a run writes for each of ``seeds`` and ``algorithms``."""
+    files = []
+    for seed in seeds:
+        folder = f"seed_{seed}"
+        files.append(f"{folder}/{PARTITION_FILE}")
+        for name in algorithms:
+            files += [f"{folder}/results/{name}.json", f"{folder}/models/{name}.safetensors",
+                      f"{folder}/checkpoints/{name}.safetensors", f"{folder}/{layer_weights_file(name)}",
+                      f"{folder}/{layer_weights_file(name, raw=True)}"]
+    return files
+
+
+def remove_outputs(output_dir: Path, files: list[str]) -> None:
+    """Delete ``summary.json`` and ``files`` (relative to ``output_dir``): a replaced run's own files."""
+    for name in [SUMMARY_FILE, *files]:
+        (output_dir / name).unlink(missing_ok=True)
 
 
 class RunLock:

@@ -1,4 +1,5 @@
-"""The in-process round loop: every listed algorithm on the same partition, seed and clients."""
+"""The in-process round loop: every listed algorithm on the same partition, seed and clients, once
+per seed of the experiment."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pfedla import rundir, storage
+from pfedla import report, rundir, storage
 from pfedla.algorithms import ClientRule, ClientState, FitInstruction, Strategy, make_strategy
 from pfedla.algorithms.base import Generators
 from pfedla.algorithms.pfedla import PFedLAStrategy
@@ -33,7 +34,7 @@ from pfedla.client import (
     screen_updates,
     select_device,
 )
-from pfedla.config import ExperimentConfig, experiment_key
+from pfedla.config import ExperimentConfig, experiment_key, run_seeds, seed_config
 from pfedla.data import FederatedData, build_federated_data
 from pfedla.errors import ArtifactError, PfedlaError, shown
 from pfedla.models import LayerLayout, build_model, initial_buffers, initial_layers
@@ -226,21 +227,31 @@ class AlgorithmResult:
 
 @dataclass
 class ExperimentResult:
-    """All algorithms of one experiment, and where their outputs are."""
+    """All algorithms of one experiment for each of its seeds, and where their outputs are."""
 
-    results: dict[str, AlgorithmResult]
+    runs: dict[int, dict[str, AlgorithmResult]]  # seed -> algorithm -> result, in the config's order
+    summary: dict  # what summary.json holds
     output_dir: Path
     tracking_uri: str
     identity: str  # the run identity recorded in run.json, checkpoints and MLflow tags
+
+    @property
+    def results(self) -> dict[str, AlgorithmResult]:
+        """The algorithms' results of a one-seed experiment (several seeds: ``runs[seed]``)."""
+        if len(self.runs) != 1:
+            raise ValueError(f"the experiment ran {len(self.runs)} seeds: pick one with runs[seed]")
+        return next(iter(self.runs.values()))
 
 
 class Simulation:
     """Runs strategies round by round over one fixed federated dataset."""
 
     def __init__(self, config: ExperimentConfig, data: FederatedData, device: torch.device,
-                 tracker: Tracker | None, progress: bool = True, checkpoints: CheckpointStore | None = None):
+                 tracker: Tracker | None, progress: bool = True, checkpoints: CheckpointStore | None = None,
+                 parent_run_id: str | None = None):
         self.config, self.device, self.tracker, self.progress = config, device, tracker, progress
         self.checkpoints = checkpoints
+        self.parent_run_id = parent_run_id  # the MLflow run grouping the experiment's runs
         self.shards = [shard.to(device) for shard in data.shards]
         self.tests = [shard.test for shard in self.shards]
         self.model = build_model(config.model, data.input_shape, data.num_classes, config.seed).to(device)
@@ -324,13 +335,14 @@ class Simulation:
         """
         if not self.tracker:
             return
-        tags = {"pfedla.run": identity, "pfedla.algorithm": name}
+        tags = {"pfedla.run": identity, "pfedla.algorithm": name, "pfedla.seed": str(self.config.seed)}
         if resume:
             for orphan in self.tracker.close_running(tags, keep=run_id):
                 log.warning("%s: MLflow run %s had no usable checkpoint: marked KILLED", name, orphan)
         if run_id is None:
-            self.tracker.start_run(name, self.config.flat_params(), {
-                **tags, "pfedla.experiment_key": experiment_key(self.config),
+            parent = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {}
+            self.tracker.start_run(f"{name} seed {self.config.seed}", self.config.flat_params(), {
+                **tags, **parent, "pfedla.experiment_key": experiment_key(self.config),
                 "pfedla.orchestration": "simulation"})
             return
         logged_through = self.tracker.resume_run(run_id)
@@ -411,22 +423,63 @@ class Simulation:
                            {**result.summary(), "history": result.history})
 
 
+def seed_spread(values: Sequence[float]) -> float | None:
+    """The sample standard deviation (n − 1 in the denominator) of one value per seed; None for
+    one seed, which has no spread to estimate."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def algorithm_summary(by_seed: dict[int, AlgorithmResult]) -> dict:
+    """One algorithm's ``summary.json`` entry: both mean accuracies as mean and standard deviation
+    over seeds, the worst and best client of any seed, and every seed's own result."""
+    results = list(by_seed.values())
+    sample = [r.mean_accuracy for r in results]
+    clients = [r.client_mean_accuracy for r in results]
+    return {
+        "mean_accuracy": float(np.mean(sample)),
+        "mean_accuracy_std": seed_spread(sample),
+        "client_mean_accuracy": float(np.mean(clients)),
+        "client_mean_accuracy_std": seed_spread(clients),
+        "min_accuracy": min(min(r.client_accuracies) for r in results),
+        "max_accuracy": max(max(r.client_accuracies) for r in results),
+        "rounds": results[0].rounds,
+        "wall_seconds": sum(r.wall_seconds for r in results),
+        "seeds": {str(seed): r.summary() for seed, r in by_seed.items()},
+    }
+
+
+def experiment_summary(runs: dict[int, dict[str, AlgorithmResult]], algorithms: Sequence[str]) -> dict:
+    """What ``summary.json`` holds: each algorithm's ``algorithm_summary``, in ``algorithms``' order."""
+    return {name: algorithm_summary({seed: by_name[name] for seed, by_name in runs.items()})
+            for name in algorithms}
+
+
 TABLE_LEGEND = ("sample acc: correct over all clients' test samples (weighted by test size); "
                 "client acc: mean of per-client accuracies (unweighted)")
+SPREAD_LEGEND = ("mean ± sample standard deviation over seeds; min/max: the worst and best client of any "
+                 "seed; wall s: all seeds together")
 
 
-def format_table(results: dict[str, AlgorithmResult]) -> str:
-    """The closing table: one row per algorithm, both mean accuracies, and a legend telling them apart."""
-    header = (f"{'algorithm':<14}{'sample acc':>12}{'client acc':>12}{'min acc':>10}{'max acc':>10}"
-              f"{'rounds':>8}{'wall s':>9}")
+def with_spread(mean: float, std: float | None) -> str:
+    """``0.9933 ± 0.0012``, or ``0.9933`` without a standard deviation (one seed)."""
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def format_table(summary: dict) -> str:
+    """The closing table from a ``summary.json``: one row per algorithm, both mean accuracies (mean ±
+    standard deviation over seeds when there are several), and a legend telling them apart."""
+    header = (f"{'algorithm':<14}{'sample acc':>17}{'client acc':>17}{'min acc':>10}{'max acc':>10}"
+              f"{'seeds':>7}{'rounds':>8}{'wall s':>9}")
     rows = [header, "-" * len(header)]
-    for r in results.values():
+    for name, entry in summary.items():
         rows.append(
-            f"{r.name:<14}{r.mean_accuracy:>12.4f}{r.client_mean_accuracy:>12.4f}"
-            f"{min(r.client_accuracies):>10.4f}{max(r.client_accuracies):>10.4f}{r.rounds:>8d}"
-            f"{r.wall_seconds:>9.1f}"
+            f"{name:<14}{with_spread(entry['mean_accuracy'], entry['mean_accuracy_std']):>17}"
+            f"{with_spread(entry['client_mean_accuracy'], entry['client_mean_accuracy_std']):>17}"
+            f"{entry['min_accuracy']:>10.4f}{entry['max_accuracy']:>10.4f}{len(entry['seeds']):>7d}"
+            f"{entry['rounds']:>8d}{entry['wall_seconds']:>9.1f}"
         )
-    return "\n".join([*rows, TABLE_LEGEND])
+    several = any(len(entry["seeds"]) > 1 for entry in summary.values())
+    return "\n".join([*rows, TABLE_LEGEND, *([SPREAD_LEGEND] if several else [])])
 
 
 def _finished_result(output_dir: Path, name: str) -> AlgorithmResult | None:
@@ -473,13 +526,14 @@ def _tracker(config: ExperimentConfig, output_dir: Path, tracking_uri: str) -> T
 
 def run_experiment(config: ExperimentConfig, progress: bool = True, track: bool = True,
                    resume: bool = False, overwrite: bool = False) -> ExperimentResult:
-    """Run every algorithm of ``config`` and write summary.json and partition.json.
+    """Run every algorithm of ``config`` once per seed, then write summary.json and the report.
 
-    With ``resume``, finished algorithms are read back and the unfinished one continues from its
-    newest good checkpoint of this run (its MLflow run continues too). A fresh run refuses an
-    ``output_dir`` holding a run unless ``overwrite``, which then deletes only that run's files.
-    Everything that can fail (config, device, output location, data, a remote tracking server)
-    is checked before anything in ``output_dir`` is written or deleted.
+    Each seed's outputs (partition.json, results/, models/, α) go to ``output_dir/seed_<s>/``.
+    With ``resume``, finished (algorithm, seed) pairs are read back and the unfinished one
+    continues from its newest good checkpoint of this run (its MLflow run continues too). A fresh
+    run refuses an ``output_dir`` holding a run unless ``overwrite``, which then deletes only that
+    run's files. Everything that can fail (config, device, output location, the first seed's data,
+    a remote tracking server) is checked before anything in ``output_dir`` is written or deleted.
     """
     device = select_device(config.device)
     output_dir = Path(config.output_dir)
@@ -493,7 +547,9 @@ def run_experiment(config: ExperimentConfig, progress: bool = True, track: bool 
             identity = previous.identity
         else:
             config, identity = _anchored(config), rundir.new_identity(config)
-        data = build_federated_data(config)
+        seeds = run_seeds(config)
+        # The other seeds' data is built when their turn comes: one dataset in memory at a time.
+        data = build_federated_data(_seed_run_config(config, output_dir, seeds[0]))
         tracking_uri = default_tracking_uri(output_dir)
         local_store = tracking_uri == f"sqlite:///{output_dir.resolve()}/mlflow.db"
         tracker = None
@@ -502,28 +558,79 @@ def run_experiment(config: ExperimentConfig, progress: bool = True, track: bool 
         rundir.create(output_dir)
         if not existed:
             held.enter_context(rundir.RunLock(output_dir))
-        checkpoints = _checkpoint_store(config, output_dir, identity)
         if previous is not None and not resume:  # --overwrite: only the replaced run's own files go
-            rundir.remove_outputs(output_dir, sorted({*previous.config.algorithms, *config.algorithms}))
+            algorithms = sorted({*previous.config.algorithms, *config.algorithms})
+            replaced = sorted({*run_seeds(previous.config), *seeds})
+            rundir.remove_outputs(output_dir, rundir.seed_files(algorithms, replaced)
+                                  + report.report_files(algorithms, replaced))
             _checkpoint_store(previous.config, output_dir, previous.identity).clear()
         if resume and track and local_store:  # the directory may have been copied or moved since
             relocate_local_store(tracking_uri, output_dir / "mlartifacts")
         storage.write_json(output_dir / rundir.RUN_FILE, rundir.RunRecord(identity, config).to_dict())
-        storage.write_json(output_dir / "partition.json", {"clients": data.class_counts()})
         if track and local_store:
             tracker = _tracker(config, output_dir, tracking_uri)
-        simulation = Simulation(config, data, device, tracker, progress, checkpoints)
-        results = {}
-        for name in config.algorithms:
-            finished = _finished_result(output_dir, name) if resume else None
-            results[name] = finished or simulation.run(name, identity, resume)
-        summary = {name: r.summary() for name, r in results.items()}
+        parent = _open_parent(tracker, config, identity, resume) if tracker else None
+        runs: dict[int, dict[str, AlgorithmResult]] = {}
+        for index, seed in enumerate(seeds):
+            seed_run = _seed_run_config(config, output_dir, seed)
+            if index:
+                data = build_federated_data(seed_run)
+            if len(seeds) > 1:
+                log.info("seed %d (%d of %d)", seed, index + 1, len(seeds))
+            seed_folder = Path(seed_run.output_dir)
+            storage.write_json(seed_folder / rundir.PARTITION_FILE, {"clients": data.class_counts()})
+            checkpoints = _checkpoint_store(config, output_dir, f"{identity}/seed_{seed}")
+            simulation = Simulation(seed_run, data, device, tracker, progress, checkpoints, parent)
+            runs[seed] = {}
+            for name in config.algorithms:
+                finished = _finished_result(seed_folder, name) if resume else None
+                runs[seed][name] = finished or simulation.run(name, identity, resume)
+        summary = experiment_summary(runs, config.algorithms)
         # in the config's algorithm order (write_json would sort the keys)
         storage.write_bytes(output_dir / rundir.SUMMARY_FILE, json.dumps(summary, indent=2).encode())
-    return ExperimentResult(results, output_dir, tracking_uri, identity)
+        written = report.write_report(output_dir)
+        if tracker and parent:
+            shared = [output_dir / rundir.SUMMARY_FILE, *written]
+            tracker.close_parent(parent, parent_metrics(summary),
+                                 [(path, _artifact_folder(path, output_dir)) for path in shared])
+    return ExperimentResult(runs, summary, output_dir, tracking_uri, identity)
 
 
-def _checkpoint_store(config: ExperimentConfig, output_dir: Path, identity: str) -> CheckpointStore:
+def _artifact_folder(path: Path, root: Path) -> str | None:
+    """The MLflow artifact folder of a file in ``root``: its folder there (None: the top)."""
+    folder = path.parent.relative_to(root).as_posix()
+    return None if folder == "." else folder
+
+
+def _seed_run_config(config: ExperimentConfig, output_dir: Path, seed: int) -> ExperimentConfig:
+    """The single-seed experiment run for ``seed``, writing into its seed folder."""
+    return dataclasses.replace(seed_config(config, seed), output_dir=str(rundir.seed_dir(output_dir, seed)))
+
+
+def _open_parent(tracker: Tracker, config: ExperimentConfig, identity: str, resume: bool) -> str:
+    """The MLflow run grouping this experiment's (algorithm, seed) runs; a resume continues it."""
+    seeds = run_seeds(config)
+    tags = {"pfedla.run": identity, "pfedla.role": "experiment"}
+    return tracker.open_parent(f"experiment {identity}", config.flat_params(), {
+        **tags, "pfedla.experiment_key": experiment_key(config), "pfedla.orchestration": "simulation",
+        "pfedla.seeds": ",".join(map(str, seeds))}, resume)
+
+
+def parent_metrics(summary: dict) -> dict[str, float]:
+    """The parent run's metrics: each algorithm's two final mean accuracies over seeds
+    (``<algorithm>/final_accuracy_mean``...), and their standard deviations when there are several."""
+    metrics = {}
+    for name, entry in summary.items():
+        for metric, key in ((FINAL_METRIC, "mean_accuracy"),
+                            (FINAL_CLIENT_MEAN_METRIC, "client_mean_accuracy")):
+            metrics[f"{name}/{metric}"] = entry[key]
+            if entry[f"{key}_std"] is not None:
+                metrics[f"{name}/{metric}_std"] = entry[f"{key}_std"]
+    return metrics
+
+
+def _checkpoint_store(config: ExperimentConfig, output_dir: Path, run: str) -> CheckpointStore:
+    """The checkpoints of ``run``: a run identity (all its seeds, to clear them) or ``identity/seed_<s>``."""
     location = config.checkpoint_dir or output_dir / "checkpoints" / "rounds"
-    return CheckpointStore(location, config.keep_checkpoints, identity,
+    return CheckpointStore(location, config.keep_checkpoints, run,
                            fallback=output_dir / "checkpoints" / "fallback")

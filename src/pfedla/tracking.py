@@ -141,12 +141,41 @@ class Tracker:
         self._stored_through = -1  # steps at or below this are already in a resumed run
 
     def start_run(self, name: str, params: dict[str, str], tags: dict[str, str]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
-        self.run_id = run.info.run_id
-        self.client.log_batch(
-            self.run_id, params=[self._param_type(k, v[:6000]) for k, v in sorted(params.items())]
-        )
+        self.run_id = self._create_run(name, params, tags)
         return self.run_id
+
+    def _create_run(self, name: str, params: dict[str, str], tags: dict[str, str]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        self.client.log_batch(
+            run.info.run_id, params=[self._param_type(k, v[:6000]) for k, v in sorted(params.items())]
+        )
+        return run.info.run_id
+
+    def open_parent(self, name: str, params: dict[str, str], tags: dict[str, str], resume: bool) -> str:
+        """The run grouping an experiment's runs (each names it in its ``mlflow.parentRunId`` tag).
+
+        A resume continues the newest run carrying ``tags`` when there is one. The parent stays
+        RUNNING, beside the current run, until ``close_parent``.
+        """
+        existing = self.find_run(tags) if resume else None
+        if existing is None:
+            return self._create_run(name, params, tags)
+        self.client.update_run(existing, status="RUNNING")
+        return existing
+
+    def close_parent(self, run_id: str, metrics: dict[str, float],
+                     files: Sequence[tuple[Path, str | None]]) -> None:
+        """Log ``metrics`` (those it lacks: a resumed parent may hold them) and ``files`` as
+        ``(path, artifact folder)`` to the parent run ``run_id``, then end it FINISHED."""
+        held = self.client.get_run(run_id).data.metrics
+        stamp = int(time.time() * 1000)
+        missing = [self._metric_type(k, float(v), stamp, 0) for k, v in sorted(metrics.items())
+                   if k not in held]
+        for start in range(0, len(missing), 1000):  # MLflow caps one batch at 1000 metrics
+            self.client.log_batch(run_id, metrics=missing[start : start + 1000])
+        for path, folder in files:
+            self.client.log_artifact(run_id, str(path), folder)
+        self.client.set_terminated(run_id, status="FINISHED")
 
     def find_run(self, tags: dict[str, str]) -> str | None:
         """The newest run of this experiment carrying all ``tags``, if any."""
