@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from pfedla.algorithms.base import FitInstruction, Strategy, checked_tensor
-from pfedla.algorithms.pfedla import RowwiseAdam
+from pfedla.algorithms.optim import RowwiseAdam, SharedAdam
 from pfedla.client import ClientFailure, ClientUpdate
 
 
@@ -56,46 +56,6 @@ class ModelHyperNetwork(nn.Module):
         hidden = torch.relu(hidden @ self.w2 + self.b2)
         heads = zip(self.head_w, self.head_b, strict=True)
         return [torch.addmm(bias, hidden, weight) for weight, bias in heads]
-
-
-class SharedAdam:
-    """Adam over the parameters every client shares (φ): one step count, state kept from round 0 on.
-
-    torch.optim.Adam would do the same arithmetic, but building one imports torch._dynamo (a second
-    or more in every pipeline step's process) and its state appears only at the first step, while a
-    checkpoint should hold the same tensors from round 0 on.
-    """
-
-    def __init__(self, params: dict[str, nn.Parameter], lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8):
-        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
-        self.exp_avg = {k: torch.zeros_like(p) for k, p in params.items()}
-        self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in params.items()}
-        self.steps = torch.zeros((), dtype=torch.float64)
-
-    @torch.no_grad()
-    def step(self, grads: dict[str, torch.Tensor]) -> None:
-        beta1, beta2 = self.betas
-        self.steps += 1
-        correction1, correction2 = 1 - beta1 ** float(self.steps), 1 - beta2 ** float(self.steps)
-        for name, param in self.params.items():
-            grad = grads[name]
-            m = self.exp_avg[name].mul_(beta1).add_(grad, alpha=1 - beta1)
-            v = self.exp_avg_sq[name].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denominator = (v / correction2).sqrt_().add_(self.eps)  # the one temporary: heads are large
-            param.addcdiv_(m, denominator, value=-self.lr / correction1)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"shared_adam.m.{k}": t for k, t in self.exp_avg.items()}
-        state.update({f"shared_adam.v.{k}": t for k, t in self.exp_avg_sq.items()})
-        state["shared_adam.steps"] = self.steps
-        return state
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name in self.params:
-            self.exp_avg[name].copy_(checked_tensor(state, f"shared_adam.m.{name}", self.exp_avg[name]))
-            self.exp_avg_sq[name].copy_(checked_tensor(state, f"shared_adam.v.{name}", self.exp_avg_sq[name]))
-        self.steps.copy_(checked_tensor(state, "shared_adam.steps", self.steps))
 
 
 def objective_output_grads(deltas: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -116,52 +116,6 @@ class HyperNetworks(nn.Module):
         return normalize_heads(heads)
 
 
-class RowwiseAdam:
-    """Adam where row i of every parameter belongs to client i's hypernetwork (for hypernetwork
-    baselines; pFedLA itself takes plain gradient steps, see ``PFedLAStrategy.aggregate_fit``).
-
-    Only the rows of the round's clients move, with their own step counts: a client that
-    sits a round out keeps its hypernetwork exactly (plain Adam would drift it by momentum).
-    """
-
-    def __init__(self, params: dict[str, nn.Parameter], num_clients: int, lr: float,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
-        self.exp_avg = {k: torch.zeros_like(p) for k, p in params.items()}
-        self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in params.items()}
-        device = next(iter(params.values())).device
-        self.steps = torch.zeros(num_clients, dtype=torch.float64, device=device)
-
-    @torch.no_grad()
-    def step(self, grads: dict[str, torch.Tensor], clients: torch.Tensor) -> None:
-        beta1, beta2 = self.betas
-        self.steps[clients] += 1
-        steps = self.steps[clients]
-        for name, param in self.params.items():
-            shape = (-1,) + (1,) * (param.ndim - 1)
-            correction1 = (1 - beta1 ** steps).to(param.dtype).view(shape)
-            correction2 = (1 - beta2 ** steps).to(param.dtype).view(shape)
-            grad = grads[name][clients]
-            m = self.exp_avg[name][clients].mul_(beta1).add_(grad, alpha=1 - beta1)
-            v = self.exp_avg_sq[name][clients].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            self.exp_avg[name][clients] = m
-            self.exp_avg_sq[name][clients] = v
-            update = (m / correction1) / ((v / correction2).sqrt() + self.eps)
-            param[clients] -= self.lr * update
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"adam.m.{k}": t for k, t in self.exp_avg.items()}
-        state.update({f"adam.v.{k}": t for k, t in self.exp_avg_sq.items()})
-        state["adam.steps"] = self.steps
-        return state
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name in self.params:
-            self.exp_avg[name].copy_(checked_tensor(state, f"adam.m.{name}", self.exp_avg[name]))
-            self.exp_avg_sq[name].copy_(checked_tensor(state, f"adam.v.{name}", self.exp_avg_sq[name]))
-        self.steps.copy_(checked_tensor(state, "adam.steps", self.steps))
-
-
 class PFedLAStrategy(Strategy):
     """Server side of pFedLA; ``heur_k > 0`` gives HeurpFedLA, ``hn_lr = 0`` frozen α."""
 
