@@ -156,8 +156,15 @@ def _seeds_note(histories: dict[str, dict[int, History]]) -> str:
 
 def accuracy_figure(histories: dict[str, dict[int, History]]) -> Figure:
     """Both mean accuracies per evaluated round: one axes each, one line (and band) per algorithm."""
+    return _per_round_figure(histories, ACCURACY_METRICS,
+                             f"Personalized test accuracy per round ({_seeds_note(histories)})")
+
+
+def _per_round_figure(histories: dict[str, dict[int, History]], metrics: Sequence[tuple[str, str]],
+                      title: str) -> Figure:
+    """One axes per (metric, label), one line (and band over seeds) per algorithm, against the round."""
     figure = Figure(figsize=(11, 4), layout="constrained")
-    for ax, (metric, label) in zip(figure.subplots(1, 2), ACCURACY_METRICS, strict=True):
+    for ax, (metric, label) in zip(figure.subplots(1, len(metrics)), metrics, strict=True):
         for name, by_seed in histories.items():
             if (series := seed_series(by_seed, metric)) is not None:
                 _line_with_band(ax, *series, name)
@@ -165,7 +172,7 @@ def accuracy_figure(histories: dict[str, dict[int, History]]) -> Figure:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    figure.suptitle(f"Personalized test accuracy per round ({_seeds_note(histories)})", fontsize=10)
+    figure.suptitle(title, fontsize=10)
     return figure
 
 
@@ -214,17 +221,7 @@ def alpha_training_figure(histories: dict[str, dict[int, History]]) -> Figure | 
                 if seed_series(by_seed, ALPHA_METRICS[0][0]) is not None}
     if not variants:
         return None
-    figure = Figure(figsize=(11, 4), layout="constrained")
-    for ax, (metric, label) in zip(figure.subplots(1, 2), ALPHA_METRICS, strict=True):
-        for name, by_seed in variants.items():
-            if (series := seed_series(by_seed, metric)) is not None:
-                _line_with_band(ax, *series, name)
-        ax.set(xlabel="round", ylabel=label)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    figure.suptitle(f"How α evolves ({_seeds_note(variants)})", fontsize=10)
-    return figure
+    return _per_round_figure(variants, ALPHA_METRICS, f"How α evolves ({_seeds_note(variants)})")
 
 
 def similarity_order(class_counts: np.ndarray) -> list[int]:

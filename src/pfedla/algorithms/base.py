@@ -134,6 +134,11 @@ class ModelStack:
             rows.copy_(checked_tensor(state, f"{prefix}.{i}", rows))
 
 
+def stacked_deltas(updates: Sequence[ClientUpdate], num_layers: int) -> list[torch.Tensor]:
+    """The round's updates as one [S, P_l] tensor per layer (row s: updates[s])."""
+    return [torch.stack([u.delta[layer] for u in updates]) for layer in range(num_layers)]
+
+
 def checked_tensor(state: dict[str, torch.Tensor], key: str, like: torch.Tensor) -> torch.Tensor:
     """state[key], verified to have the shape and dtype of ``like``."""
     if key not in state:

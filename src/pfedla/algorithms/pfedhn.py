@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pfedla.algorithms.base import FitInstruction, Strategy, checked_tensor
+from pfedla.algorithms.base import FitInstruction, Strategy, checked_tensor, stacked_deltas
 from pfedla.algorithms.optim import RowwiseAdam, SharedAdam
 from pfedla.client import ClientFailure, ClientUpdate
 
@@ -113,7 +113,7 @@ class PFedHNStrategy(Strategy):
         if not updates:
             return {}
         clients = self._client_index([u.client_id for u in updates])
-        deltas = [torch.stack([u.delta[layer] for u in updates]) for layer in range(self.num_layers)]
+        deltas = stacked_deltas(updates, self.num_layers)
         grads = self.hypernetwork_gradients(clients, deltas)
         self.shared_optimizer.step(grads)
         self.embedding_optimizer.step({"embeddings": grads["embeddings"]}, clients)

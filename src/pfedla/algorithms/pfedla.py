@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pfedla.algorithms.base import FitInstruction, ModelStack, Strategy, checked_tensor
+from pfedla.algorithms.base import FitInstruction, ModelStack, Strategy, checked_tensor, stacked_deltas
 from pfedla.client import ClientFailure, ClientUpdate
 
 ALPHA_FLOOR = 1e-12  # keeps α defined (uniform) if every head output underflows to zero
@@ -185,7 +185,7 @@ class PFedLAStrategy(Strategy):
         if not updates:
             return {}
         clients = self._client_index([u.client_id for u in updates])
-        deltas = [torch.stack([u.delta[layer] for u in updates]) for layer in range(len(self.models.rows))]
+        deltas = stacked_deltas(updates, len(self.models.rows))
         grads, alpha = self.hypernetwork_gradients(clients, deltas)
         # Θ must change only after the gradient: both use the Θ that formed θ̄ this round.
         # θ' = θ̄ + Δ = αΘ + Δ is formed inside the stacked deltas: no [S, P_l] temporaries.
