@@ -426,7 +426,7 @@ def test_resume_continues_its_own_state_wherever_the_directory_is(tmp_path, monk
            "checkpoint_dir": str(tmp_path / "shared-checkpoints")}
     reference = run_experiment(config_from_dict({**raw, "output_dir": str(tmp_path / "ref"),
                                                  "checkpoint_dir": None}), progress=False)
-    expected = comparable({n: r.summary() for n, r in reference.results.items()})
+    expected = comparable(reference.summary)
     (tmp_path / "a").mkdir()
     monkeypatch.chdir(tmp_path / "a")
     interrupted_run(config_from_dict({**raw, "output_dir": "orig"}), monkeypatch, after_calls=9 + 4)
@@ -441,14 +441,14 @@ def test_resume_continues_its_own_state_wherever_the_directory_is(tmp_path, monk
     (tmp_path / "b").mkdir()
     monkeypatch.chdir(tmp_path / "b")
     copy = resumed("../copy")
-    assert comparable({n: r.summary() for n, r in copy.results.items()}) == expected
+    assert comparable(copy.summary) == expected
     assert files_of(orig) == before  # the original was not touched
     assert not (tmp_path / "b" / "orig").exists() and not (tmp_path / "b" / "copy").exists()
 
     moved = tmp_path / "moved"
     os.rename(orig, moved)
     from_moved = resumed(moved)
-    assert comparable({n: r.summary() for n, r in from_moved.results.items()}) == expected
+    assert comparable(from_moved.summary) == expected
     assert not orig.exists()  # nothing was recreated at the old place (MLflow artifacts included)
     store = MlflowClient(f"sqlite:///{moved}/mlflow.db")
     for result in from_moved.results.values():
