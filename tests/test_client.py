@@ -154,3 +154,17 @@ def test_only_trainable_layers_move_and_buffers_come_back_updated():
     assert moved == [4, 5]
     assert int(trained.buffers["bn1.num_batches_tracked"]) == 2
     assert int(start.buffers["bn1.num_batches_tracked"]) == 0  # the start is not modified
+
+
+def test_a_batchnorm_model_skips_a_last_batch_of_one_sample_which_it_cannot_normalize():
+    model = build_model("mlp_bn", (5,), 2, seed=0)
+    layout = LayerLayout.of(model)
+    x, y = torch.randn(9, 5, generator=torch.Generator().manual_seed(0)), torch.arange(9) % 2
+    start = ModelState(initial_layers(model), {name: b.clone() for name, b in model.named_buffers()})
+    trained, _ = LocalTrainer(model, layout).train(start, x, y, TrainSettings(2, 4, 0.1),
+                                                   torch.Generator().manual_seed(1))
+    assert int(trained.buffers["bn1.num_batches_tracked"]) == 4  # 4 + 4 (+ 1 skipped), twice
+    plain = build_model("mlp", (5,), 2, seed=0)  # without BatchNorm the single sample trains
+    trained_plain, _ = LocalTrainer(plain, LayerLayout.of(plain)).train(
+        ModelState(initial_layers(plain), {}), x[:1], y[:1], TrainSettings(1, 4, 0.1), torch.Generator())
+    assert not torch.equal(trained_plain.layers[0], initial_layers(plain)[0])

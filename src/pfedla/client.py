@@ -114,6 +114,9 @@ class LocalTrainer:
             setattr(self.model.get_submodule(module_name), param_name, named[name])
         self.layer_params = [[named[slot.name] for slot in layer] for layer in layout.slots]
         self.buffers = dict(self.model.named_buffers())
+        # BatchNorm cannot normalize a single sample in train mode: a last batch of one is skipped
+        batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        self.smallest_batch = 2 if batch_norm else 1
 
     def train(self, start: ModelState, train_x: torch.Tensor, train_y: torch.Tensor, settings: TrainSettings,
               generator: torch.Generator, trainable: frozenset[int] | None = None,
@@ -136,14 +139,15 @@ class LocalTrainer:
             anchors = [named[slot.name].detach().clone() for index in chosen
                        for slot in self.layout.slots[index]]
         self.model.train()
-        loss = _sgd_epochs(self.model, params, train_x, train_y, settings, generator, anchors)
+        loss = _sgd_epochs(self.model, params, train_x, train_y, settings, generator, anchors,
+                           self.smallest_batch)
         return ModelState([flat.clone() for flat in self.flat],
                           {name: b.detach().clone() for name, b in self.buffers.items()}), loss
 
 
 def _sgd_epochs(model: nn.Module, params: list[nn.Parameter], train_x: torch.Tensor, train_y: torch.Tensor,
                 settings: TrainSettings, generator: torch.Generator,
-                anchor: list[torch.Tensor] | None = None) -> float:
+                anchor: list[torch.Tensor] | None = None, smallest_batch: int = 1) -> float:
     n = len(train_y)
     deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
     loss_total, batches = torch.zeros((), device=train_x.device), 0
@@ -155,6 +159,8 @@ def _sgd_epochs(model: nn.Module, params: list[nn.Parameter], train_x: torch.Ten
                 raise ClientTimeout(f"timed out: {batches} of {total} batches done when "
                                     f"client_timeout={settings.timeout:g} s ran out")
             batch = order[start : start + settings.batch_size]
+            if len(batch) < smallest_batch:
+                continue
             loss = nn.functional.cross_entropy(model(train_x[batch]), train_y[batch])
             grads = torch.autograd.grad(loss, params)
             with torch.no_grad():  # θ ← θ − lr·∇, all parameters in one fused call
