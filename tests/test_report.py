@@ -247,3 +247,10 @@ def test_a_directory_without_a_finished_run_or_with_an_old_summary_is_one_error_
     (line,) = capsys.readouterr().err.splitlines()
     assert "is damaged, or from an older pfedla without seed folders" in line
     assert not (old / "report.md").exists()
+
+
+@pytest.mark.parametrize(("model", "names"), [("cnn_bn", ["conv1", "bn1", "conv2", "bn2", "fc1", "fc2"]),
+                                              ("mlp_bn", ["fc1", "bn1", "fc2", "bn2", "fc3"])])
+def test_heatmap_panels_are_named_after_every_models_layers(model, names):
+    assert report.layer_names(model, len(names)) == names
+    assert report.layer_names(model, 2) == ["layer 0", "layer 1"]  # another architecture: numbered

@@ -331,7 +331,8 @@ def test_fedprox_through_the_steps_equals_the_simulation(tmp_path):
     assert [h["train_loss"] for h in without_mu.history] != [h["train_loss"] for h in simulated.history]
 
 
-@pytest.mark.parametrize("name", ["fedavg_ft", "fedper", "fedrep", "fedbn", "ditto", "local"])
+@pytest.mark.parametrize("name", ["fedavg", "pfedla_frozen", "fedavg_ft", "fedper", "fedrep", "fedbn",
+                                  "ditto", "local"])
 def test_every_baseline_through_the_steps_equals_the_simulation_and_keeps_its_private_layers_home(
         tmp_path, name):
     """Client state (private layers, BatchNorm statistics, Ditto's personal model) lives in client-owned

@@ -22,7 +22,7 @@ from matplotlib.ticker import MaxNLocator
 from pfedla import rundir, storage
 from pfedla.config import ExperimentConfig
 from pfedla.errors import ArtifactError, PfedlaError, shown
-from pfedla.models import LayerLayout, build_model
+from pfedla.models import CONVOLUTIONAL, LayerLayout, build_model
 
 REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
@@ -253,7 +253,7 @@ def similarity_order(class_counts: np.ndarray) -> list[int]:
 def layer_names(model: str, layers: int) -> list[str]:
     """The names of the model's ``layers`` layers (input sizes do not change them), or numbers when
     the architecture does not match."""
-    shape = (1, 8, 8) if model == "cnn" else (4,)
+    shape = (1, 8, 8) if model in CONVOLUTIONAL else (4,)
     names = LayerLayout.of(build_model(model, shape, 2, seed=0)).names
     return list(names) if len(names) == layers else [f"layer {i}" for i in range(layers)]
 
