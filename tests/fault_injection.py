@@ -46,17 +46,17 @@ def install(spec: str) -> None:
 
     faults, real_fit = parse(spec), simulation.fit_client
 
-    def fit_client(trainer, instruction, train, config, round_idx, client_id):
+    def fit_client(rule, trainer, instruction, state, train, config, round_idx, client_id):
         kind = _fault(faults, client_id, round_idx)
         if kind == "raise":
             raise RuntimeError(f"injected: client {client_id} lost its GPU")
         if kind == "diverge":
             config = dataclasses.replace(config, lr=config.lr * 1e5)
         if kind != "slow":
-            return real_fit(trainer, instruction, train, config, round_idx, client_id)
+            return real_fit(rule, trainer, instruction, state, train, config, round_idx, client_id)
         hook = trainer.model.register_forward_pre_hook(lambda *_: time.sleep(1.1 * config.client_timeout))
         try:
-            return real_fit(trainer, instruction, train, config, round_idx, client_id)
+            return real_fit(rule, trainer, instruction, state, train, config, round_idx, client_id)
         finally:
             hook.remove()
 
