@@ -85,10 +85,10 @@ class ClientRule:
                            {name: b.clone() for name, b in init.buffers.items()})
 
     def start_model(self, layers: Sequence[torch.Tensor | None], state: ClientState) -> ModelState:
-        """The server's layers with the client's private layers and buffers filled in."""
-        return ModelState([state.layers[i].clone() if layer is None else layer.clone()
-                           for i, layer in enumerate(layers)],
-                          {name: b.clone() for name, b in state.buffers.items()})
+        """The server's layers with the client's private layers and buffers filled in. The tensors
+        are shared, not copied (the trainer copies them into its own; nothing writes to them)."""
+        return ModelState([state.layers[i] if layer is None else layer for i, layer in enumerate(layers)],
+                          dict(state.buffers))
 
     def fit(self, trainer: LocalTrainer, instruction: FitInstruction, state: ClientState,
             train: tuple[torch.Tensor, torch.Tensor], settings: TrainSettings, generators: Generators
