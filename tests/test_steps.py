@@ -180,6 +180,7 @@ def test_unusable_reports_leave_their_client_out_and_structural_errors_stop_the_
         "shape": {**manifest["clients"]["1"], "update": wrong_shape},
         "samples": {**manifest["clients"]["1"], "num_samples": 10**12},  # FedAvg would follow the liar
         "ref": {**manifest["clients"]["1"], "update": {"uri": "x"}},
+        "state": {**manifest["clients"]["1"], "state": {"uri": "x"}},  # not a reference to its state
         "huge": {**manifest["clients"]["1"], "update": huge},  # finite, caught by update_norm_ratio
         "type": "not a report",
     }

@@ -388,6 +388,8 @@ def _read_report(plane: DataPlane, client: int, report: Any, known_samples: int,
         ref = ref_at(report, "update")
         tensors, _ = plane.get_tensors(ref)
         delta = _layers(tensors, "delta", layout, ref.uri, private)
+        if "state" in report:  # only referenced (the client's own object), but it must be a reference
+            ref_at(report, "state")
     except (ArtifactError, KeyError, TypeError, ValueError) as error:
         return ClientFailure(client, f"unusable update: {error}")
     return ClientUpdate(client, num_samples, delta, loss)
@@ -430,7 +432,6 @@ def server_round(config_json: str, round_idx: int, configure_next: bool, shards_
                                    strategy.client_rule.private)
             outcomes.append(outcome)
             if isinstance(outcome, ClientUpdate) and "state" in report:  # its training finished: new state
-                ObjectRef.from_dict(report["state"], f"client {client_id}'s state")
                 new_states[str(client_id)] = report["state"]
     selected = participants(config, round_idx)
     delivered = sorted(o.client_id for o in outcomes)
