@@ -59,8 +59,8 @@ def worker(spec: dict) -> dict:
         "model_stack_mb": stack_bytes / MIB,
         "peak_rss_mb": round(max(peak.peak_mib, peak.setup_peak_mib), 1),
         "round_peak_delta_mb": round(peak.delta_mib, 1),
-        "embedding_dim": config.embedding_dim,
-        "hidden_dim": config.hidden_dim,
+        "embedding_dim": config.settings_of("pfedla").embedding_dim,
+        "hidden_dim": config.settings_of("pfedla").hidden_dim,
     }
 
 

@@ -15,7 +15,8 @@ PRIVATE = {"fedper": {4, 5}, "fedrep": {4, 5}, "fedbn": {1, 3}, "local": {0, 1, 
 
 def bn_config(tmp_path, name, **extra):
     return config_from_dict({"clients": 4, "rounds": 2, "device": "cpu", "model": "cnn_bn",
-                             "participation": 0.75, "personal_layers": 2, "algorithms": [name],
+                             "participation": 0.75, "fedper": {"personal_layers": 2},
+                             "fedrep": {"personal_layers": 2}, "algorithms": [name],
                              "output_dir": str(tmp_path / name), **extra})
 
 

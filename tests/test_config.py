@@ -44,7 +44,7 @@ def test_yaml_file_and_overrides(tmp_path):
 def test_flat_params_cover_nested_keys():
     params = load_config().flat_params()
     assert params["partition.kind"] == "pathological"
-    assert params["hn_lr"] == str(ExperimentConfig().hn_lr)
+    assert params["pfedla.hn_lr"] == str(ExperimentConfig().settings_of("pfedla").hn_lr)
 
 
 @pytest.mark.parametrize(
@@ -58,8 +58,8 @@ def test_flat_params_cover_nested_keys():
         ({"partition": {"kind": "shards"}}, "partition.kind", "iid, dirichlet, pathological"),
         ({"partition": {"alpha": 0}}, "partition.alpha", "> 0"),
         ({"lr": -0.1}, "lr", "> 0"),
-        ({"hn_lr": -1}, "hn_lr", ">= 0"),
-        ({"pfedhn_lr": 0}, "pfedhn_lr", "> 0"),
+        ({"pfedla": {"hn_lr": -1}}, "pfedla.hn_lr", ">= 0"),
+        ({"pfedhn": {"lr": 0}}, "pfedhn.lr", "> 0"),
         ({"rounds": "ten"}, "rounds", "integer"),
         ({"rounds": True}, "rounds", "integer"),
         ({"lr": float("nan")}, "lr", "finite"),
@@ -69,16 +69,20 @@ def test_flat_params_cover_nested_keys():
         ({"algorithms": ["local", "local"]}, "algorithms", "at most once"),
         ({"device": "tpu"}, "device", "auto, cpu, cuda"),
         ({"model": "resnet"}, "model", "cnn, cnn_bn, mlp, mlp_bn"),
-        ({"heur_k": -1}, "heur_k", ">= 0"),
-        ({"mu": -0.1}, "mu", "must be >= 0"),
-        ({"finetune_epochs": -1}, "finetune_epochs", "must be >= 0"),
-        ({"head_epochs": -1}, "head_epochs", "must be >= 0"),
-        ({"ditto_lambda": -0.5}, "ditto_lambda", "must be >= 0"),
-        ({"personal_layers": 4}, "personal_layers", "model cnn has 4 layers: keep between 1 and 3"),
-        ({"personal_layers": 0, "model": "mlp"}, "personal_layers", "keep between 1 and 2"),
+        ({"pfedla": {"heur_k": -1}}, "pfedla.heur_k", ">= 0"),
+        ({"pfedla_frozen": {"heur_k": 4}}, "pfedla_frozen.heur_k", "4 layers: keep at most 3 local, got 4"),
+        ({"fedprox": {"mu": -0.1}}, "fedprox.mu", "must be >= 0"),
+        ({"fedavg_ft": {"finetune_epochs": -1}}, "fedavg_ft.finetune_epochs", "must be >= 0"),
+        ({"fedrep": {"head_epochs": -1}}, "fedrep.head_epochs", "must be >= 0"),
+        ({"ditto": {"lam": -0.5}}, "ditto.lam", "must be >= 0"),
+        ({"fedper": {"personal_layers": 4}}, "fedper.personal_layers", "has 4 layers: keep between 1 and 3"),
+        ({"fedrep": {"personal_layers": 0}, "model": "mlp"}, "fedrep.personal_layers",
+         "keep between 1 and 2"),
+        ({"fedprox": 3}, "fedprox", "expected a section"),
+        ({"fedprox": {"lam": 1}}, "fedprox.lam", "unknown key; known keys here: mu"),
         ({"algorithms": ["fedbn"]}, "model", "fedbn keeps normalization layers local: use model: cnn_bn or"),
         ({"pipeline": {"algorithm": "fedbn"}}, "model", "use model: cnn_bn"),
-        ({"mu": float("nan")}, "mu", "expected a finite number"),
+        ({"fedprox": {"mu": float("nan")}}, "fedprox.mu", "expected a finite number"),
         ({"dataset": "mnist"}, "data_dir", "needs data_dir"),
         ({"dataset": "synthetic"}, "model", "mlp"),
         ({"clientz": 3}, "clientz", "unknown key"),
@@ -91,8 +95,8 @@ def test_flat_params_cover_nested_keys():
         ({"experiment_name": "e" * 501}, "experiment_name", "is 501 characters; MLflow allows at most 500"),
         ({"experiment_name": "a\nb"}, "experiment_name", "must not contain control characters, found '\\n'"),
         ({"experiment_name": "a\x00b"}, "experiment_name", "control characters, found '\\x00'"),
-        ({"hidden_dim": 1_000_000}, "hidden_dim", "must be at most 4096, got 1000000"),
-        ({"embedding_dim": 4097}, "embedding_dim", "must be at most 4096, got 4097"),
+        ({"pfedla": {"hidden_dim": 1_000_000}}, "pfedla.hidden_dim", "must be at most 4096, got 1000000"),
+        ({"pfedhn": {"embedding_dim": 4097}}, "pfedhn.embedding_dim", "must be at most 4096, got 4097"),
         ({"clients": 10_001}, "clients", "must be at most 10000"),
         ({"rounds": 10**12}, "rounds", "must be at most 1000000"),
         ({"local_epochs": 10**6}, "local_epochs", "must be at most 10000"),
@@ -145,8 +149,11 @@ def test_every_upper_bound_itself_is_accepted():
     for key, maximum in MAXIMA.items():
         section, _, leaf = key.rpartition(".")
         (raw.setdefault(section, {}) if section else raw)[leaf] = maximum
-    config = config_from_dict({**raw, "experiment_name": "é" * 500, "dataset": "synthetic", "model": "mlp"})
-    assert (config.hidden_dim, config.pipeline.rounds_per_run) == (4096, 1000)
+    widest = {"embedding_dim": 4096, "hidden_dim": 4096}
+    config = config_from_dict({**raw, "experiment_name": "é" * 500, "dataset": "synthetic", "model": "mlp",
+                               "pfedla": widest, "pfedhn": widest, "fedrep": {"head_epochs": 10_000},
+                               "fedavg_ft": {"finetune_epochs": 10_000}})
+    assert (config.settings_of("pfedla").hidden_dim, config.pipeline.rounds_per_run) == (4096, 1000)
 
 
 def test_an_overlong_experiment_name_fails_before_any_work(tmp_path):
@@ -159,9 +166,9 @@ def test_an_overlong_experiment_name_fails_before_any_work(tmp_path):
 
 def test_an_absurd_size_fails_at_validation_not_as_an_allocation_error(tmp_path):
     out = tmp_path / "out"
-    result = run_cli("run", "--quiet", "--set", "hidden_dim=1000000", "--set", f"output_dir={out}")
+    result = run_cli("run", "--quiet", "--set", "pfedla.hidden_dim=1000000", "--set", f"output_dir={out}")
     assert error_line(result.returncode, result.stderr) == \
-        "pfedla: error: config key 'hidden_dim': must be at most 4096, got 1000000"
+        "pfedla: error: config key 'pfedla.hidden_dim': must be at most 4096, got 1000000"
     assert not out.exists()
 
 
@@ -292,3 +299,33 @@ def test_random_aliased_configs_load_or_fail_with_a_short_config_error(tmp_path_
         load_config(path)
     except ConfigError as error:
         assert len(str(error)) <= MESSAGE_CHARS + 40
+
+
+@pytest.mark.parametrize(("flat", "moved_to"), [
+    ("hn_lr", "pfedla.hn_lr"), ("pfedhn_lr", "pfedhn.lr"), ("mu", "fedprox.mu"),
+    ("ditto_lambda", "ditto.lam"),
+    ("personal_layers", "fedper.personal_layers or fedrep.personal_layers"),
+    ("heur_k", "pfedla.heur_k or pfedla_frozen.heur_k"), ("finetune_epochs", "fedavg_ft.finetune_epochs"),
+    ("head_epochs", "fedrep.head_epochs"),
+    ("embedding_dim", "pfedla.embedding_dim, pfedla_frozen.embedding_dim or pfedhn.embedding_dim"),
+    ("hidden_dim", "pfedla.hidden_dim, pfedla_frozen.hidden_dim or pfedhn.hidden_dim"),
+])
+def test_a_flat_key_from_before_the_sections_is_refused_with_where_it_went(flat, moved_to):
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [f"{flat}=1"])
+    assert str(caught.value) == (f"config key '{flat}': each algorithm has its own section now: "
+                                 f"set {moved_to} (docs/configuration.md)")
+
+
+def test_each_algorithm_reads_its_own_section_and_sections_round_trip():
+    config = load_config(None, ["pfedla.embedding_dim=8", "pfedhn.embedding_dim=16",
+                                "fedrep.personal_layers=2"])
+    assert config.settings_of("pfedla").embedding_dim == 8
+    assert config.settings_of("pfedla_frozen").embedding_dim == 32  # a key two algorithms use is each one's
+    assert config.settings_of("pfedhn").embedding_dim == 16
+    heads = (config.settings_of("fedrep").personal_layers, config.settings_of("fedper").personal_layers)
+    assert heads == (2, 1)
+    assert config.settings_of("fedavg") is None  # no settings, no section
+    assert config_from_dict(config.to_dict()) == config
+    assert config.flat_params()["pfedhn.embedding_dim"] == "16"
+    assert experiment_key(config) != experiment_key(load_config())

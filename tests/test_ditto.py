@@ -8,7 +8,7 @@ from pfedla.simulation import run_experiment
 
 
 def run(tmp_path, lam, algorithms=("ditto",)):
-    raw = {"clients": 4, "rounds": 3, "device": "cpu", "participation": 0.75, "ditto_lambda": lam,
+    raw = {"clients": 4, "rounds": 3, "device": "cpu", "participation": 0.75, "ditto": {"lam": lam},
            "model": "cnn_bn", "algorithms": list(algorithms), "output_dir": str(tmp_path / f"ditto{lam}")}
     return run_experiment(config_from_dict(raw), progress=False, track=False).results
 

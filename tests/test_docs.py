@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from pfedla import registry
 from pfedla.config import ExperimentConfig, _flatten
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,10 +47,20 @@ def test_the_reference_lists_exactly_the_accepted_keys_with_their_defaults():
     assert wrong == {}, "documented default != the code's default"
 
 
+def test_the_reference_names_every_registered_algorithm_and_section():
+    text = REFERENCE.read_text()
+    (algorithms_row,) = [line for line in text.splitlines() if line.startswith("| `algorithms` |")]
+    listed = re.findall(r"`([a-z0-9_]+)`", algorithms_row.split("|")[3])
+    assert listed == list(registry.algorithm_names()), "the algorithms row differs from the registry"
+    documented_sections = {key.partition(".")[0] for key in documented() if "." in key}
+    assert set(registry.sections()) <= documented_sections
+
+
 def test_the_checker_catches_a_missing_key_and_a_wrong_default(tmp_path, monkeypatch):
     text = REFERENCE.read_text()
     monkeypatch.setattr(__import__(__name__), "REFERENCE", tmp_path / "configuration.md")
-    (tmp_path / "configuration.md").write_text(text.replace("| `heur_k` | `0` |", "| `heur_k` | `1` |"))
+    (tmp_path / "configuration.md").write_text(text.replace("| `pfedla.heur_k` | `0` |",
+                                                                  "| `pfedla.heur_k` | `1` |"))
     with pytest.raises(AssertionError, match="heur_k"):
         test_the_reference_lists_exactly_the_accepted_keys_with_their_defaults()
     (tmp_path / "configuration.md").write_text(re.sub(r"\n\| `lr` \|[^\n]*", "", text))

@@ -9,7 +9,7 @@ from pfedla.simulation import run_experiment
 
 def config(tmp_path, epochs):
     return config_from_dict({"clients": 4, "rounds": 3, "device": "cpu", "participation": 0.75,
-                             "finetune_epochs": epochs, "algorithms": ["fedavg", "fedavg_ft"],
+                             "fedavg_ft": {"finetune_epochs": epochs}, "algorithms": ["fedavg", "fedavg_ft"],
                              "output_dir": str(tmp_path / f"ft{epochs}")})
 
 

@@ -13,7 +13,8 @@ from pfedla.simulation import run_experiment
 
 
 def test_with_mu_zero_fedprox_is_fedavg_exactly(tmp_path):
-    config = config_from_dict({"clients": 4, "rounds": 3, "device": "cpu", "participation": 0.75, "mu": 0.0,
+    config = config_from_dict({"clients": 4, "rounds": 3, "device": "cpu", "participation": 0.75,
+                               "fedprox": {"mu": 0.0},
                                "algorithms": ["fedavg", "fedprox"], "output_dir": str(tmp_path / "out")})
     results = run_experiment(config, progress=False, track=False).results
     assert results["fedprox"].client_accuracies == results["fedavg"].client_accuracies  # exact
@@ -63,7 +64,7 @@ def test_the_proximal_term_holds_clients_closer_to_the_global_model(mu):
 
 
 def test_the_server_sends_mu_with_the_global_model_and_aggregates_like_fedavg():
-    config = config_from_dict({"clients": 3, "mu": 0.25})
+    config = config_from_dict({"clients": 3, "fedprox": {"mu": 0.25}})
     model = nn.Linear(2, 3)
     strategy = make_strategy("fedprox", config, model)
     instructions = strategy.configure_fit(0, [0, 2])

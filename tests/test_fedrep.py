@@ -10,8 +10,8 @@ from pfedla.simulation import Simulation, fit_client
 
 
 def test_head_epochs_on_the_head_then_local_epochs_on_the_body_from_the_new_head(monkeypatch):
-    config = config_from_dict({"clients": 3, "device": "cpu", "head_epochs": 3, "local_epochs": 2,
-                               "personal_layers": 1})
+    config = config_from_dict({"clients": 3, "device": "cpu", "local_epochs": 2,
+                               "fedrep": {"head_epochs": 3, "personal_layers": 1}})
     simulation = Simulation(config, build_federated_data(config), torch.device("cpu"), tracker=None,
                             progress=False)
     strategy = make_strategy("fedrep", config, simulation.model)

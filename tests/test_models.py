@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch import nn
 
-from pfedla.config import LAYER_COUNTS
 from pfedla.models import (
     CNN,
     CNN_MIN_SIDE,
@@ -14,6 +13,7 @@ from pfedla.models import (
     initial_layers,
     unsupported_input,
 )
+from pfedla.registry import MODELS
 
 
 @pytest.mark.parametrize(("shape", "classes"), [((1, 8, 8), 10), ((1, 28, 28), 10), ((3, 32, 32), 100)])
@@ -75,10 +75,12 @@ def test_flatten_unflatten_round_trip_and_check():
         layout.check([layers[0][:-1], *layers[1:]])
 
 
-@pytest.mark.parametrize("name", sorted(LAYER_COUNTS))
-def test_each_models_layer_count_is_the_one_config_validates_personal_layers_against(name):
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_each_model_has_the_layers_the_registry_describes(name):
     shape = (6,) if name == "mlp" else (1, 8, 8)
-    assert LayerLayout.of(build_model(name, shape, 10, seed=0)).num_layers == LAYER_COUNTS[name]
+    layout = LayerLayout.of(build_model(name, shape, 10, seed=0))
+    assert (layout.num_layers, len(layout.norm_layers)) == (MODELS[name].layers, MODELS[name].norm_layers)
+    assert (unsupported_input(name, (64,)) is not None) == MODELS[name].images_only
 
 
 def test_cnn_bn_is_the_cnn_with_batchnorm_layers_marked_as_normalization():

@@ -334,7 +334,7 @@ def run_clustered(rounds=12, hn_lr=10.0) -> float:
     # hn_lr above the default: α moves as far as the models differ, and in 12 rounds on these tiny
     # shards they have not yet drifted far apart.
     config = config_from_dict({"clients": 8, "rounds": rounds, "algorithms": ["pfedla"],
-                               "local_epochs": 1, "device": "cpu", "hn_lr": hn_lr})
+                               "local_epochs": 1, "device": "cpu", "pfedla": {"hn_lr": hn_lr}})
     simulation = Simulation(config, clustered_data(), torch.device("cpu"), tracker=None, progress=False)
     strategy, states = simulation.start("pfedla")
     for round_idx in range(rounds):

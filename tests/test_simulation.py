@@ -119,7 +119,7 @@ def test_same_seed_same_numbers_and_shared_client_schedule(tmp_path):
 
 def test_heurpfedla_sends_fewer_bytes(tmp_path):
     plain = run_experiment(small_config(tmp_path, algorithms=["pfedla"]), progress=False, track=False)
-    heur = run_experiment(small_config(tmp_path, algorithms=["pfedla"], heur_k=2), progress=False,
+    heur = run_experiment(small_config(tmp_path, algorithms=["pfedla"], pfedla={"heur_k": 2}), progress=False,
                           track=False, overwrite=True)
     down_plain = plain.results["pfedla"].history[0]["bytes_down"]
     down_heur = heur.results["pfedla"].history[0]["bytes_down"]
@@ -129,7 +129,7 @@ def test_heurpfedla_sends_fewer_bytes(tmp_path):
 
 def test_heurpfedla_records_the_hypernetworks_alpha_beside_the_masked_one(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    outcome = run_experiment(small_config(tmp_path, algorithms=["pfedla"], heur_k=1, rounds=2),
+    outcome = run_experiment(small_config(tmp_path, algorithms=["pfedla"], pfedla={"heur_k": 1}, rounds=2),
                              progress=False)
     result, out = outcome.results["pfedla"], tmp_path / "out"
     masked, raw = (np.load(out / "seed_0" / name) for name in ("layer_weights.npy", "layer_weights_raw.npy"))
@@ -209,8 +209,8 @@ def test_sigkill_mid_round_and_inside_checkpoint_writes_then_resume_gives_the_un
     import yaml
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    raw = {"clients": 4, "rounds": 6, "algorithms": ["pfedla", "local"], "device": "cpu", "heur_k": 1,
-           "participation": 0.75}
+    raw = {"clients": 4, "rounds": 6, "algorithms": ["pfedla", "local"], "device": "cpu",
+           "pfedla": {"heur_k": 1}, "participation": 0.75}
     # Same thread count for both runs: float reductions depend on it.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "pfedla.cli", "run", "--quiet"]

@@ -20,7 +20,7 @@ from pfedla.simulation import RunAborted, run_experiment
 
 def config_json(tmp_path, **extra):
     raw = {"clients": 3, "rounds": 2, "device": "cpu", "output_dir": str(tmp_path / "sim"),
-           "algorithms": ["pfedla"], "heur_k": 1, "participation": 0.67,
+           "algorithms": ["pfedla"], "pfedla": {"heur_k": 1}, "participation": 0.67,
            "pipeline": {"data_root": str(tmp_path / "plane")}}
     raw.update(extra)
     return json.dumps(config_from_dict(raw).to_dict())
@@ -138,7 +138,7 @@ def read_split(cfg, manifest, split, client):
 
 
 def test_a_changed_object_is_refused_naming_it(tmp_path):
-    cfg = config_json(tmp_path, heur_k=0, participation=1.0)
+    cfg = config_json(tmp_path, pfedla={"heur_k": 0}, participation=1.0)
     shards, plan = start(tmp_path, cfg)
     model = read(plan)["clients"]["1"]["model"]["uri"]
     storage.write_bytes(model, storage.read_bytes(model)[:-4] + b"\x00\x00\x00\x00")  # same size, other bytes
@@ -154,7 +154,7 @@ def test_a_changed_object_is_refused_naming_it(tmp_path):
 
 
 def test_unusable_reports_leave_their_client_out_and_structural_errors_stop_the_round(tmp_path):
-    cfg = config_json(tmp_path, heur_k=0, participation=1.0, max_failed_fraction=1.0)
+    cfg = config_json(tmp_path, pfedla={"heur_k": 0}, participation=1.0, max_failed_fraction=1.0)
     shards, plan = start(tmp_path, cfg)
     reports = train_all(tmp_path, cfg, plan)
     with pytest.raises(ArtifactError, match="plans round 0, not 1"):
@@ -260,7 +260,7 @@ def test_old_rounds_are_deleted_but_never_the_inputs_of_a_retried_step(tmp_path)
 
 
 def test_a_diverging_client_is_reported_and_its_summary_stays_finite(tmp_path, monkeypatch):
-    cfg = config_json(tmp_path, heur_k=0, participation=1.0, lr=5e4)  # every client diverges
+    cfg = config_json(tmp_path, pfedla={"heur_k": 0}, participation=1.0, lr=5e4)  # every client diverges
     shards, plan = start(tmp_path, cfg)
     summary = steps.client_train(cfg, "0,1,2", plan, tmp_path / "u.json")
     assert_launcher_safe(summary)
@@ -296,7 +296,7 @@ _META_VALUES = st.none() | st.booleans() | st.integers(-5, 5) | st.floats() | st
                        max_size=4))
 def test_random_reports_are_aggregated_or_left_out_and_the_state_stays_finite(tmp_path, fields):
     """FedAvg weights by the reported sample counts, so bad counts would reach every model."""
-    cfg = config_json(tmp_path, participation=1.0, max_failed_fraction=1.0, heur_k=0,
+    cfg = config_json(tmp_path, participation=1.0, max_failed_fraction=1.0, pfedla={"heur_k": 0},
                       pipeline={"algorithm": "fedavg", "data_root": str(tmp_path / "plane")})
     if not (tmp_path / "reports.json").is_file():  # examples share the trained round
         shards, plan = start(tmp_path, cfg)
@@ -321,13 +321,13 @@ def test_random_reports_are_aggregated_or_left_out_and_the_state_stays_finite(tm
 
 def test_fedprox_through_the_steps_equals_the_simulation(tmp_path):
     """The proximal coefficient travels with each client's start model to the client step."""
-    cfg = config_json(tmp_path, algorithms=["fedprox"], mu=0.5,
+    cfg = config_json(tmp_path, algorithms=["fedprox"], fedprox={"mu": 0.5},
                       pipeline={"data_root": str(tmp_path / "plane"), "algorithm": "fedprox"})
     _, _, evaluation_manifest = run_steps(tmp_path, cfg)
     evaluation, _ = steps.read_evaluation(steps.parse_config(cfg), evaluation_manifest)
     simulated = run_experiment(steps.parse_config(cfg), progress=False, track=False).results["fedprox"]
     assert evaluation["client_accuracies"] == simulated.client_accuracies
-    plain = config_from_dict({**json.loads(cfg), "mu": 0.0, "output_dir": str(tmp_path / "f")})
+    plain = config_from_dict({**json.loads(cfg), "fedprox": {"mu": 0.0}, "output_dir": str(tmp_path / "f")})
     without_mu = run_experiment(plain, progress=False, track=False).results["fedprox"]
     assert [h["train_loss"] for h in without_mu.history] != [h["train_loss"] for h in simulated.history]
 
@@ -338,7 +338,8 @@ def test_every_baseline_through_the_steps_equals_the_simulation_and_keeps_its_pr
         tmp_path, name):
     """Client state (private layers, BatchNorm statistics, Ditto's personal model) lives in client-owned
     objects that the server step never reads; start models and updates leave the private layers out."""
-    cfg = config_json(tmp_path, algorithms=[name], model="cnn_bn", heur_k=0, personal_layers=2,
+    cfg = config_json(tmp_path, algorithms=[name], model="cnn_bn", pfedla={"heur_k": 0},
+                      fedper={"personal_layers": 2}, fedrep={"personal_layers": 2},
                       pipeline={"data_root": str(tmp_path / "plane"), "algorithm": name})
     _, final_plan, evaluation_manifest = run_steps(tmp_path, cfg)
     evaluation, _ = steps.read_evaluation(steps.parse_config(cfg), evaluation_manifest)

@@ -12,6 +12,23 @@ import torch
 
 from pfedla.client import ClientFailure, ClientUpdate, LocalTrainer, ModelState, TrainSettings
 from pfedla.errors import ArtifactError
+from pfedla.models import LayerLayout
+from pfedla.seeding import torch_generator
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What every strategy is built from, besides its settings: the shared initial model (its layers
+    and layout), the number of clients and the experiment's seed (for the server's own draws)."""
+
+    init_layers: list[torch.Tensor]
+    layout: LayerLayout
+    num_clients: int
+    seed: int
+
+    def generator(self, purpose: str) -> torch.Generator:
+        """The server's random stream for ``purpose``, a pure function of the seed."""
+        return torch_generator(self.seed, purpose)
 
 
 @dataclass
