@@ -133,6 +133,10 @@ class ExperimentConfig:
         sections = tree.pop("settings")
         return {**tree, **sections}
 
+    def to_json(self) -> str:
+        """The config as the pipeline steps receive it (``steps.parse_config`` reads it back)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
     def flat_params(self) -> dict[str, str]:
         """The config as flat ``a.b -> str`` pairs, for MLflow params."""
         return {key: str(value) for key, value in _flatten(self.to_dict()).items()}

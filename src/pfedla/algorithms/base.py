@@ -84,6 +84,26 @@ class ClientState:
                    {n: pick(f"buffer.{n}", t) for n, t in like.buffers.items()}, personal)
 
 
+CLIENT_PREFIX = "client."
+
+
+def client_state_tensors(states: Sequence[ClientState]) -> dict[str, torch.Tensor]:
+    """Every client's state as named tensors ``client.<i>.<name>`` (beside the server state in a
+    simulation checkpoint: the simulation plays every client too)."""
+    return {f"{CLIENT_PREFIX}{i}.{name}": t
+            for i, state in enumerate(states) for name, t in state.tensors().items()}
+
+
+def load_client_states(tensors: dict[str, torch.Tensor], initial: Sequence[ClientState]) -> list[ClientState]:
+    """``client_state_tensors`` output back as states shaped like ``initial``."""
+    by_client: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if key.startswith(CLIENT_PREFIX):
+            client, _, name = key[len(CLIENT_PREFIX):].partition(".")
+            by_client.setdefault(client, {})[name] = tensor
+    return [ClientState.from_tensors(by_client.get(str(i), {}), like) for i, like in enumerate(initial)]
+
+
 # The generator for one named stream of the client's randomness this round (batch order).
 Generators = Callable[[str], torch.Generator]
 
