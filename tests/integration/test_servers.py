@@ -12,8 +12,6 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-pytestmark = pytest.mark.integration
-
 DENIED_CODES = {"AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId"}
 
 

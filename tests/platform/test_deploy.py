@@ -1,4 +1,4 @@
-"""pfedla.deploy without a cluster.
+"""pfedla.ops.deploy without a cluster.
 
 A live-cluster test (apply to an API server, wait for rollouts) cannot run here: this
 machine has no Docker engine, no kind and no Kubernetes. So these tests cover what is pure
@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pfedla import deploy as d
-from pfedla.deploy import DeployError
+from pfedla.ops import deploy as d
+from pfedla.ops.deploy import DeployError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 
 

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
+from lock_files import locked, locked_text
 from pfedla import images
-from test_lock import locked, locked_text
 
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11 (the images build on 3.11)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = sorted((ROOT / "images").glob("Dockerfile*"))
 BUILD_SH = ROOT / "images" / "build.sh"
 BASH = shutil.which("bash") or "/bin/bash"

@@ -34,9 +34,9 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 
-from pfedla.deploy import find_kubectl, parse_manifests, read_env_file
+from pfedla.ops.deploy import find_kubectl, parse_manifests, read_env_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 KUSTOMIZATIONS = {
     "base": K8S / "base",
@@ -772,7 +772,7 @@ def test_secrets_env_is_git_ignored():
 def test_rendered_secrets_hold_only_the_example_placeholders(rendered):
     example = read_env_file(K8S / "base" / "secrets.env.example")
     assert all("placeholder" in value for value in example.values())
-    assert len(set(example.values())) == len(example)  # pfedla.deploy maps each placeholder to one key
+    assert len(set(example.values())) == len(example)  # pfedla.ops.deploy maps each placeholder to one key
     steps = {"AWS_ACCESS_KEY_ID": example["PFEDLA_S3_STEPS_ACCESS_KEY_ID"],
              "AWS_SECRET_ACCESS_KEY": example["PFEDLA_S3_STEPS_SECRET_ACCESS_KEY"]}
     for name, obj in _all_objects(rendered):
@@ -1074,7 +1074,7 @@ def test_platform_scripts_and_s3_identities_work_against_real_servers(tmp_path):
     Deployment's arguments and environment, and then holds every identity to its scope on the
     real servers: the steps' Secret can use the data bucket and nothing else, MLflow only its
     artifact prefix, and MLflow answers only to the host names it lists."""
-    from pfedla.deploy import render
+    from pfedla.ops.deploy import render
 
     weed = shutil.which("weed", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     if weed is None:

@@ -1,36 +1,15 @@
 """The locks (requirements/*.lock, written by `make lock`): every dependency pyproject.toml names is
 pinned there at a version its range allows, every pin carries hashes, and the two locks agree."""
 
-import re
 from pathlib import Path
 
 import pytest
 import tomllib
 from packaging.requirements import Requirement
 
-ROOT = Path(__file__).resolve().parents[1]
-ENTRY = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)((?:\s*\\\n\s+--hash=sha256:[0-9a-f]{64})+)",
-                   re.MULTILINE)
+from lock_files import locked, locked_text, normalized
 
-
-def normalized(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def locked_text(text: str) -> dict[str, tuple[str, frozenset[str]]]:
-    """name -> (version, hashes) for every pin of a hashed requirements file."""
-    pins = {}
-    for name, version, hashes in ENTRY.findall(text):
-        pins[normalized(name)] = (version, frozenset(re.findall(r"sha256:([0-9a-f]{64})", hashes)))
-    pinned_lines = re.findall(r"^[A-Za-z0-9][^\s#]*==", text, re.MULTILINE)
-    assert len(pins) == len(pinned_lines), "a pin without hashes"
-    return pins
-
-
-def locked(path: Path) -> dict[str, tuple[str, frozenset[str]]]:
-    return locked_text(path.read_text())
-
-
+ROOT = Path(__file__).resolve().parents[2]
 def declared(group: str | None = None) -> list[Requirement]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = project["dependencies"] + (project["optional-dependencies"][group] if group else [])

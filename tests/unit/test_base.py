@@ -6,23 +6,21 @@ import torch
 from pfedla import storage
 from pfedla.algorithms import ClientState, make_strategy
 from pfedla.client import ModelState
-from pfedla.config import config_from_dict
 from pfedla.data import build_federated_data
-from pfedla.simulation import Simulation, fit_client, participants, run_experiment
+from pfedla.rounds import fit_client, participants
+from pfedla.simulation import Simulation, run_experiment
 
 PRIVATE = {"fedper": {4, 5}, "fedrep": {4, 5}, "fedbn": {1, 3}, "local": {0, 1, 2, 3, 4, 5}}
 
 
-def bn_config(tmp_path, name, **extra):
-    return config_from_dict({"clients": 4, "rounds": 2, "device": "cpu", "model": "cnn_bn",
-                             "participation": 0.75, "fedper": {"personal_layers": 2},
-                             "fedrep": {"personal_layers": 2}, "algorithms": [name],
-                             "output_dir": str(tmp_path / name), **extra})
+# The CNN with BatchNorm, 3 of 4 clients a round, FedPer's and FedRep's heads two layers deep
+BN = {"rounds": 2, "model": "cnn_bn", "participation": 0.75, "fedper": {"personal_layers": 2},
+      "fedrep": {"personal_layers": 2}}
 
 
 @pytest.mark.parametrize("name", sorted(PRIVATE))
-def test_private_layers_are_never_sent_never_held_by_the_server_and_do_train(tmp_path, name):
-    config = bn_config(tmp_path, name)
+def test_private_layers_are_never_sent_never_held_by_the_server_and_do_train(tiny_config, tmp_path, name):
+    config = tiny_config(BN, algorithms=[name], output_dir=str(tmp_path / name))
     simulation = Simulation(config, build_federated_data(config), torch.device("cpu"), tracker=None,
                             progress=False)
     strategy = make_strategy(name, config, simulation.model)
@@ -65,9 +63,9 @@ def test_client_state_round_trips_through_named_tensors_and_refuses_a_wrong_shap
         ClientState.from_tensors({k: v for k, v in tensors.items() if k != "personal.0"}, state)
 
 
-def test_a_clients_running_statistics_are_untouched_by_another_clients_training(tmp_path):
+def test_a_clients_running_statistics_are_untouched_by_another_clients_training(tiny_config, tmp_path):
     """Every algorithm trains all clients through one module: its buffers must be each client's own."""
-    config = bn_config(tmp_path, "fedavg")
+    config = tiny_config(BN, algorithms=["fedavg"], output_dir=str(tmp_path / "fedavg"))
     simulation = Simulation(config, build_federated_data(config), torch.device("cpu"), tracker=None,
                             progress=False)
     strategy = make_strategy("fedavg", config, simulation.model)

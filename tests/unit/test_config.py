@@ -187,7 +187,7 @@ def test_bad_override_syntax_and_file_errors(tmp_path):
         load_config(listing)
 
 
-SHIPPED = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+SHIPPED = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda path: str(path.relative_to(path.parents[1])))

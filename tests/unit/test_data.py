@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cli_errors import error_line, run_cli
+from idx_files import fingerprint, idx_bytes, write_idx
 from pfedla.cli import main
 from pfedla.config import config_from_dict
 from pfedla.data import build_federated_data
@@ -16,13 +17,8 @@ from pfedla.data import partition as part
 from pfedla.data.federated import class_overlap, client_splits, standardized_shards
 from pfedla.data.sources import PooledDataset, feature_statistics, load_digits, read_idx
 from pfedla.errors import DataError
-from pfedla.storage import StorageError
 
-SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-
-
-def fingerprint(data):
-    return [(s.train_y.tolist(), s.test_y.tolist(), float(s.train_x.sum())) for s in data.shards]
+SHARED_MNIST = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
 
 
 @pytest.mark.parametrize("kind", ["iid", "dirichlet", "pathological"])
@@ -86,15 +82,6 @@ def test_synthetic_any_number_of_clients():
     assert fingerprint(data) == fingerprint(build_federated_data(config))
 
 
-def idx_bytes(array):
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-def write_idx(path, array):
-    path.write_bytes(gzip.compress(idx_bytes(array)))
-
-
 def test_mnist_from_a_directory_with_only_the_test_files(tmp_path):
     rng = np.random.default_rng(0)
     write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 255, (200, 28, 28)))
@@ -104,35 +91,6 @@ def test_mnist_from_a_directory_with_only_the_test_files(tmp_path):
     data = build_federated_data(config)
     assert data.input_shape == (1, 28, 28)
     assert sum(s.num_train + s.num_test for s in data.shards) == 200
-
-
-@pytest.mark.integration
-def test_mnist_from_an_s3_prefix_is_cached_and_equals_the_local_directory(tmp_path, s3_server, monkeypatch):
-    """data_dir: s3://... on the real SeaweedFS: downloaded once into output_dir/data-cache."""
-    for key, value in s3_server.env().items():
-        monkeypatch.setenv(key, value)
-    rng = np.random.default_rng(0)
-    local = tmp_path / "local"
-    local.mkdir()
-    write_idx(local / "t10k-images-idx3-ubyte.gz", rng.integers(0, 255, (200, 28, 28)))
-    write_idx(local / "t10k-labels-idx1-ubyte.gz", np.arange(200) % 10)
-    prefix = f"datasets/{tmp_path.name}/mnist"
-    s3 = s3_server.client()
-    for file in local.iterdir():
-        s3.put_object(Bucket=s3_server.bucket, Key=f"{prefix}/{file.name}", Body=file.read_bytes())
-    base = {"dataset": "mnist", "clients": 4, "partition": {"kind": "iid"},
-            "output_dir": str(tmp_path / "out")}
-    s3_config = config_from_dict({**base, "data_dir": f"s3://{s3_server.bucket}/{prefix}"})
-    from_s3 = build_federated_data(s3_config)
-    from_dir = build_federated_data(config_from_dict({**base, "data_dir": str(local)}))
-    assert fingerprint(from_s3) == fingerprint(from_dir)
-    cached = tmp_path / "out" / "data-cache" / "t10k-labels-idx1-ubyte.gz"
-    assert cached.read_bytes() == (local / "t10k-labels-idx1-ubyte.gz").read_bytes()
-    written = cached.stat().st_mtime_ns
-    assert fingerprint(build_federated_data(s3_config)) == fingerprint(from_dir)
-    assert cached.stat().st_mtime_ns == written  # unchanged objects are not fetched again
-    with pytest.raises(StorageError, match=f"no objects under s3://{s3_server.bucket}/datasets/none"):
-        build_federated_data(config_from_dict({**base, "data_dir": f"s3://{s3_server.bucket}/datasets/none"}))
 
 
 @pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="the shared MNIST test set is only beside the repo")
@@ -260,7 +218,6 @@ def test_truncated_and_empty_idx_files_stay_one_error_line(tmp_path, capsys, dam
     (data_dir / IMAGES).write_bytes(damaged[damage])
     line = error_line(main(mnist_run(data_dir, tmp_path / "out")), capsys.readouterr().err)
     assert str(data_dir / IMAGES) in line and line.endswith(problem)
-
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,6 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pfedla import storage
 from pfedla.config import config_from_dict, experiment_key
 from pfedla.dataplane import DataPlane, ObjectRef, finite_summary, ref_at, run_prefix, strict_json
 from pfedla.errors import ArtifactError
@@ -98,19 +97,3 @@ def test_the_prefix_is_per_experiment_and_ignores_keys_that_do_not_change_the_nu
         assert experiment_key(config_from_dict(changed)) != experiment_key(base), changed
 
 
-@pytest.mark.integration
-def test_the_data_plane_on_the_real_s3_server(tmp_path, s3_server, monkeypatch):
-    """Real SeaweedFS: objects, a copy made by the store itself, and deleting a round's folder."""
-    for key, value in s3_server.env().items():
-        monkeypatch.setenv(key, value)
-    plane = DataPlane(f"s3://{s3_server.bucket}/plane-test/{tmp_path.name}")
-    ref = plane.put_tensors("rounds/00000/state.safetensors", {"models.0": torch.ones(2, 3)})
-    plane.put_bytes("rounds/00000/models/client_0.safetensors", b"m0")
-    copied = plane.copy(ref, "checkpoints/round_00000/state.safetensors")
-    assert plane.transfers.copied_bytes == ref.size and plane.transfers.read_bytes == 0
-    tensors, _ = DataPlane(plane.prefix).get_tensors(copied)
-    assert torch.equal(tensors["models.0"], torch.ones(2, 3))
-    assert plane.delete_folder("rounds/00000") == 2
-    with pytest.raises(storage.StorageError, match="NoSuchKey"):
-        plane.get_bytes(ref)
-    assert DataPlane(plane.prefix).get_bytes(copied)

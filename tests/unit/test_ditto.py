@@ -3,22 +3,21 @@
 import torch
 
 from pfedla import storage
-from pfedla.config import config_from_dict
 from pfedla.simulation import run_experiment
 
 
-def run(tmp_path, lam, algorithms=("ditto",)):
-    raw = {"clients": 4, "rounds": 3, "device": "cpu", "participation": 0.75, "ditto": {"lam": lam},
-           "model": "cnn_bn", "algorithms": list(algorithms), "output_dir": str(tmp_path / f"ditto{lam}")}
-    return run_experiment(config_from_dict(raw), progress=False, track=False).results
+def run(tiny_config, tmp_path, lam, algorithms=("ditto",)):
+    config = tiny_config(participation=0.75, ditto={"lam": lam}, model="cnn_bn", algorithms=list(algorithms),
+                         output_dir=str(tmp_path / f"ditto{lam}"))
+    return run_experiment(config, progress=False, track=False).results
 
 
 def personal_models(tmp_path, lam, name):
     return storage.load_tensors(tmp_path / f"ditto{lam}" / "seed_0" / "models" / f"{name}.safetensors")[0]
 
 
-def test_with_lambda_zero_personal_models_train_exactly_like_local(tmp_path):
-    results = run(tmp_path, 0.0, ("ditto", "local"))
+def test_with_lambda_zero_personal_models_train_exactly_like_local(tiny_config, tmp_path):
+    results = run(tiny_config, tmp_path, 0.0, ("ditto", "local"))
     assert results["ditto"].client_accuracies == results["local"].client_accuracies
     ditto, local = personal_models(tmp_path, 0.0, "ditto"), personal_models(tmp_path, 0.0, "local")
     assert ditto.keys() == local.keys()  # running statistics included
@@ -27,9 +26,9 @@ def test_with_lambda_zero_personal_models_train_exactly_like_local(tmp_path):
     assert results["ditto"].history[0]["bytes_up"] > 0 == results["local"].history[0]["bytes_up"]
 
 
-def test_lambda_pulls_personal_models_toward_the_global_model(tmp_path):
+def test_lambda_pulls_personal_models_toward_the_global_model(tiny_config, tmp_path):
     def spread(lam):
-        run(tmp_path, lam)
+        run(tiny_config, tmp_path, lam)
         models = personal_models(tmp_path, lam, "ditto")
         weights = torch.stack([models[f"client{i}.fc1.weight"] for i in range(4)])
         return float((weights - weights.mean(0)).norm())

@@ -2,6 +2,8 @@
 accepts with their real defaults, and every local link in README.md and docs/ resolves."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,9 +11,13 @@ import pytest
 from pfedla import registry
 from pfedla.config import ExperimentConfig, _flatten
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / "docs" / "configuration.md"
 ROW = re.compile(r"^\| `([a-z0-9_.]+)` \| ([^|]*) \| [^|]+ \|$")
+DOCUMENTS = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# A repository path in a code span: `src/pfedla/rounds.py`, `k8s/base/` (not patterns like <s> or *)
+REPO_PATH = re.compile(r"`((?:src|tests|benchmarks|docs|k8s|images|configs|pipelines|components|requirements)"
+                       r"/[^`\s*<>]*)`")
 
 
 def documented() -> dict[str, str]:
@@ -58,7 +64,7 @@ def test_the_reference_names_every_registered_algorithm_and_section():
 
 def test_the_checker_catches_a_missing_key_and_a_wrong_default(tmp_path, monkeypatch):
     text = REFERENCE.read_text()
-    monkeypatch.setattr(__import__(__name__), "REFERENCE", tmp_path / "configuration.md")
+    monkeypatch.setattr(sys.modules[__name__], "REFERENCE", tmp_path / "configuration.md")
     (tmp_path / "configuration.md").write_text(text.replace("| `pfedla.heur_k` | `0` |",
                                                                   "| `pfedla.heur_k` | `1` |"))
     with pytest.raises(AssertionError, match="heur_k"):
@@ -68,8 +74,19 @@ def test_the_checker_catches_a_missing_key_and_a_wrong_default(tmp_path, monkeyp
         test_the_reference_lists_exactly_the_accepted_keys_with_their_defaults()
 
 
-@pytest.mark.parametrize("document", [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))],
-                         ids=lambda path: path.name)
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda path: path.relative_to(ROOT).as_posix())
 def test_local_links_resolve(document):
     for target in re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", document.read_text()):
         assert (document.parent / target).exists(), f"{document.name} links to missing {target}"
+
+
+def git_ignored(path: str) -> bool:
+    return subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda path: path.relative_to(ROOT).as_posix())
+def test_repository_paths_the_docs_name_exist(document):
+    """A path in a code span exists, or is one the project ignores (an output, a user's secrets file)."""
+    missing = [path for path in REPO_PATH.findall(document.read_text())
+               if not (ROOT / path).exists() and not git_ignored(path)]
+    assert missing == [], f"{document.name} names paths that do not exist"

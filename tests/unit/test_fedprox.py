@@ -12,10 +12,8 @@ from pfedla.models import LayerLayout, build_model, initial_layers
 from pfedla.simulation import run_experiment
 
 
-def test_with_mu_zero_fedprox_is_fedavg_exactly(tmp_path):
-    config = config_from_dict({"clients": 4, "rounds": 3, "device": "cpu", "participation": 0.75,
-                               "fedprox": {"mu": 0.0},
-                               "algorithms": ["fedavg", "fedprox"], "output_dir": str(tmp_path / "out")})
+def test_with_mu_zero_fedprox_is_fedavg_exactly(tiny_config):
+    config = tiny_config(participation=0.75, fedprox={"mu": 0.0}, algorithms=["fedavg", "fedprox"])
     results = run_experiment(config, progress=False, track=False).results
     assert results["fedprox"].client_accuracies == results["fedavg"].client_accuracies  # exact
     assert [h["train_loss"] for h in results["fedprox"].history] == \

@@ -6,7 +6,8 @@ from pfedla.algorithms import make_strategy
 from pfedla.client import LocalTrainer
 from pfedla.config import config_from_dict
 from pfedla.data import build_federated_data
-from pfedla.simulation import Simulation, fit_client
+from pfedla.rounds import fit_client
+from pfedla.simulation import Simulation
 
 
 def test_head_epochs_on_the_head_then_local_epochs_on_the_body_from_the_new_head(monkeypatch):

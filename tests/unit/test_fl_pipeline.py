@@ -11,9 +11,10 @@ import pytest
 import yaml
 
 from pfedla.config import config_from_dict, load_config
-from pfedla.deploy import read_env_file
+from pfedla.errors import ConfigError
 from pfedla.images import step_image
-from pfedla.simulation import participants
+from pfedla.ops.deploy import read_env_file
+from pfedla.rounds import participants
 from pfedla_pipelines.fl_pipeline import (
     STEP_POD_LABELS,
     PipelineError,
@@ -23,7 +24,7 @@ from pfedla_pipelines.fl_pipeline import (
     segments,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SECRET_VALUE = "pfedla-TEST-secret-9f3c1e"
 DATA_ROOT = "s3://pfedla"
 
@@ -196,7 +197,7 @@ def test_long_experiments_are_segments_that_resume_from_their_predecessors_check
 
 
 def test_compiling_needs_a_data_root_and_an_existing_folder(tmp_path):
-    with pytest.raises(PipelineError, match="pipeline.data_root is not set"):
+    with pytest.raises(ConfigError, match="config key 'pipeline.data_root': is not set"):
         compile_pipeline(config_from_dict({"rounds": 1}), tmp_path / "p.yaml")
     with pytest.raises(PipelineError, match="is not a directory"):
         compile_pipeline(config_from_dict({"rounds": 1, "pipeline": {"data_root": DATA_ROOT}}),

@@ -15,15 +15,11 @@ from pfedla.config import config_from_dict
 from pfedla.data import build_federated_data
 from pfedla.dataplane import ObjectRef
 from pfedla.errors import ArtifactError, PfedlaError
-from pfedla.simulation import RunAborted, run_experiment
+from pfedla.rounds import RunAborted
+from pfedla.simulation import run_experiment
 
-
-def config_json(tmp_path, **extra):
-    raw = {"clients": 3, "rounds": 2, "device": "cpu", "output_dir": str(tmp_path / "sim"),
-           "algorithms": ["pfedla"], "pfedla": {"heur_k": 1}, "participation": 0.67,
-           "pipeline": {"data_root": str(tmp_path / "plane")}}
-    raw.update(extra)
-    return json.dumps(config_from_dict(raw).to_dict())
+# The steps' tests run pFedLA with HeurpFedLA on 3 clients, 2 of them per round, for 2 rounds.
+STEPS = {"clients": 3, "rounds": 2, "algorithms": ["pfedla"], "pfedla": {"heur_k": 1}, "participation": 0.67}
 
 
 def plane_of(cfg):
@@ -71,8 +67,8 @@ def run_steps(tmp_path, cfg):
     return shards, tmp_path / "final-plan.json", evaluation
 
 
-def test_steps_reproduce_the_simulation_exactly(tmp_path):
-    cfg = config_json(tmp_path)
+def test_steps_reproduce_the_simulation_exactly(tiny_config, tmp_path):
+    cfg = tiny_config(STEPS).to_json()
     _, final_plan, evaluation_manifest = run_steps(tmp_path, cfg)
     evaluation, weights = steps.read_evaluation(steps.parse_config(cfg), evaluation_manifest)
     simulated = run_experiment(steps.parse_config(cfg), progress=False, track=False).results["pfedla"]
@@ -95,10 +91,10 @@ def test_steps_reproduce_the_simulation_exactly(tmp_path):
     assert read(final_plan)["round"] == 2 and read(final_plan)["clients"] == {}
 
 
-def test_record_logs_both_final_means_and_both_alphas_to_mlflow(tmp_path):
+def test_record_logs_both_final_means_and_both_alphas_to_mlflow(tiny_config, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    cfg = config_json(tmp_path)
+    cfg = tiny_config(STEPS).to_json()
     shards, final_plan, evaluation_manifest = run_steps(tmp_path, cfg)
     steps.checkpoint(cfg, final_plan, tmp_path / "checkpoint.json")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -114,8 +110,8 @@ def test_record_logs_both_final_means_and_both_alphas_to_mlflow(tmp_path):
         np.testing.assert_array_equal(np.load(stored), expected)
 
 
-def test_partition_stores_one_train_and_one_test_object_per_client(tmp_path):
-    cfg = config_json(tmp_path)
+def test_partition_stores_one_train_and_one_test_object_per_client(tiny_config, tmp_path):
+    cfg = tiny_config(STEPS).to_json()
     summary = steps.partition(cfg, tmp_path / "shards.json")
     assert summary["num_clients"] == 3 and summary["input_shape"] == "1x8x8"
     manifest = read(tmp_path / "shards.json")
@@ -137,8 +133,8 @@ def read_split(cfg, manifest, split, client):
     return plane_of(cfg).get_tensors(ObjectRef.from_dict(manifest[split][client], split))[0]
 
 
-def test_a_changed_object_is_refused_naming_it(tmp_path):
-    cfg = config_json(tmp_path, pfedla={"heur_k": 0}, participation=1.0)
+def test_a_changed_object_is_refused_naming_it(tiny_config, tmp_path):
+    cfg = tiny_config(STEPS, pfedla={"heur_k": 0}, participation=1.0).to_json()
     shards, plan = start(tmp_path, cfg)
     model = read(plan)["clients"]["1"]["model"]["uri"]
     storage.write_bytes(model, storage.read_bytes(model)[:-4] + b"\x00\x00\x00\x00")  # same size, other bytes
@@ -153,8 +149,8 @@ def test_a_changed_object_is_refused_naming_it(tmp_path):
     assert not (tmp_path / "next.json").exists()
 
 
-def test_unusable_reports_leave_their_client_out_and_structural_errors_stop_the_round(tmp_path):
-    cfg = config_json(tmp_path, pfedla={"heur_k": 0}, participation=1.0, max_failed_fraction=1.0)
+def test_unusable_reports_leave_their_client_out_and_structural_errors_stop_the_round(tiny_config, tmp_path):
+    cfg = tiny_config(STEPS, pfedla={"heur_k": 0}, participation=1.0, max_failed_fraction=1.0).to_json()
     shards, plan = start(tmp_path, cfg)
     reports = train_all(tmp_path, cfg, plan)
     with pytest.raises(ArtifactError, match="plans round 0, not 1"):
@@ -193,33 +189,33 @@ def test_unusable_reports_leave_their_client_out_and_structural_errors_stop_the_
         assert history[-1]["failed_clients"] == 1.0, lie
 
 
-def test_resume_checks_algorithm_and_round(tmp_path):
-    cfg = config_json(tmp_path)
+def test_resume_checks_algorithm_and_round(tiny_config, tmp_path):
+    cfg = tiny_config(STEPS).to_json()
     shards, final_plan, _ = run_steps(tmp_path, cfg)
     saved = tmp_path / "checkpoint.json"
     steps.checkpoint(cfg, final_plan, saved)
     plane_root = str(tmp_path / "plane")
-    resumed = config_json(tmp_path, rounds=4, pipeline={"data_root": plane_root, "start_round": 2})
+    resumed = tiny_config(STEPS, rounds=4, pipeline={"data_root": plane_root, "start_round": 2}).to_json()
     steps.server_init(resumed, shards, tmp_path / "resumed.json")
     assert read(tmp_path / "resumed.json")["state"] == read(saved)["state"]  # used where it is, not copied
     folder = read(saved)["state"]["uri"].rsplit("/", 1)[0]
-    wrong_round = config_json(tmp_path, rounds=4, pipeline={"data_root": plane_root, "start_round": 1,
-                                                            "resume_from": folder})
+    wrong_round = tiny_config(STEPS, rounds=4, pipeline={"data_root": plane_root, "start_round": 1,
+                                                            "resume_from": folder}).to_json()
     with pytest.raises(ArtifactError, match="continues at round 2, but pipeline.start_round is 1"):
         steps.server_init(wrong_round, shards, tmp_path / "r2.json")
-    wrong_algorithm = config_json(tmp_path, rounds=4, pipeline={"data_root": plane_root,
+    wrong_algorithm = tiny_config(STEPS, rounds=4, pipeline={"data_root": plane_root,
                                                                 "start_round": 2, "resume_from": folder,
-                                                                "algorithm": "local"})
+                                                                "algorithm": "local"}).to_json()
     with pytest.raises(ArtifactError, match="holds 'pfedla' state"):
         steps.server_init(wrong_algorithm, shards, tmp_path / "r3.json")
-    missing = config_json(tmp_path, rounds=4, pipeline={"data_root": plane_root, "start_round": 3})
+    missing = tiny_config(STEPS, rounds=4, pipeline={"data_root": plane_root, "start_round": 3}).to_json()
     with pytest.raises(storage.StorageError, match="checkpoints/round_00003/manifest.json"):
         steps.server_init(missing, shards, tmp_path / "r4.json")
 
 
-def test_checkpoints_are_versioned_and_the_pointer_moves_last(tmp_path, monkeypatch):
-    cfg = config_json(tmp_path, keep_checkpoints=2,
-                      pipeline={"data_root": str(tmp_path / "plane"), "keep_rounds": 3})
+def test_checkpoints_are_versioned_and_the_pointer_moves_last(tiny_config, tmp_path, monkeypatch):
+    cfg = tiny_config(STEPS, keep_checkpoints=2,
+                      pipeline={"data_root": str(tmp_path / "plane"), "keep_rounds": 3}).to_json()
     _, final_plan, _ = run_steps(tmp_path, cfg)
     for earlier in ("plan0.json", "plan1.json"):  # segments ending after rounds 0 and 1
         steps.checkpoint(cfg, tmp_path / earlier, tmp_path / f"checkpoint-{earlier}")
@@ -242,9 +238,9 @@ def test_checkpoints_are_versioned_and_the_pointer_moves_last(tmp_path, monkeypa
     assert plane_of(cfg).folders("checkpoints") == ["round_00001", "round_00002"]  # keep_checkpoints=2
 
 
-def test_old_rounds_are_deleted_but_never_the_inputs_of_a_retried_step(tmp_path):
-    cfg = config_json(tmp_path, rounds=3, participation=1.0, pipeline={"data_root": str(tmp_path / "plane"),
-                                                                       "keep_rounds": 1})
+def test_old_rounds_are_deleted_but_never_the_inputs_of_a_retried_step(tiny_config, tmp_path):
+    cfg = tiny_config(STEPS, rounds=3, participation=1.0, pipeline={"data_root": str(tmp_path / "plane"),
+                                                                       "keep_rounds": 1}).to_json()
     shards, plan = start(tmp_path, cfg)
     for round_idx in range(3):
         reports = train_all(tmp_path, cfg, plan, str(round_idx))
@@ -259,8 +255,9 @@ def test_old_rounds_are_deleted_but_never_the_inputs_of_a_retried_step(tmp_path)
         plan = next_plan
 
 
-def test_a_diverging_client_is_reported_and_its_summary_stays_finite(tmp_path, monkeypatch):
-    cfg = config_json(tmp_path, pfedla={"heur_k": 0}, participation=1.0, lr=5e4)  # every client diverges
+def test_a_diverging_client_is_reported_and_its_summary_stays_finite(tiny_config, tmp_path, monkeypatch):
+    every_client_diverges = {"lr": 5e4}
+    cfg = tiny_config(STEPS, every_client_diverges, pfedla={"heur_k": 0}, participation=1.0).to_json()
     shards, plan = start(tmp_path, cfg)
     summary = steps.client_train(cfg, "0,1,2", plan, tmp_path / "u.json")
     assert_launcher_safe(summary)
@@ -270,8 +267,8 @@ def test_a_diverging_client_is_reported_and_its_summary_stays_finite(tmp_path, m
     assert any("NaN or Inf" in r.get("failed", "") for r in reports.values())
 
 
-def test_client_timeouts_in_the_pipeline_steps_are_failures_and_too_many_abort(tmp_path):
-    cfg = config_json(tmp_path, participation=1.0, client_timeout=1e-9)
+def test_client_timeouts_in_the_pipeline_steps_are_failures_and_too_many_abort(tiny_config, tmp_path):
+    cfg = tiny_config(STEPS, participation=1.0, client_timeout=1e-9).to_json()
     shards, plan = start(tmp_path, cfg)
     assert steps.client_train(cfg, "0,1,2", plan, tmp_path / "u.json")["failed_clients"] == "0,1,2"
     with pytest.raises(RunAborted, match=r"round 0: 3 of 3 clients failed.*timed out: 0 of \d+ batches"):
@@ -279,8 +276,8 @@ def test_client_timeouts_in_the_pipeline_steps_are_failures_and_too_many_abort(t
     assert not (tmp_path / "next.json").exists()
 
 
-def test_a_client_group_not_in_the_plan_is_refused(tmp_path):
-    cfg = config_json(tmp_path, participation=1.0)
+def test_a_client_group_not_in_the_plan_is_refused(tiny_config, tmp_path):
+    cfg = tiny_config(STEPS, participation=1.0).to_json()
     _, plan = start(tmp_path, cfg)
     with pytest.raises(ArtifactError, match=r"clients \[7\] are not part of round 0's plan"):
         steps.client_train(cfg, "0,7", plan, tmp_path / "u.json")
@@ -294,10 +291,10 @@ _META_VALUES = st.none() | st.booleans() | st.integers(-5, 5) | st.floats() | st
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.dictionaries(st.sampled_from(["num_samples", "train_loss", "failed", "update"]), _META_VALUES,
                        max_size=4))
-def test_random_reports_are_aggregated_or_left_out_and_the_state_stays_finite(tmp_path, fields):
+def test_random_reports_are_aggregated_or_left_out_and_the_state_stays_finite(tiny_config, tmp_path, fields):
     """FedAvg weights by the reported sample counts, so bad counts would reach every model."""
-    cfg = config_json(tmp_path, participation=1.0, max_failed_fraction=1.0, pfedla={"heur_k": 0},
-                      pipeline={"algorithm": "fedavg", "data_root": str(tmp_path / "plane")})
+    cfg = tiny_config(STEPS, participation=1.0, max_failed_fraction=1.0, pfedla={"heur_k": 0},
+                      pipeline={"algorithm": "fedavg", "data_root": str(tmp_path / "plane")}).to_json()
     if not (tmp_path / "reports.json").is_file():  # examples share the trained round
         shards, plan = start(tmp_path, cfg)
         steps.client_train(cfg, "0,1,2", plan, tmp_path / "reports.json")
@@ -319,10 +316,10 @@ def test_random_reports_are_aggregated_or_left_out_and_the_state_stays_finite(tm
         assert manifest["clients"]["1"]["num_samples"] == known
 
 
-def test_fedprox_through_the_steps_equals_the_simulation(tmp_path):
+def test_fedprox_through_the_steps_equals_the_simulation(tiny_config, tmp_path):
     """The proximal coefficient travels with each client's start model to the client step."""
-    cfg = config_json(tmp_path, algorithms=["fedprox"], fedprox={"mu": 0.5},
-                      pipeline={"data_root": str(tmp_path / "plane"), "algorithm": "fedprox"})
+    cfg = tiny_config(STEPS, algorithms=["fedprox"], fedprox={"mu": 0.5},
+                      pipeline={"data_root": str(tmp_path / "plane"), "algorithm": "fedprox"}).to_json()
     _, _, evaluation_manifest = run_steps(tmp_path, cfg)
     evaluation, _ = steps.read_evaluation(steps.parse_config(cfg), evaluation_manifest)
     simulated = run_experiment(steps.parse_config(cfg), progress=False, track=False).results["fedprox"]
@@ -334,13 +331,13 @@ def test_fedprox_through_the_steps_equals_the_simulation(tmp_path):
 
 @pytest.mark.parametrize("name", ["fedavg", "pfedla_frozen", "fedavg_ft", "fedper", "fedrep", "fedbn",
                                   "ditto", "local"])
-def test_every_baseline_through_the_steps_equals_the_simulation_and_keeps_its_private_layers_home(
+def test_every_baseline_through_the_steps_equals_the_simulation_and_keeps_its_private_layers_home(tiny_config,
         tmp_path, name):
     """Client state (private layers, BatchNorm statistics, Ditto's personal model) lives in client-owned
     objects that the server step never reads; start models and updates leave the private layers out."""
-    cfg = config_json(tmp_path, algorithms=[name], model="cnn_bn", pfedla={"heur_k": 0},
+    cfg = tiny_config(STEPS, algorithms=[name], model="cnn_bn", pfedla={"heur_k": 0},
                       fedper={"personal_layers": 2}, fedrep={"personal_layers": 2},
-                      pipeline={"data_root": str(tmp_path / "plane"), "algorithm": name})
+                      pipeline={"data_root": str(tmp_path / "plane"), "algorithm": name}).to_json()
     _, final_plan, evaluation_manifest = run_steps(tmp_path, cfg)
     evaluation, _ = steps.read_evaluation(steps.parse_config(cfg), evaluation_manifest)
     simulated = run_experiment(steps.parse_config(cfg), progress=False, track=False).results[name]
@@ -370,10 +367,10 @@ def test_every_baseline_through_the_steps_equals_the_simulation_and_keeps_its_pr
     assert all("checkpoints/round_00002" in entry["uri"] for entry in table.values())
 
 
-def test_pfedhn_through_the_steps_equals_the_simulation(tmp_path):
+def test_pfedhn_through_the_steps_equals_the_simulation(tiny_config, tmp_path):
     """The hypernetwork and both Adam states travel in the server state; clients need nothing new."""
-    cfg = config_json(tmp_path, algorithms=["pfedhn"], pipeline={"data_root": str(tmp_path / "plane"),
-                                                                 "algorithm": "pfedhn"})
+    cfg = tiny_config(STEPS, algorithms=["pfedhn"], pipeline={"data_root": str(tmp_path / "plane"),
+                                                                 "algorithm": "pfedhn"}).to_json()
     _, _, evaluation_manifest = run_steps(tmp_path, cfg)
     evaluation, weights = steps.read_evaluation(steps.parse_config(cfg), evaluation_manifest)
     simulated = run_experiment(steps.parse_config(cfg), progress=False, track=False).results["pfedhn"]
