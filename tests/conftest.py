@@ -1,10 +1,11 @@
 """What every test folder shares: the real-server fixtures, the tiny-config builder, and the rule that a
 test's folder says what it is.
 
-- ``unit/``: one module at a time, no servers, no kfp.local runs: ``make test-fast`` runs these (and
-  ``platform/``).
+- ``unit/``: one module at a time in this process, no servers, no kfp.local runs, seconds each:
+  ``make test-fast`` runs these (and ``platform/``) in at most 3 minutes.
 - ``integration/``: real ``mlflow server`` and SeaweedFS processes, kfp.local pipelines, killed and
-  resumed runs. Every test here is marked ``integration`` by its folder.
+  resumed runs, whole experiments of several algorithms, the CLI in a fresh process. Every test
+  here is marked ``integration`` by its folder.
 - ``platform/``: what runs on a cluster rather than in Python: Kubernetes manifests, the installer,
   the step image, shell scripts, the dependency locks. A test here that needs a real server carries
   the ``integration`` mark itself.
@@ -50,6 +51,17 @@ def tiny_config(tmp_path: Path) -> Callable[..., ExperimentConfig]:
         return config_from_dict(raw)
 
     return build
+
+
+@pytest.fixture
+def toy():
+    """The toy algorithm registered for one test: one module (tests/toy_algorithm.py) and this line."""
+    from pfedla import registry
+    from toy_algorithm import ToySettings
+
+    spec = registry.register(registry.AlgorithmSpec("toy", "toy_algorithm:build", ToySettings()))
+    yield spec
+    registry.unregister("toy")
 
 
 @pytest.fixture

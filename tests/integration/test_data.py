@@ -1,10 +1,13 @@
 """Sources and partitioners: seeded, computed once, disjoint train/test, the promised classes."""
 
 
+
 import numpy as np
 import pytest
 
-from idx_files import fingerprint, write_idx
+from cli_errors import error_line
+from idx_files import fingerprint, mnist_run, write_idx, write_mnist
+from pfedla.cli import main
 from pfedla.config import config_from_dict
 from pfedla.data import build_federated_data
 from pfedla.storage import StorageError
@@ -36,3 +39,15 @@ def test_mnist_from_an_s3_prefix_is_cached_and_equals_the_local_directory(tmp_pa
     assert cached.stat().st_mtime_ns == written  # unchanged objects are not fetched again
     with pytest.raises(StorageError, match=f"no objects under s3://{s3_server.bucket}/datasets/none"):
         build_federated_data(config_from_dict({**base, "data_dir": f"s3://{s3_server.bucket}/datasets/none"}))
+
+
+
+
+@pytest.mark.parametrize("side", [1, 3])
+def test_images_smaller_than_the_cnn_takes_are_refused_before_training(tmp_path, capsys, side):
+    data_dir = write_mnist(tmp_path / "mnist", np.ones((200, side, side)), np.arange(200) % 10)
+    code = main(mnist_run(data_dir, tmp_path / "out"))
+    assert error_line(code, capsys.readouterr().err) == (
+        f"pfedla: error: mnist in {data_dir}: model 'cnn' needs images of at least 4x4 pixels, "
+        f"got {side}x{side}; use model: mlp")
+    assert main(mnist_run(data_dir, tmp_path / "mlp", "--set", "model=mlp")) == 0  # the MLP takes any size

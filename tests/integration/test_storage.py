@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from cli_errors import error_line, run_cli
 from pfedla import storage
 
 
@@ -40,3 +41,12 @@ def test_objects_past_the_multipart_threshold_round_trip_and_copy_on_the_real_s3
     storage.copy(uri, uri + ".copy")
     assert storage.read_bytes(uri + ".copy") == data
     assert storage.delete_prefix(uri.rsplit("/", 1)[0]) == 2
+
+
+def test_a_bad_retry_count_is_one_error_line_from_the_cli(tmp_path):
+    """Before any connection: the endpoint is a loopback port nothing listens on."""
+    result = run_cli("run", "--quiet", "--set", "dataset=mnist", "--set", "data_dir=s3://bucket/mnist",
+                     "--set", f"output_dir={tmp_path / 'out'}",
+                     env={"PFEDLA_S3_RETRIES": "lots", "AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
+    assert error_line(result.returncode, result.stderr) == \
+        "pfedla: error: PFEDLA_S3_RETRIES must be a whole number from 0 to 100, got 'lots'"

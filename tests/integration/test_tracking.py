@@ -102,3 +102,21 @@ def test_credentials_never_reach_mlflow_logs_or_outputs(tmp_path, mlflow_server,
             assert secret.encode() not in path.read_bytes(), f"a credential reached {path}"
     listed = s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix=f"secrets-{tmp_path.name}/")
     assert listed["KeyCount"] > 0  # the credentials were really used
+
+
+def test_a_parent_run_groups_runs_continues_on_resume_and_logs_its_outputs_once(tmp_path):
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "parents", tmp_path / "mlartifacts")
+    tags = {"pfedla.run": "r1", "pfedla.role": "experiment"}
+    parent = tracker.open_parent("experiment r1", {"seeds": "[0, 1]"}, tags, resume=False)
+    child = tracker.start_run("local seed 0", {}, {"mlflow.parentRunId": parent})
+    tracker.end_run()
+    assert tracker.open_parent("experiment r1", {}, tags, resume=True) == parent  # continued, not duplicated
+    assert tracker.open_parent("other", {}, {**tags, "pfedla.run": "r2"}, resume=True) != parent
+    (tmp_path / "report.md").write_text("# report")
+    for _ in range(2):  # a resume after a kill inside close_parent repeats it
+        tracker.close_parent(parent, {"local/final_accuracy_mean": 0.5}, [(tmp_path / "report.md", None)])
+    run = tracker.client.get_run(parent)
+    assert run.info.status == "FINISHED" and run.data.params == {"seeds": "[0, 1]"}
+    assert len(tracker.client.get_metric_history(parent, "local/final_accuracy_mean")) == 1
+    assert [a.path for a in tracker.client.list_artifacts(parent)] == ["report.md"]
+    assert tracker.client.get_run(child).data.tags["mlflow.parentRunId"] == parent

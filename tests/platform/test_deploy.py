@@ -379,6 +379,12 @@ def test_rollout_status_of_deployments_and_jobs():
         d.rollout_status(job)
 
 
+def waiting_pod(name, container, **waiting):
+    """A Pending pod whose one container waits for ``waiting`` (reason and message)."""
+    status = {"name": container, "state": {"waiting": waiting}}
+    return {"metadata": {"name": name}, "status": {"phase": "Pending", "containerStatuses": [status]}}
+
+
 def test_pod_problem_explains_pending_and_crashing_pods():
     pending = {
         "metadata": {"name": "gpu-check-x"},
@@ -395,26 +401,9 @@ def test_pod_problem_explains_pending_and_crashing_pods():
         },
     }
     assert "Insufficient nvidia.com/gpu" in d.pod_problem(pending)
-    pulling = {
-        "metadata": {"name": "mlflow-y"},
-        "status": {
-            "phase": "Pending",
-            "containerStatuses": [
-                {
-                    "name": "mlflow",
-                    "state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}},
-                }
-            ],
-        },
-    }
+    pulling = waiting_pod("mlflow-y", "mlflow", reason="ImagePullBackOff", message="not found")
     assert d.pod_problem(pulling) == "pod mlflow-y container mlflow: ImagePullBackOff not found"
-    starting = {
-        "metadata": {"name": "z"},
-        "status": {
-            "phase": "Pending",
-            "containerStatuses": [{"name": "c", "state": {"waiting": {"reason": "ContainerCreating"}}}],
-        },
-    }
+    starting = waiting_pod("z", "c", reason="ContainerCreating")
     assert d.pod_problem(starting) is None
 
 
@@ -683,18 +672,7 @@ def test_changed_job_is_replaced(tmp_path, no_cluster_env):
 
 
 def test_wait_timeout_names_what_is_not_ready_and_why(tmp_path, no_cluster_env):
-    pod = {
-        "metadata": {"name": "mlflow-abc"},
-        "status": {
-            "phase": "Pending",
-            "containerStatuses": [
-                {
-                    "name": "mlflow",
-                    "state": {"waiting": {"reason": "ImagePullBackOff", "message": "no such tag"}},
-                }
-            ],
-        },
-    }
+    pod = waiting_pod("mlflow-abc", "mlflow", reason="ImagePullBackOff", message="no such tag")
     with FakeApiServer(stuck={"mlflow"}, pods=[pod]) as api, pytest.raises(DeployError) as excinfo:
         d.deploy("kind", kubeconfig=api.kubeconfig(tmp_path / "kc"), wait_timeout=1)
     message = str(excinfo.value)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cli_errors import error_line, run_cli
-from idx_files import fingerprint, idx_bytes, write_idx
+from idx_files import fingerprint, idx_bytes, mnist_run, write_idx, write_mnist
 from pfedla.cli import main
 from pfedla.config import config_from_dict
 from pfedla.data import build_federated_data
@@ -165,17 +165,6 @@ def test_normalization_statistics_come_from_the_train_splits_only():
 IMAGES, LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
 
 
-def mnist_run(data_dir, out, *overrides):
-    return ["run", "--quiet", "--set", "dataset=mnist", "--set", f"data_dir={data_dir}", "--set", "clients=4",
-            "--set", "partition.kind=iid", "--set", "rounds=1", "--set", "algorithms=[local]",
-            "--set", f"output_dir={out}", *overrides]
-
-
-def write_mnist(directory, images, labels, split="t10k"):
-    directory.mkdir(exist_ok=True)
-    write_idx(directory / f"{split}-images-idx3-ubyte.gz", images)
-    write_idx(directory / f"{split}-labels-idx1-ubyte.gz", labels)
-    return directory
 
 
 def corrupt_deflate(raw):
@@ -268,16 +257,6 @@ def test_torchvision_sets_with_bad_labels_or_mixed_sizes_are_data_errors(tmp_pat
     with pytest.raises(DataError) as error:
         build_federated_data(config)
     assert str(error.value) == f"fmnist in {tmp_path}: {problem}"
-
-
-@pytest.mark.parametrize("side", [1, 3])
-def test_images_smaller_than_the_cnn_takes_are_refused_before_training(tmp_path, capsys, side):
-    data_dir = write_mnist(tmp_path / "mnist", np.ones((200, side, side)), np.arange(200) % 10)
-    code = main(mnist_run(data_dir, tmp_path / "out"))
-    assert error_line(code, capsys.readouterr().err) == (
-        f"pfedla: error: mnist in {data_dir}: model 'cnn' needs images of at least 4x4 pixels, "
-        f"got {side}x{side}; use model: mlp")
-    assert main(mnist_run(data_dir, tmp_path / "mlp", "--set", "model=mlp")) == 0  # the MLP takes any size
 
 
 def test_non_square_images_are_refused_for_the_cnn(tmp_path):

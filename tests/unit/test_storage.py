@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from cli_errors import error_line, run_cli
 from pfedla import storage
 from pfedla.errors import ArtifactError
 
@@ -50,15 +49,6 @@ def test_retry_counts_that_are_accepted(monkeypatch, value, retries):
     else:
         monkeypatch.setenv("PFEDLA_S3_RETRIES", value)
     assert storage.s3_client().meta.config.retries["total_max_attempts"] == retries + 1  # + the first try
-
-
-def test_a_bad_retry_count_is_one_error_line_from_the_cli(tmp_path):
-    """Before any connection: the endpoint is a loopback port nothing listens on."""
-    result = run_cli("run", "--quiet", "--set", "dataset=mnist", "--set", "data_dir=s3://bucket/mnist",
-                     "--set", f"output_dir={tmp_path / 'out'}",
-                     env={"PFEDLA_S3_RETRIES": "lots", "AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
-    assert error_line(result.returncode, result.stderr) == \
-        "pfedla: error: PFEDLA_S3_RETRIES must be a whole number from 0 to 100, got 'lots'"
 
 
 def test_s3_uri_parsing():
