@@ -12,12 +12,28 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import fault_injection
+from cli_errors import error_line, run_cli
 from launcher_contract import assert_launcher_accepts
 from pfedla import simulation
 from pfedla.config import config_from_dict, experiment_key
 from pfedla.dataplane import run_prefix
-from pfedla_pipelines.fl_pipeline import PipelineError, compile_pipeline, segment_config, segments
-from pfedla_pipelines.runner import run_local, run_name, submit
+from pfedla_pipelines.fl_pipeline import (
+    ENDPOINT_KEYS,
+    MLFLOW_AUTH_KEYS,
+    S3_KEYS,
+    PipelineError,
+    compile_pipeline,
+    segment_config,
+    segments,
+)
+from pfedla_pipelines.runner import (
+    check_container_contract,
+    pod_environment,
+    run_local,
+    run_name,
+    step_container_args,
+    submit,
+)
 
 FAULTS = "1:raise,2:slow,3:diverge"  # a lost GPU, a client past client_timeout, a diverging client
 # client_timeout leaves honest clients (18 batches, well under a second alone) room on a loaded
@@ -309,3 +325,76 @@ def test_submit_to_an_unreachable_host_fails_clearly(tmp_path):
         port = probe.getsockname()[1]
     with pytest.raises(PipelineError, match=f"cannot reach the Kubeflow Pipelines API at http://127.0.0.1:{port}"):
         submit(cluster_config(tmp_path), f"http://127.0.0.1:{port}")
+
+
+# -- the docker runner's checks (tests/test_containers.py runs the steps in the image) ----------------------
+
+def container_config(tmp_path, **pipeline):
+    return config_from_dict({"clients": 2, "rounds": 1, "output_dir": str(tmp_path / "out"),
+                             "pipeline": {"data_root": "s3://pfedla/plane", **pipeline}})
+
+
+@pytest.mark.parametrize("pipeline, environ, message", [
+    ({"data_root": None}, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"},
+     "pipeline.data_root must be an s3:// prefix"),
+    ({}, {}, "the docker runner needs an MLflow tracking server .* not a local sqlite file"),
+    ({}, {"MLFLOW_TRACKING_URI": "sqlite:///runs/mlflow.db"}, "not sqlite:///runs/mlflow.db"),
+    ({"mlflow_tracking_uri": "file:///tmp/mlruns"}, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"},
+     "not file:///tmp/mlruns"),
+])
+def test_the_docker_runner_refuses_locations_a_container_cannot_reach_before_any_work(
+        tmp_path, monkeypatch, pipeline, environ, message):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")  # never reached
+    with pytest.raises(PipelineError, match=message):
+        run_local(container_config(tmp_path, **pipeline), tmp_path / "root", runner="docker")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "root").exists()
+
+
+def test_the_docker_runner_refuses_a_local_data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    config = config_from_dict({"dataset": "mnist", "data_dir": str(tmp_path / "mnist"), "rounds": 1,
+                               "pipeline": {"data_root": "s3://pfedla/plane"}})
+    with pytest.raises(PipelineError, match=f"a step container cannot see {tmp_path / 'mnist'}"):
+        check_container_contract(config)
+
+
+def test_the_docker_runner_says_which_engine_does_not_answer(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/docker.sock")
+    with pytest.raises(PipelineError, match=f"no container engine answers at unix://{tmp_path}/docker.sock"):
+        run_local(container_config(tmp_path), tmp_path / "root", runner="docker")
+
+
+def test_an_unknown_runner_is_refused(tmp_path):
+    with pytest.raises(PipelineError, match="unknown runner 'podman': expected one of subprocess, docker"):
+        run_local(container_config(tmp_path), runner="podman")
+
+
+def test_a_step_container_gets_what_a_pod_gets_and_nothing_else():
+    environ = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "AWS_ENDPOINT_URL": "http://s3:8333",
+               "MLFLOW_S3_ENDPOINT_URL": "http://s3:8333", "AWS_ACCESS_KEY_ID": "id",
+               "AWS_SECRET_ACCESS_KEY": "key",
+               "AWS_DEFAULT_REGION": "us-east-1", "HOME": "/root", "PATH": "/usr/bin",
+               "MLFLOW_TRACKING_USERNAME": "user", "MLFLOW_TRACKING_PASSWORD": "secret"}
+    keys = set(ENDPOINT_KEYS) | set(S3_KEYS)
+    assert pod_environment(config_from_dict({}), environ) == {k: environ[k] for k in keys}
+    with_auth = config_from_dict({"pipeline": {"mlflow_secret": "mlflow-auth"}})
+    assert set(pod_environment(with_auth, environ)) == keys | set(MLFLOW_AUTH_KEYS)
+    args = step_container_args({"A": "1"})
+    assert args["user"] == "10001:10001" and args["read_only"] is True and args["network_mode"] == "host"
+    assert set(args["tmpfs"]) == {"/tmp"} and args["entrypoint"] == [] and args["environment"] == {"A": "1"}
+    from kfp import local
+
+    local.DockerRunner(**args)  # kfp accepts every one of them
+
+
+def test_the_cli_offers_the_docker_runner_and_reports_its_refusal_in_one_line(tmp_path):
+    code, err = (lambda p: (p.returncode, p.stderr))(run_cli(
+        "pipeline", "run-local", "--runner", "docker", "--set", "rounds=1",
+        "--set", f"output_dir={tmp_path / 'out'}", env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}))
+    assert "pipeline.data_root must be an s3:// prefix" in error_line(code, err)
+    wrong = run_cli("pipeline", "run-local", "--runner", "podman")
+    assert wrong.returncode == 2 and "invalid choice: 'podman'" in wrong.stderr
