@@ -106,6 +106,11 @@ stop() {
     sleep 0.5
     waited=$((waited + 1))
   done
+  # dockerd leaves its default network namespace mounted under the exec root; only mounts inside
+  # this engine's own folder are touched.
+  awk -v dir="$DIR/" 'index($2, dir) == 1 { print $2 }' /proc/mounts | sort -r | while read -r mounted; do
+    umount "$mounted"
+  done
   echo "engine.sh: stopped dockerd $p" >&2
 }
 
