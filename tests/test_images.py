@@ -189,22 +189,24 @@ def test_both_dockerfiles_take_the_same_build_arguments():
 
 
 def test_the_two_dockerfiles_install_alike():
-    """From the builder stage on, the Dockerfiles differ only in where the stages start, the torch
+    """From the requirements stage on, the Dockerfiles differ only in where the stages start, the torch
     default and the description: the CUDA image is the CPU image's recipe on another base."""
-    def from_builder(path: Path) -> list[str]:
+    def from_requirements(path: Path) -> list[str]:
         lines = [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-        return lines[next(i for i, line in enumerate(lines) if line.endswith(" AS builder")):]
+        return lines[next(i for i, line in enumerate(lines) if line.endswith(" AS requirements")):]
 
-    cpu, cuda = (from_builder(path) for path in DOCKERFILES)
+    cpu, cuda = (from_requirements(path) for path in DOCKERFILES)
     assert len(cpu) == len(cuda)
     differing = [a.split()[0] for a, b in zip(cpu, cuda) if a != b]
-    assert differing == ["FROM", "ARG", "FROM", "ARG", 'org.opencontainers.image.description="pFedLA']
+    assert differing == ["FROM", "ARG", "FROM", "FROM", "ARG", 'org.opencontainers.image.description="pFedLA']
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_python_dependencies_come_from_the_lock(dockerfile):
     """Every install is the lock's split (hashes required), the project wheel, or the torch pins from
-    TORCH_INDEX_URL; nothing resolves versions on its own (--no-deps everywhere)."""
+    TORCH_INDEX_URL; nothing resolves versions on its own (--no-deps everywhere). The dependencies are
+    installed before the wheel, in a step that mounts only the split lock (so code changes keep its
+    layer)."""
     steps = instructions(dockerfile)
     commands = [cmd for keyword, args in steps if keyword == "RUN" for cmd in shell_commands(args)]
     pip = [cmd for cmd in commands if cmd[0].endswith("pip") or cmd[1:3] == ["-m", "pip"]]
@@ -223,13 +225,16 @@ def test_python_dependencies_come_from_the_lock(dockerfile):
             continue
         requirements = args[args.index("-r") + 1]
         requirement_files.append(requirements)
-        if requirements == "/tmp/dist/locked.txt":
+        if requirements == "/tmp/requirements/locked.txt":
             assert "--require-hashes" in args
         else:
-            assert requirements == "/tmp/dist/torch.txt"
+            assert requirements == "/tmp/requirements/torch.txt"
             assert args[args.index("--index-url") + 1] == "${TORCH_INDEX_URL}"
-    assert requirement_files == ["/tmp/dist/torch.txt", "/tmp/dist/locked.txt"]
+    assert requirement_files == ["/tmp/requirements/torch.txt", "/tmp/requirements/locked.txt"]
     assert ["pip", "check"] in commands
+    runs = [args for keyword, args in steps if keyword == "RUN" and "pip install" in args]
+    assert len(runs) == 2 and "from=requirements" in runs[0] and "from=builder" not in runs[0]
+    assert "pfedla-*.whl" in runs[1] and "locked.txt" not in runs[1]
     split = [cmd for cmd in commands if cmd[:2] == ["python3", "images/split_lock.py"]]
     assert split == [["python3", "images/split_lock.py", "requirements/runtime.lock", "pyproject.toml",
                       "/dist", "${TORCH_INDEX_URL}"]]
