@@ -12,7 +12,9 @@ config (20 clients, digits, the default CNN), called in-process after partition 
 
 The container part needs an engine and the image (``make image``): the engine is DOCKER_HOST's,
 else a docker answering on its default socket, else the project's own (images/engine.sh), started
-and stopped here. Without one, the section says why and measures the rest.
+and stopped here. Without one, the section says why and measures the rest. Tiny mode (the test
+suite's, where no engine may be at hand) leaves the container part out and says so;
+tests/platform/test_containers.py runs it at tiny size in ``make test-images``.
 """
 
 # No `from __future__ import annotations`: kfp reads the probe's annotations as types.
@@ -79,15 +81,17 @@ def summarize(samples: list[dict]) -> dict:
     return {key: statistics.median(sample[key] for sample in samples) for key in samples[0]}
 
 
-def client_step_seconds(repeats: int) -> float:
-    """Median seconds of ``steps.client_train`` for one client of the default config, in-process."""
+def client_step_seconds(repeats: int, clients: int | None = None) -> float:
+    """Median seconds of ``steps.client_train`` for one client of the default config (or of the default
+    config with ``clients`` clients), in-process."""
     from pfedla import steps
     from pfedla.config import config_from_dict
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         config = config_from_dict({"device": "cpu", "output_dir": str(root / "out"),
-                                   "pipeline": {"data_root": str(root / "plane")}})
+                                   "pipeline": {"data_root": str(root / "plane")},
+                                   **({"clients": clients} if clients else {})})
         cfg = json.dumps(config.to_dict())
         steps.partition(cfg, root / "shards")
         steps.server_init(cfg, root / "shards", root / "plan")
@@ -141,18 +145,26 @@ def bench(settings: Settings) -> dict:
 
     from pfedla.images import step_image
 
-    repeats = 2 if settings.quick else 5
+    repeats = settings.startup_repeats
     with tempfile.TemporaryDirectory() as tmp:
-        log(f"step_startup: {repeats} probe steps in the step image")
-        containers, missing = container_samples(repeats, Path(tmp) / "docker")
+        if settings.startup_containers:
+            log(f"step_startup: {repeats} probe steps in the step image")
+            containers, missing = container_samples(repeats, Path(tmp) / "docker")
+        else:
+            containers, missing = [], (f"{settings.mode} mode runs no containers; make test-images runs "
+                                       "this part at tiny size")
+        if missing:
+            log(f"step_startup: the step image part is skipped: {missing}")
         log(f"step_startup: {repeats} probe steps as subprocesses")
         here = local.SubprocessRunner(use_venv=False)
         subprocesses = [run_probe(here, step_image(), Path(tmp) / "subprocess") for _ in range(repeats)]
     log(f"step_startup: {repeats} client steps of the default config, in-process")
-    client_s = client_step_seconds(repeats)
+    client_s = client_step_seconds(repeats, settings.startup_clients)
     docker = summarize(containers) if containers else None
+    clients = settings.startup_clients
+    config = "the default config" + (f" with {clients} clients" if clients else "")
     return {"repeats": repeats, "docker": docker, "docker_missing": missing,
-            "subprocess": summarize(subprocesses), "client_step_s": client_s,
+            "subprocess": summarize(subprocesses), "client_config": config, "client_step_s": client_s,
             "startup_per_client_step": docker["launch_to_first_line_s"] / client_s if docker else None}
 
 
@@ -166,7 +178,7 @@ def table(result: dict) -> list[str]:
             f"{t['launch_to_first_line_s']:.2f} s (launch -> process start {t['launch_to_start_s']:.2f} s, "
             f"start -> first own line {t['start_to_first_line_s']:.2f} s)" if t
             else f"not measured ({result['docker_missing']})"))
-    lines.append(f"  one client step's work on the default config: {result['client_step_s']:.2f} s"
+    lines.append(f"  one client step's work on {result['client_config']}: {result['client_step_s']:.2f} s"
                  + (f"; a pod's start-up is {result['startup_per_client_step']:.0f}x that"
                     if result["docker"] else ""))
     return [*lines, ""]
