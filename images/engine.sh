@@ -20,7 +20,7 @@ usage() {
   cat <<EOF
 usage: images/engine.sh install|start|stop|status|env|run -- COMMAND...
 
-  install   apt-get install ${PACKAGES[*]} (root, Debian) unless they are installed
+  install   apt-get install those of ${PACKAGES[*]} that are missing (root, Debian)
   start     start dockerd on unix://$SOCKET unless it runs already
   stop      stop the dockerd whose PID is in $PIDFILE
   status    exit 0 when that dockerd answers, 1 otherwise
@@ -39,18 +39,25 @@ die() {
 }
 
 installed() {
-  command -v dockerd >/dev/null 2>&1 && [[ -x "$CLI" ]] && command -v debootstrap >/dev/null 2>&1
+  [[ -z "$(missing)" ]]
+}
+
+# Only what is missing: where Docker's own packages (docker-ce) provide dockerd and the CLI already,
+# docker.io, which conflicts with them, is not asked for.
+missing() {
+  command -v dockerd >/dev/null 2>&1 && [[ -x "$CLI" ]] || echo docker.io
+  command -v debootstrap >/dev/null 2>&1 || echo debootstrap
 }
 
 install() {
-  if installed; then
-    return 0
-  fi
-  [[ "$(id -u)" == 0 ]] || die "installing ${PACKAGES[*]} needs root"
-  command -v apt-get >/dev/null 2>&1 || die "installing ${PACKAGES[*]} needs apt-get (Debian or Ubuntu)"
-  echo "engine.sh: installing ${PACKAGES[*]}" >&2
+  local wanted
+  mapfile -t wanted < <(missing)
+  ((${#wanted[@]})) || return 0
+  [[ "$(id -u)" == 0 ]] || die "installing ${wanted[*]} needs root"
+  command -v apt-get >/dev/null 2>&1 || die "installing ${wanted[*]} needs apt-get (Debian or Ubuntu)"
+  echo "engine.sh: installing ${wanted[*]}" >&2
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${wanted[@]}" >/dev/null
 }
 
 pid() {
@@ -71,7 +78,7 @@ start() {
   if answers; then
     return 0
   fi
-  installed || die "docker.io and debootstrap are not installed: run images/engine.sh install (as root)"
+  installed || die "$(missing | paste -sd ' ') not installed: run images/engine.sh install (as root)"
   [[ "$(id -u)" == 0 ]] || die "dockerd needs root"
   if alive; then
     die "dockerd $(pid) runs but does not answer on $SOCKET; see $LOG"

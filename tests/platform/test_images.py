@@ -530,6 +530,43 @@ def test_build_sh_with_a_running_docker_keeps_the_dockerfile_defaults_and_record
     assert json.loads((root / "build" / "images" / "cuda.json").read_text())["torch"] == "lock"
 
 
+def test_build_sh_without_a_running_engine_builds_on_the_projects_own_with_its_defaults(tmp_path):
+    """Where no docker answers and there is no podman, but dockerd is installed (CI, the development
+    machines), ``make image`` goes through ``images/engine.sh run`` and builds from the debootstrap base
+    with the locked torch, on the host network, with the wheel cache. Stand-ins: ``docker`` (answers no
+    ``info``, records the build), ``dockerd`` (only found on PATH) and ``engine.sh`` (records its calls and
+    runs the command with its DOCKER_HOST); the real engine is exercised by ``make test-images``."""
+    root = repository_copy(tmp_path)
+    bin_dir, log, conf = tmp_path / "bin", tmp_path / "calls.log", tmp_path / "pip.conf"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(
+        '#!/bin/sh\nprintf \'docker %s\\n\' "$*" >> "$CALLS"\n'
+        f'for a; do case "$a" in id=pip-conf,src=*) cp "${{a#id=pip-conf,src=}}" {conf} ;; esac; done\n'
+        'case "$1" in info) exit 1 ;; image) echo 1234 ;; esac\n')
+    (bin_dir / "dockerd").write_text("#!/bin/sh\nexit 1\n")
+    (root / "images" / "engine.sh").write_text(
+        '#!/bin/sh\nprintf \'engine.sh %s DOCKER_HOST=%s\\n\' "$*" "$DOCKER_HOST" >> "$CALLS"\n'
+        f'case "$1" in host) echo unix:///stand-in.sock ;; cli) echo {bin_dir / "docker"} ;;\n'
+        '  run) shift; [ "$1" = -- ] && shift; DOCKER_HOST=unix:///stand-in.sock exec "$@" ;; esac\n')
+    for script in (bin_dir / "docker", bin_dir / "dockerd", root / "images" / "engine.sh"):
+        script.chmod(0o755)
+    no_podman = [d for d in os.environ["PATH"].split(os.pathsep) if not (Path(d) / "podman").exists()]
+    env = {**{k: v for k, v in os.environ.items() if k not in ("DOCKER_HOST", "CONTAINER_ENGINE")},
+           "PATH": os.pathsep.join([str(bin_dir), *no_podman]), "CALLS": str(log), "PYTHON": sys.executable}
+    proc = _build_sh(root=root, env=env)
+    assert proc.returncode == 0, proc.stderr
+    calls = log.read_text().splitlines()
+    assert calls[0] == "docker info"  # the user's engine first: it does not answer
+    assert calls[1].startswith("engine.sh run -- ") and calls[1].endswith("images/build.sh DOCKER_HOST=")
+    (build,) = [line for line in calls if line.startswith("docker build ")]
+    base = "pfedla/debian-python:3.11-bookworm"
+    assert f"--build-arg BASE_IMAGE={base} " in build and "--build-arg TORCH_INDEX_URL= " in build
+    assert "--network host" in build
+    assert re.search(r"^extra-index-url = http://127\.0\.0\.1:\d+/simple/$", conf.read_text(), re.M)
+    report = json.loads((root / "build" / "images" / "cpu.json").read_text())
+    assert (report["base"], report["torch"], report["bytes"]) == (base, "lock", 1234)
+
+
 def engine_sh(*args: str, state: Path) -> subprocess.CompletedProcess:
     return subprocess.run([BASH, str(ROOT / "images" / "engine.sh"), *args], capture_output=True, text=True,
                           env={**os.environ, "PFEDLA_ENGINE_DIR": str(state)}, check=False)
