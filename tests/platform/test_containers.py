@@ -304,11 +304,12 @@ def one_step(writes_to: str, image_reference: str):
 
     @dsl.component(base_image=image_reference, install_kfp_package=False)
     def write(path: str, out: dsl.Output[dsl.Artifact]):
+        import os
         import pathlib
 
         pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(path).write_text("x")
-        pathlib.Path(out.path).write_text("declared")
+        pathlib.Path(out.path).write_text(f"declared by uid {os.getuid()}")
 
     @dsl.pipeline(name="write-one-file")
     def pipeline() -> dsl.Artifact:
@@ -340,7 +341,7 @@ def test_a_step_that_writes_outside_tmp_or_its_outputs_is_caught(
         assert outputs_only(root, tmp_path / "one.yaml") == []
         return
     task = pipeline()
-    assert Path(task.output.path).read_text() == "declared"
+    assert Path(task.output.path).read_text() == f"declared by uid {STEP_UID}"  # a pod's user
     assert outputs_only(root, tmp_path / "one.yaml") == ([] if where == "tmp" else ["stray/x"])
 
 
