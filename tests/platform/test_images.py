@@ -582,3 +582,36 @@ def test_engine_sh_keeps_its_engine_in_its_own_folder(tmp_path):
     assert engine_sh("stop", state=tmp_path).returncode == 0  # and it is left alone
     assert engine_sh("run", "--", state=tmp_path).returncode == 1
     assert engine_sh("restart", state=tmp_path).returncode == 2
+
+
+def test_engine_sh_install_asks_apt_only_for_what_is_missing(tmp_path):
+    """Without dockerd and debootstrap on PATH (and without apt-get, so nothing is installed here) it
+    names both; with stand-ins for them, it asks for docker.io only if the engine's CLI, /usr/bin/docker,
+    is absent, so a docker-ce installation (its dockerd and CLI, which docker.io conflicts with) is left
+    alone."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "id").symlink_to(shutil.which("id"))
+
+    def install() -> subprocess.CompletedProcess:
+        return subprocess.run([BASH, str(ROOT / "images" / "engine.sh"), "install"], capture_output=True,
+                              text=True, env={"PATH": str(bin_dir), "PFEDLA_ENGINE_DIR": str(tmp_path)})
+
+    nothing = install()
+    assert nothing.returncode == 1 and "installing docker.io debootstrap needs" in nothing.stderr
+    cli = Path("/usr/bin/docker").exists()
+
+    def stand_in(tool: str) -> None:
+        (bin_dir / tool).write_text("#!/bin/sh\nexit 1\n")
+        (bin_dir / tool).chmod(0o755)
+
+    stand_in("dockerd")  # docker-ce's, where its CLI is there too: only debootstrap is missing
+    no_debootstrap = install()
+    wanted = "debootstrap" if cli else "docker.io debootstrap"
+    assert no_debootstrap.returncode == 1 and f"installing {wanted} needs" in no_debootstrap.stderr
+    stand_in("debootstrap")
+    both = install()
+    if cli:
+        assert (both.returncode, both.stderr) == (0, "")
+    else:
+        assert both.returncode == 1 and "installing docker.io needs" in both.stderr
