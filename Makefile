@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?=
 QUICK ?=
 
-.PHONY: setup lock run test test-fast lint bench image kind-up kind-down clean
+.PHONY: setup lock run test test-fast test-images lint bench image engine-stop kind-up kind-down clean
 
 setup: $(STAMP)
 
@@ -36,20 +36,35 @@ lock: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/pfedla run $(if $(CONFIG),--config $(CONFIG))
 
+# Tests marked `containers` run only in test-images (tests/conftest.py leaves them out otherwise).
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"
 
+# The step image and the pipeline in containers, from nothing: the engine's Debian packages (root,
+# apt), the project's engine (started here, stopped after), a Debian base, the image, then every
+# test marked `containers`. Those tests fail rather than skip when the engine or the image is missing,
+# and pytest's exit status 5 (nothing selected) fails this target like any other.
+test-images: $(STAMP)
+	images/engine.sh install
+	images/engine.sh run -- sh -ec 'images/build.sh; $(PY) -m pytest -q -m containers'
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests components pipelines benchmarks
+	$(VENV)/bin/ruff check src tests components pipelines benchmarks images
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(if $(QUICK),--quick)
 
+# With a running docker or podman, the image as images/Dockerfile describes it; without, the project's
+# engine builds it from a Debian base with the locked torch (see images/build.sh).
 image:
 	images/build.sh
+
+# Stops the project's engine if a test or build left it running (by the PID in its pidfile).
+engine-stop:
+	images/engine.sh stop
 
 kind-up:
 	k8s/kind/up.sh

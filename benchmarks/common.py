@@ -52,6 +52,11 @@ class Settings:
     movement_images: int = 2000
     checkpoint_clients: int = 30
     checkpoint_images: int = 2000  # images one client trains on in checkpointing's round
+    startup_repeats: int = 5  # step_startup: probe steps per runner, and client steps timed
+    # step_startup's container half (the step image on a container engine). Tiny mode, which the test
+    # suite runs without any engine, leaves it out; make test-images runs it at tiny size.
+    startup_containers: bool = True
+    startup_clients: int | None = None  # the yardstick's clients; None: the default config's
 
     @classmethod
     def make(cls, mode: str, results_dir: Path = RESULTS_DIR) -> Settings:
@@ -59,12 +64,13 @@ class Settings:
         if mode == "quick":
             return cls(mode, results_dir, server_model=tuple(QUICK_CNN.items()), server_repeats=1,
                        overhead_rounds=5, scaling_rounds=1, pipeline_rounds=1, pipeline_clients=3,
-                       checkpoint_images=500)
+                       checkpoint_images=500, startup_repeats=2)
         if mode == "tiny":
             return cls(mode, results_dir, server_model=tuple(TINY_CNN.items()), server_clients=(3,),
                        server_repeats=1, server_budget_s=10.0, overhead_rounds=1, scaling_clients=(10,),
                        scaling_rounds=1, pipeline_rounds=1, pipeline_clients=2, movement_clients=3,
-                       movement_images=8, checkpoint_clients=3, checkpoint_images=8)
+                       movement_images=8, checkpoint_clients=3, checkpoint_images=8, startup_repeats=1,
+                       startup_containers=False, startup_clients=2)
         if mode != "full":
             raise ValueError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
         return cls(mode, results_dir)

@@ -13,6 +13,8 @@ Sections, one module each in benchmarks/ (``bench(settings)`` returns plain JSON
   round_overhead  one default simulation round against the pure compute it contains
   scaling         synthetic data, N = 10, 100, 1000 clients at 10% participation
   pipeline_overhead  the pipeline under kfp.local against the same steps in-process
+  step_startup    a step's start-up to its first own line in the step image (as a pod runs it)
+                  and as a subprocess, against one client step's work on the default config
   data_movement   bytes per round through object storage at N=30 with the 18M CNN, before
                   (whole artifacts per pod) and after (the data plane)
   checkpointing   a checkpoint's share of simulation round time at N=30 with the 18M CNN,
@@ -48,6 +50,7 @@ import pipeline_overhead  # noqa: E402
 import round_overhead  # noqa: E402
 import scaling  # noqa: E402
 import server_step  # noqa: E402
+import step_startup  # noqa: E402
 import torch  # noqa: E402
 from common import RESULTS_DIR, THREADS, Settings, log  # noqa: E402
 
@@ -57,6 +60,7 @@ SECTIONS: dict[str, ModuleType] = {
     "round_overhead": round_overhead,
     "scaling": scaling,
     "pipeline_overhead": pipeline_overhead,
+    "step_startup": step_startup,
     "data_movement": data_movement,
     "checkpointing": checkpointing,
 }

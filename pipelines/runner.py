@@ -1,5 +1,8 @@
 """Running the pipeline: locally through kfp.local, or on a cluster, segment after segment.
 
+Locally, each step runs either as a subprocess of this Python (``runner="subprocess"``) or in the
+step image the way a pod runs it (``runner="docker"``, see ``step_container_args``).
+
 An experiment longer than ``pipeline.rounds_per_run`` runs as a chain of pipeline runs
 (segments). Each segment ends with a checkpoint in the data plane, and the next one starts
 from it. ``submit`` names each segment's KFP run after the experiment key and its rounds, so
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import os
 import sys
 import tempfile
 import time
@@ -24,10 +28,14 @@ from pfedla.dataplane import data_root
 from pfedla.results import AlgorithmResult, write_layer_weights, write_summary
 from pfedla.steps import read_evaluation, round_traffic
 from pfedla_pipelines.fl_pipeline import (
+    ENDPOINT_KEYS,
+    MLFLOW_AUTH_KEYS,
+    S3_KEYS,
     PipelineError,
     RoundRange,
     build_pipeline,
     compile_pipeline,
+    default_image,
     pipeline_name,
     segment_config,
     segments,
@@ -36,25 +44,41 @@ from pfedla_pipelines.fl_pipeline import (
 # v2beta1 run states; 2.17 reports a terminated run as CANCELING, then FAILED
 FINISHED_STATES = {"SUCCEEDED", "SKIPPED", "FAILED", "CANCELED"}
 MANIFEST_OUTPUTS = {"shards", "plan", "next_plan", "update", "evaluation", "checkpoint"}
+RUNNERS = ("subprocess", "docker")
+# The step image's USER: pods run as it, and so do the local step containers.
+STEP_UID = 10001
 
 
 # -- local ------------------------------------------------------------------------------------------------
 
-def run_local(config: ExperimentConfig, pipeline_root: str | Path | None = None) -> dict[str, Any]:
-    """Run every segment of the pipeline here (kfp.local, one subprocess per step), one after another.
+def run_local(config: ExperimentConfig, pipeline_root: str | Path | None = None, runner: str = "subprocess",
+              run_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run every segment of the pipeline here with kfp.local, one after another.
 
-    Writes ``summary.json`` (the shape of ``pfedla run``'s, for the pipeline's algorithm, plus
-    the bytes each step moved) and, for pFedLA, ``layer_weights.npy`` (and with HeurpFedLA
-    ``layer_weights_raw.npy``) into ``config.output_dir``;
-    returns the summary. Without ``pipeline.data_root`` the data plane is ``output_dir/data-plane``.
-    One seed only (``single_seed``).
+    ``runner="subprocess"`` runs each step as a Python process beside this one; ``runner="docker"``
+    runs it in the pipeline's step image as a pod would (``step_container_args``, with the endpoint
+    and credential variables of ``pod_environment``); ``run_args`` adds docker run arguments (its
+    ``environment`` adds variables). Writes ``summary.json`` (the shape of ``pfedla run``'s, for
+    the pipeline's algorithm, plus the bytes each step moved) and, for pFedLA,
+    ``layer_weights.npy`` (and with HeurpFedLA ``layer_weights_raw.npy``) into ``config.output_dir``;
+    returns the summary. Without ``pipeline.data_root`` the data plane is ``output_dir/data-plane``
+    (subprocess runner only). One seed only (``single_seed``).
     """
     from kfp import local
 
     config = single_seed(config)
+    if runner not in RUNNERS:
+        raise PipelineError(f"unknown runner {runner!r}: expected one of {', '.join(RUNNERS)}")
+    if runner == "docker":
+        check_container_contract(config)
+        extra = dict(run_args or {})
+        environment = {**pod_environment(config), **extra.pop("environment", {})}
+        step_runner = docker_runner(default_image(config), {**step_container_args(environment), **extra})
+    else:
+        step_runner = local.SubprocessRunner(use_venv=False)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    root = Path(pipeline_root) if pipeline_root else Path(tempfile.mkdtemp(prefix="pfedla-kfp-"))
+    root = Path(pipeline_root).resolve() if pipeline_root else Path(tempfile.mkdtemp(prefix="pfedla-kfp-"))
     plane_root = config.pipeline.data_root or str((output_dir / "data-plane").resolve())
     # Locally, ParallelFor threads race on kfp's patched print: run a round's pods one at a time.
     local_config = replace(config, pipeline=replace(config.pipeline, data_root=plane_root, parallelism=1))
@@ -63,10 +87,11 @@ def run_local(config: ExperimentConfig, pipeline_root: str | Path | None = None)
     chain = segments(local_config)
     for segment in chain:
         segment_root = root / f"segment-{segment.first:05d}"
+        if runner == "docker":
+            writable_by_step_user(segment_root)
         original_print = builtins.print  # kfp.local patches print during ParallelFor
         try:
-            local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(segment_root),
-                       raise_on_error=True)
+            local.init(runner=step_runner, pipeline_root=str(segment_root), raise_on_error=True)
             task = build_pipeline(segment_config(local_config, segment.first))()
         except Exception as error:  # kfp raises plain RuntimeError with the failing task's name
             raise PipelineError(f"local pipeline run failed in rounds {segment.first}..{segment.stop - 1}: "
@@ -85,12 +110,77 @@ def run_local(config: ExperimentConfig, pipeline_root: str | Path | None = None)
     rounds = sorted({m["step_round"] for m in steps if m["step"] == "server_round"})
     movement = {"steps": [_ledger(m) for m in steps],
                 "rounds": {str(r): round_traffic(steps, r) for r in rounds}}
-    summary = {result.name: {**result.summary(), "orchestration": "kfp.local", "data_plane": plane_root,
+    orchestration = "kfp.local" if runner == "subprocess" else f"kfp.local ({runner})"
+    summary = {result.name: {**result.summary(), "orchestration": orchestration, "data_plane": plane_root,
                              "segments": len(chain), "data_movement": movement}}
     write_summary(output_dir, summary)
     if weights is not None:
         write_layer_weights(output_dir, result.name, weights.alpha, weights.raw)
     return summary
+
+
+# -- local, in containers ---------------------------------------------------------------------------------
+
+def pod_environment(config: ExperimentConfig, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables a step pod gets from the endpoints ConfigMap and the credential Secrets (the same
+    keys ``TaskOptions`` maps), with this process' values."""
+    environ = os.environ if environ is None else environ
+    keys = ENDPOINT_KEYS + S3_KEYS + (MLFLOW_AUTH_KEYS if config.pipeline.mlflow_secret else ())
+    return {key: environ[key] for key in keys if environ.get(key)}
+
+
+def step_container_args(environment: dict[str, str] | None = None) -> dict[str, Any]:
+    """``docker run`` arguments that make a local step container what a cluster runs: the image's
+    non-root user, a read-only root filesystem with a writable ``/tmp`` only, and the host network
+    (where the local servers listen). The pod's command replaces the image's ``pfedla`` entrypoint;
+    kfp.local passes it as the container's arguments, so the entrypoint is cleared."""
+    return {"user": f"{STEP_UID}:{STEP_UID}", "read_only": True, "tmpfs": {"/tmp": "rw,exec,nosuid,nodev"},
+            "network_mode": "host", "entrypoint": [], "environment": dict(environment or {})}
+
+
+def check_container_contract(config: ExperimentConfig) -> None:
+    """What a step container needs that a subprocess does not: every location reachable from inside it
+    (it sees the network and the pipeline root, not this machine's folders)."""
+    check_cluster_contract(config)
+    tracking = config.pipeline.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not tracking.startswith(("http://", "https://")):
+        raise PipelineError(f"the docker runner needs an MLflow tracking server (http://...) in "
+                            f"pipeline.mlflow_tracking_uri or MLFLOW_TRACKING_URI, not "
+                            f"{tracking or 'a local sqlite file'}: a step container cannot write here")
+    if config.data_dir and not storage.is_s3(config.data_dir):
+        raise PipelineError(f"data_dir must be an s3:// prefix for the docker runner (a step container "
+                            f"cannot see {config.data_dir})")
+
+
+def docker_runner(image: str, run_args: dict[str, Any]) -> Any:
+    """A kfp.local DockerRunner, once the engine (DOCKER_HOST) answers and holds ``image``."""
+    import docker
+    from kfp import local
+
+    try:
+        client = docker.from_env()
+    except docker.errors.DockerException as error:
+        where = os.environ.get("DOCKER_HOST") or "the default socket"
+        raise PipelineError(f"no container engine answers at {where} ({error}): start docker, or "
+                            "images/engine.sh start") from None
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        raise PipelineError(f"the engine has no image {image}: build it with `make image` "
+                            "(or set pipeline.image)") from None
+    finally:
+        client.close()
+    return local.DockerRunner(**run_args)
+
+
+def writable_by_step_user(folder: Path) -> None:
+    """Step containers write their outputs under the pipeline root as uid 10001, as a pod writes to its
+    volume: hand the folder to that user (as root), or open it to everyone."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        os.chown(folder, STEP_UID, STEP_UID)
+    else:
+        folder.chmod(0o777)
 
 
 def step_manifests(root: Path) -> list[dict[str, Any]]:

@@ -8,7 +8,8 @@ test's folder says what it is.
   here is marked ``integration`` by its folder.
 - ``platform/``: what runs on a cluster rather than in Python: Kubernetes manifests, the installer,
   the step image, shell scripts, the dependency locks. A test here that needs a real server carries
-  the ``integration`` mark itself.
+  the ``integration`` mark itself. Tests that need a container engine and the step image are marked
+  ``containers`` and run only in ``make test-images``.
 """
 
 from __future__ import annotations
@@ -72,8 +73,10 @@ def restore_print():
     builtins.print = original
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test under integration/ as ``integration``; a unit test with that mark is misfiled."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test under integration/ as ``integration``; a unit test with that mark is misfiled.
+    Tests marked ``containers`` need a container engine and the built step image: they run only when
+    the ``-m`` expression names them (``make test-images`` runs ``-m containers``)."""
     misfiled = []
     for item in items:
         folder = Path(str(item.fspath)).relative_to(TESTS).parts[0]
@@ -83,3 +86,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             misfiled.append(item.nodeid)
     if misfiled:
         raise pytest.UsageError(f"integration tests belong in tests/integration/: {', '.join(misfiled)}")
+    if "containers" in (config.option.markexpr or ""):
+        return
+    kept = [item for item in items if item.get_closest_marker("containers") is None]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept

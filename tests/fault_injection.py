@@ -12,13 +12,16 @@ or ``"*:raise@0"`` (every client, round 0 only):
 ``install(spec)`` wraps the client training the simulation calls (``pfedla.simulation.fit_client``)
 in this process. Each kfp.local step is a fresh Python process, so ``sitecustomize_dir`` writes a
 ``sitecustomize.py`` that installs ``PFEDLA_TEST_FAULTS`` in every process started with it on
-``PYTHONPATH``, there also in ``pfedla.rounds`` before the pipeline steps import it from there.
+``PYTHONPATH``, there also in ``pfedla.rounds`` before the pipeline steps import it from there. The
+folder holds a copy of this module too, so a step container that mounts it needs nothing else from
+the tests.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -75,8 +78,6 @@ def install_from_env() -> None:
 def sitecustomize_dir(folder: Path) -> Path:
     """A folder whose ``sitecustomize.py`` installs ``$PFEDLA_TEST_FAULTS`` in every Python process."""
     folder.mkdir(parents=True, exist_ok=True)
-    here = Path(__file__).resolve().parent
-    (folder / "sitecustomize.py").write_text(
-        f"import sys\nsys.path.insert(0, {str(here)!r})\n"
-        "import fault_injection\nfault_injection.install_from_env()\n")
+    shutil.copy(Path(__file__), folder / "fault_injection.py")
+    (folder / "sitecustomize.py").write_text("import fault_injection\nfault_injection.install_from_env()\n")
     return folder

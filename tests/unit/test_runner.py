@@ -1,14 +1,21 @@
-"""Running the pipeline: real kfp.local runs (faulty clients, pods of several clients, chained
-segments, the real SeaweedFS and MLflow servers) held to the cluster launcher's rules, and
-segment-by-segment submission to a KFP API."""
+"""Running the pipeline without running it: segment-by-segment submission to a fake KFP API, and what
+the docker runner refuses before any work."""
 
 import socket
 
 import pytest
 
+from cli_errors import error_line, run_cli
 from pfedla.errors import PfedlaError
-from pfedla_pipelines.fl_pipeline import PipelineError, segments
-from pfedla_pipelines.runner import run_name, submit
+from pfedla_pipelines.fl_pipeline import ENDPOINT_KEYS, MLFLOW_AUTH_KEYS, S3_KEYS, PipelineError, segments
+from pfedla_pipelines.runner import (
+    check_container_contract,
+    pod_environment,
+    run_local,
+    run_name,
+    step_container_args,
+    submit,
+)
 
 # client_timeout leaves honest clients (18 batches, well under a second alone) room on a loaded
 # machine: at 3 s, two honest clients timed out while other test suites shared the 2 cores.
@@ -104,3 +111,75 @@ def test_submit_to_an_unreachable_host_fails_clearly(tiny_config):
         port = probe.getsockname()[1]
     with pytest.raises(PipelineError, match=f"cannot reach the Kubeflow Pipelines API at http://127.0.0.1:{port}"):
         submit(tiny_config(CLUSTER), f"http://127.0.0.1:{port}")
+
+
+# -- the docker runner's checks (tests/platform/test_containers.py runs the steps in the image) ------------
+
+# A step container sees the network, not this machine's folders: the data plane is on S3.
+IN_CONTAINERS = {"clients": 2, "rounds": 1, "pipeline": {"data_root": "s3://pfedla/plane"}}
+
+
+@pytest.mark.parametrize("pipeline, environ, message", [
+    ({"data_root": None}, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"},
+     "config key 'pipeline.data_root': is not set"),
+    ({"data_root": "/home/me/plane"}, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"},
+     "s3:// prefix .* cannot see /home/me/plane"),
+    ({}, {}, "the docker runner needs an MLflow tracking server .* not a local sqlite file"),
+    ({}, {"MLFLOW_TRACKING_URI": "sqlite:///runs/mlflow.db"}, "not sqlite:///runs/mlflow.db"),
+    ({"mlflow_tracking_uri": "file:///tmp/mlruns"}, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"},
+     "not file:///tmp/mlruns"),
+])
+def test_the_docker_runner_refuses_locations_a_container_cannot_reach_before_any_work(
+        tiny_config, tmp_path, monkeypatch, pipeline, environ, message):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")  # never reached
+    with pytest.raises(PfedlaError, match=message):
+        run_local(tiny_config(IN_CONTAINERS, pipeline=pipeline), tmp_path / "root", runner="docker")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "root").exists()
+
+
+def test_the_docker_runner_refuses_a_local_data_dir(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    config = tiny_config(IN_CONTAINERS, dataset="mnist", data_dir=str(tmp_path / "mnist"))
+    with pytest.raises(PipelineError, match=f"a step container cannot see {tmp_path / 'mnist'}"):
+        check_container_contract(config)
+
+
+def test_the_docker_runner_says_which_engine_does_not_answer(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/docker.sock")
+    with pytest.raises(PipelineError, match=f"no container engine answers at unix://{tmp_path}/docker.sock"):
+        run_local(tiny_config(IN_CONTAINERS), tmp_path / "root", runner="docker")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_runner_is_refused(tiny_config):
+    with pytest.raises(PipelineError, match="unknown runner 'podman': expected one of subprocess, docker"):
+        run_local(tiny_config(IN_CONTAINERS), runner="podman")
+
+
+def test_a_step_container_gets_what_a_pod_gets_and_nothing_else(tiny_config):
+    environ = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "AWS_ENDPOINT_URL": "http://s3:8333",
+               "MLFLOW_S3_ENDPOINT_URL": "http://s3:8333", "AWS_ACCESS_KEY_ID": "id",
+               "AWS_SECRET_ACCESS_KEY": "key", "AWS_DEFAULT_REGION": "us-east-1", "HOME": "/root",
+               "PATH": "/usr/bin", "MLFLOW_TRACKING_USERNAME": "user", "MLFLOW_TRACKING_PASSWORD": "secret"}
+    keys = set(ENDPOINT_KEYS) | set(S3_KEYS)
+    assert pod_environment(tiny_config(), environ) == {k: environ[k] for k in keys}
+    with_auth = tiny_config(pipeline={"mlflow_secret": "mlflow-auth"})
+    assert set(pod_environment(with_auth, environ)) == keys | set(MLFLOW_AUTH_KEYS)
+    args = step_container_args({"A": "1"})
+    assert args["user"] == "10001:10001" and args["read_only"] is True and args["network_mode"] == "host"
+    assert set(args["tmpfs"]) == {"/tmp"} and args["entrypoint"] == [] and args["environment"] == {"A": "1"}
+    from kfp import local
+
+    local.DockerRunner(**args)  # kfp accepts every one of them
+
+
+def test_the_cli_offers_the_docker_runner_and_reports_its_refusal_in_one_line(tmp_path):
+    done = run_cli("pipeline", "run-local", "--runner", "docker", "--set", "rounds=1",
+                   "--set", f"output_dir={tmp_path / 'out'}", env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+    assert "config key 'pipeline.data_root': is not set" in error_line(done.returncode, done.stderr)
+    wrong = run_cli("pipeline", "run-local", "--runner", "podman")
+    assert wrong.returncode == 2 and "invalid choice: 'podman'" in wrong.stderr
