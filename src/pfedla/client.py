@@ -34,6 +34,10 @@ class TrainSettings:
     lr: float
     timeout: float | None = None
     proximal_mu: float = 0.0  # FedProx: gradient of (mu/2)·‖θ − θ_start‖² added to every step
+    # prototype (issue 20): how a short last batch is weighed. "mean": its own mean loss (each of
+    # its samples weighs 1/len, up to batch_size times more than in a full batch); "nominal": summed
+    # and divided by batch_size (every sample weighs 1/batch_size); "drop": skipped.
+    last_batch: str = "mean"
 
 
 @dataclass
@@ -161,7 +165,12 @@ def _sgd_epochs(model: nn.Module, params: list[nn.Parameter], train_x: torch.Ten
             batch = order[start : start + settings.batch_size]
             if len(batch) < smallest_batch:
                 continue
+            short = len(batch) < settings.batch_size <= n
+            if settings.last_batch == "drop" and short:
+                continue
             loss = nn.functional.cross_entropy(model(train_x[batch]), train_y[batch])
+            if settings.last_batch == "nominal":
+                loss = loss * (len(batch) / settings.batch_size)
             grads = torch.autograd.grad(loss, params)
             with torch.no_grad():  # θ ← θ − lr·∇, all parameters in one fused call
                 if anchor is not None:  # ∇ of (mu/2)·‖θ − θ_start‖² is mu·(θ − θ_start)

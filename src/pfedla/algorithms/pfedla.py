@@ -30,14 +30,17 @@ from pfedla.client import ClientFailure, ClientUpdate
 ALPHA_FLOOR = 1e-12  # keeps α defined (uniform) if every head output underflows to zero
 
 
-def normalize_heads(head_outputs: torch.Tensor) -> torch.Tensor:
+def normalize_heads(head_outputs: torch.Tensor, heads: str = "softplus") -> torch.Tensor:
     """Softplus then normalise over source clients (last dim): α > 0, Σ_j α_j = 1.
 
     Softplus is the smooth ReLU: a ReLU head at or below zero has exactly zero gradient, so its α
     entry (then ~1e-13) could never come back even where trusting that client later helps; in the
     MNIST study about 80% of all α entries were there by round 10 (docs/study.md).
     """
-    positive = nn.functional.softplus(head_outputs) + ALPHA_FLOOR
+    if heads == "relu":  # the paper's heads
+        positive = torch.relu(head_outputs) + ALPHA_FLOOR
+    else:
+        positive = nn.functional.softplus(head_outputs) + ALPHA_FLOOR
     return positive / positive.sum(dim=-1, keepdim=True)
 
 
@@ -67,6 +70,17 @@ def layer_scales(deltas: Sequence[torch.Tensor], stack: Sequence[torch.Tensor]) 
     return torch.stack(scales, dim=1).clamp_min(torch.finfo(stack[0].dtype).tiny)
 
 
+def prototype_scales(step: str, deltas: Sequence[torch.Tensor],
+                     stack: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Prototype scalings of the surrogate's layer terms (issue 20 research): [S, L]."""
+    tiny = torch.finfo(stack[0].dtype).tiny
+    if step == "model_sq":  # mean ‖θ^l‖²: relative units, but the step still shrinks as Δ does
+        scales = [rows.norm(dim=1).pow(2).mean().expand(len(delta)) for delta, rows in zip(deltas, stack, strict=True)]
+    else:
+        raise ValueError(f"unknown step {step}")
+    return torch.stack(scales, dim=1).clamp_min(tiny)
+
+
 def self_weights(alpha: torch.Tensor, clients: torch.Tensor) -> torch.Tensor:
     """α_ii^l, what each client gives its own model per layer: [S, L] from alpha [S, L, N]."""
     return alpha[torch.arange(len(clients)), :, clients]
@@ -88,32 +102,57 @@ def apply_keep_mask(alpha: torch.Tensor, keep: torch.Tensor, clients: torch.Tens
 
 
 class HyperNetworks(nn.Module):
-    """N hypernetworks evaluated together: embedding v_i -> MLP -> one head per layer -> α_i."""
+    """N hypernetworks evaluated together: embedding v_i -> MLP -> one head per layer -> α_i.
+
+    ``shape="ours"``: embedding -> 2 x (Linear hidden + ReLU), head weights N(0, small), head bias
+    ``head_bias`` (near-uniform α). ``shape="paper"``: the public code's: embedding -> 3 x (Linear
+    hidden + ReLU) with PyTorch's default Linear init, head weights U(0, 1), head bias 0.
+    """
 
     def __init__(self, num_clients: int, num_layers: int, embedding_dim: int, hidden_dim: int,
-                 generator: torch.Generator):
+                 generator: torch.Generator, heads: str = "softplus", shape: str = "ours",
+                 head_bias: float = 1.0, self_bias: Sequence[float] | None = None):
         super().__init__()
 
         def normal(*shape: int, std: float) -> nn.Parameter:
             return nn.Parameter(torch.randn(*shape, generator=generator) * std)
 
+        def uniform(*shape: int, low: float, high: float) -> nn.Parameter:
+            return nn.Parameter(torch.rand(*shape, generator=generator) * (high - low) + low)
+
         n, emb, hid = num_clients, embedding_dim, hidden_dim
+        self.heads = heads
         self.embeddings = normal(n, emb, std=1.0)
-        self.w1 = normal(n, emb, hid, std=emb**-0.5)
-        self.b1 = nn.Parameter(torch.zeros(n, hid))
-        self.w2 = normal(n, hid, hid, std=hid**-0.5)
-        self.b2 = nn.Parameter(torch.zeros(n, hid))
-        # Small head weights and a constant bias: α starts close to uniform (FedAvg-like).
-        self.head_w = normal(n, num_layers, hid, n, std=0.01 * hid**-0.5)
-        self.head_b = nn.Parameter(torch.ones(n, num_layers, n))
+        widths = [emb, hid, hid] if shape == "ours" else [emb, hid, hid, hid]
+        self.depth = len(widths) - 1
+        for k, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:], strict=True), start=1):
+            if shape == "ours":
+                setattr(self, f"w{k}", normal(n, fan_in, fan_out, std=fan_in**-0.5))
+                setattr(self, f"b{k}", nn.Parameter(torch.zeros(n, fan_out)))
+            else:  # PyTorch's Linear default: U(±1/sqrt(fan_in)) for weight and bias
+                bound = fan_in**-0.5
+                setattr(self, f"w{k}", uniform(n, fan_in, fan_out, low=-bound, high=bound))
+                setattr(self, f"b{k}", uniform(n, fan_out, low=-bound, high=bound))
+        if shape == "ours":
+            # Small head weights and a constant bias: α starts close to uniform (FedAvg-like).
+            self.head_w = normal(n, num_layers, hid, n, std=0.01 * hid**-0.5)
+            bias = torch.full((n, num_layers, n), float(head_bias))
+            if self_bias is not None:  # prototype: a head that starts favoring the own model
+                eye = torch.eye(n)[:, None, :]
+                bias = bias + eye * torch.as_tensor(list(self_bias), dtype=torch.float32)[None, :, None]
+            self.head_b = nn.Parameter(bias)
+        else:
+            self.head_w = uniform(n, num_layers, hid, n, low=0.0, high=1.0)
+            self.head_b = nn.Parameter(torch.zeros(n, num_layers, n))
 
     def forward(self, clients: torch.Tensor) -> torch.Tensor:
         """α for the given clients: [S, L, N]."""
-        hidden = torch.relu(torch.einsum("se,seh->sh", self.embeddings[clients], self.w1[clients])
-                            + self.b1[clients])
-        hidden = torch.relu(torch.einsum("sh,shk->sk", hidden, self.w2[clients]) + self.b2[clients])
+        hidden = self.embeddings[clients]
+        for k in range(1, self.depth + 1):
+            weight, bias = getattr(self, f"w{k}"), getattr(self, f"b{k}")
+            hidden = torch.relu(torch.einsum("se,seh->sh", hidden, weight[clients]) + bias[clients])
         heads = torch.einsum("sh,slhn->sln", hidden, self.head_w[clients]) + self.head_b[clients]
-        return normalize_heads(heads)
+        return normalize_heads(heads) if self.heads == "softplus" else normalize_heads(heads, self.heads)
 
 
 class PFedLAStrategy(Strategy):
@@ -122,13 +161,20 @@ class PFedLAStrategy(Strategy):
     name = "pfedla"
 
     def __init__(self, init_layers: Sequence[torch.Tensor], num_clients: int, *, hn_lr: float,
-                 embedding_dim: int, hidden_dim: int, heur_k: int, generator: torch.Generator):
+                 embedding_dim: int, hidden_dim: int, heur_k: int, generator: torch.Generator,
+                 heads: str = "softplus", step: str = "scaled", shape: str = "ours",
+                 head_bias: float = 1.0, self_bias: Sequence[float] | None = None,
+                 layer_lr: Sequence[float] | None = None):
         device = init_layers[0].device
         self.models = ModelStack(init_layers, num_clients)
         self.hypernetworks = HyperNetworks(
-            num_clients, len(init_layers), embedding_dim, hidden_dim, generator
+            num_clients, len(init_layers), embedding_dim, hidden_dim, generator, heads=heads, shape=shape,
+            head_bias=head_bias, self_bias=self_bias,
         ).to(device)
         self.hn_lr, self.heur_k, self.num_clients = hn_lr, heur_k, num_clients
+        self.signal: dict[int, list[torch.Tensor]] | None = None  # prototype: set per round by a driver
+        self.step = step  # prototype: "scaled" (today), "plain" (the paper: unscaled), others
+        self.layer_lr = None if layer_lr is None else torch.as_tensor(list(layer_lr), device=device)
 
     def _alpha(self, clients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(α with HeurpFedLA's one-hot rows applied, keep mask), differentiable in ψ."""
@@ -162,8 +208,13 @@ class PFedLAStrategy(Strategy):
         Layers a client kept local (HeurpFedLA) contribute no gradient.
         """
         alpha, keep = self._alpha(clients)
-        scales = layer_scales(deltas, self.models.rows)
-        grad_alpha = surrogate_alpha_grad(deltas, self.models.rows) / scales[:, :, None]
+        grad_alpha = surrogate_alpha_grad(deltas, self.models.rows)
+        if self.step == "scaled":
+            grad_alpha = grad_alpha / layer_scales(deltas, self.models.rows)[:, :, None]
+        elif self.step != "plain":
+            grad_alpha = grad_alpha / prototype_scales(self.step, deltas, self.models.rows)[:, :, None]
+        if self.layer_lr is not None:
+            grad_alpha = grad_alpha * self.layer_lr[None, :, None]
         # Where every client holds the same layer (all of them in round 0), θ̄ does not depend on α
         # and the true gradient is exactly zero; the matrix product leaves ~1e-7 of rounding, which
         # must not move α in a random direction.
@@ -186,7 +237,11 @@ class PFedLAStrategy(Strategy):
             return {}
         clients = self._client_index([u.client_id for u in updates])
         deltas = stacked_deltas(updates, len(self.models.rows))
-        grads, alpha = self.hypernetwork_gradients(clients, deltas)
+        signal = deltas
+        if self.signal is not None:  # prototype: another descent direction per client drives α
+            signal = [torch.stack([self.signal[u.client_id][layer] for u in updates])
+                      for layer in range(len(self.models.rows))]
+        grads, alpha = self.hypernetwork_gradients(clients, signal)
         # Θ must change only after the gradient: both use the Θ that formed θ̄ this round.
         # θ' = θ̄ + Δ = αΘ + Δ is formed inside the stacked deltas: no [S, P_l] temporaries.
         for layer, (rows, delta) in enumerate(zip(self.models.rows, deltas, strict=True)):
