@@ -10,14 +10,21 @@ from pfedla.client import ClientUpdate
 from pfedla.config import config_from_dict
 from pfedla.data import ClientShard, FederatedData
 from pfedla.data.sources import feature_statistics, load_digits, standardize
+from pfedla.registry import PFedLASettings
 from pfedla.simulation import Simulation
 
 
-def strategy_for(num_clients=5, sizes=(7, 3, 11), heur_k=0, hn_lr=0.01, seed=0, dtype=torch.float32):
+def small(**settings) -> PFedLASettings:
+    """pFedLA settings with small hypernetworks (embedding 4, hidden 6) unless given."""
+    return PFedLASettings(**{"embedding_dim": 4, "hidden_dim": 6, **settings})
+
+
+def strategy_for(num_clients=5, sizes=(7, 3, 11), heur_k=0, hn_lr=0.01, seed=0, dtype=torch.float32,
+                 **settings):
     gen = torch.Generator().manual_seed(seed)
     init = [torch.randn(s, generator=gen, dtype=dtype) for s in sizes]
-    strategy = pf.PFedLAStrategy(init, num_clients, hn_lr=hn_lr, embedding_dim=4, hidden_dim=6,
-                                 heur_k=heur_k, generator=torch.Generator().manual_seed(seed + 1))
+    strategy = pf.PFedLAStrategy(init, num_clients, small(hn_lr=hn_lr, heur_k=heur_k, **settings),
+                                 torch.Generator().manual_seed(seed + 1))
     # Distinct client models, as after some training.
     for rows in strategy.models.rows:
         rows.copy_(torch.randn(rows.shape, generator=gen, dtype=dtype))
@@ -56,8 +63,13 @@ def test_aggregate_layers_matches_a_naive_per_client_loop():
     torch.testing.assert_close(instructions[0].layers[1], batched[1][1])
 
 
-def test_hypernetwork_gradient_matches_finite_differences_of_the_surrogate():
-    strategy = strategy_for(dtype=torch.float64)
+PAPER_SHAPE = {"step": "plain", "heads": "relu", "init": "paper", "hidden_layers": 3}
+
+
+@pytest.mark.parametrize("settings", [{}, PAPER_SHAPE], ids=["pfedla", "paper"])
+def test_hypernetwork_gradient_matches_finite_differences_of_the_surrogate(settings):
+    """Both steps: "scaled" (each layer's term over its fixed scale) and the paper's "plain" one."""
+    strategy = strategy_for(dtype=torch.float64, **settings)
     clients = torch.tensor([1, 2, 4])
     gen = torch.Generator().manual_seed(7)
     deltas = [torch.randn(3, rows.shape[1], generator=gen, dtype=torch.float64)
@@ -66,6 +78,8 @@ def test_hypernetwork_gradient_matches_finite_differences_of_the_surrogate():
     # The surrogate: f(ψ) = Σ_l <θ̄^l(ψ), d^l> / scale^l with d = θ̄(ψ0) − θ'(ψ0) = −Δ and the
     # layer scales held fixed.
     scales = pf.layer_scales(deltas, strategy.models.rows)
+    if settings.get("step") == "plain":
+        scales = torch.ones_like(scales)
     fixed = [-d / scales[:, layer, None] for layer, d in enumerate(deltas)]
     params = dict(strategy.hypernetworks.named_parameters())
 
@@ -75,7 +89,7 @@ def test_hypernetwork_gradient_matches_finite_differences_of_the_surrogate():
             return float(sum((b * d).sum() for b, d in zip(bar, fixed)))
 
     eps = 1e-6
-    for name in ("head_w", "head_b", "w1", "embeddings"):
+    for name in ("head_w", "head_b", "hidden.0", "hidden.5" if settings else "hidden.3", "embeddings"):
         direction = torch.randn(params[name].shape, generator=gen, dtype=torch.float64)
         with torch.no_grad():
             params[name] += eps * direction
@@ -95,8 +109,8 @@ def test_frozen_uniform_alpha_with_full_participation_equals_fedavg():
     gen = torch.Generator().manual_seed(3)
     init = [torch.randn(s, generator=gen) for s in (6, 4)]
     n = 4
-    pfedla = pf.PFedLAStrategy(init, n, hn_lr=0.0, embedding_dim=3, hidden_dim=5, heur_k=0,
-                               generator=torch.Generator().manual_seed(0))
+    pfedla = pf.PFedLAStrategy(init, n, small(hn_lr=0.0, embedding_dim=3, hidden_dim=5),
+                               torch.Generator().manual_seed(0))
     with torch.no_grad():  # uniform α: zero head weights, equal biases
         pfedla.hypernetworks.head_w.zero_()
         pfedla.hypernetworks.head_b.fill_(1.0)
@@ -195,8 +209,7 @@ def test_round_zero_with_identical_models_leaves_alpha_exactly_where_it_was():
     1e-8) turned into a full step, moving α in a random direction."""
     gen = torch.Generator().manual_seed(0)
     init = [torch.randn(s, generator=gen) for s in (50, 20, 30)]
-    strategy = pf.PFedLAStrategy(init, 6, hn_lr=0.03, embedding_dim=4, hidden_dim=6, heur_k=0,
-                                 generator=torch.Generator().manual_seed(1))
+    strategy = pf.PFedLAStrategy(init, 6, small(hn_lr=0.03), torch.Generator().manual_seed(1))
     alpha_before = strategy.layer_weights()
     sent = strategy.configure_fit(0, list(range(6)))
     updates = [ClientUpdate(c, 5, [0.01 * torch.randn(t.shape, generator=gen) for t in sent[c].layers], 0.0)
@@ -210,18 +223,12 @@ def test_round_zero_with_identical_models_leaves_alpha_exactly_where_it_was():
     assert not torch.equal(strategy.layer_weights(), alpha_before)
 
 
-def relu_heads(head_outputs: torch.Tensor) -> torch.Tensor:
-    """The heads before the fix: ReLU then normalise."""
-    positive = torch.relu(head_outputs) + pf.ALPHA_FLOOR
-    return positive / positive.sum(dim=-1, keepdim=True)
-
-
-def recovery_from_the_floor(rounds=40) -> tuple[float, float]:
+def recovery_from_the_floor(rounds=40, heads="softplus") -> tuple[float, float]:
     """α_02 of client 0 pushed to (nearly) nothing, then rounds whose updates all point to client 2's
     model: (α_02 before, α_02 after)."""
     gen = torch.Generator().manual_seed(0)
-    strategy = pf.PFedLAStrategy([torch.randn(30, generator=gen)], 3, hn_lr=1.0, embedding_dim=4,
-                                 hidden_dim=6, heur_k=0, generator=torch.Generator().manual_seed(1))
+    strategy = pf.PFedLAStrategy([torch.randn(30, generator=gen)], 3, small(hn_lr=1.0, heads=heads),
+                                 torch.Generator().manual_seed(1))
     strategy.models.rows[0].copy_(torch.randn(3, 30, generator=gen))
     with torch.no_grad():
         strategy.hypernetworks.head_b[0, 0, 2] = -3.0  # a ReLU head there is clipped to zero
@@ -238,21 +245,20 @@ def test_an_alpha_entry_driven_to_the_floor_recovers_when_the_gradient_favors_it
     assert before < 0.05 and after > 0.5
 
 
-def test_relu_heads_stay_at_the_floor(monkeypatch):
-    """The issue-13 lead: a ReLU head at or below zero has zero gradient, and its α never returns."""
-    monkeypatch.setattr(pf, "normalize_heads", relu_heads)
-    before, after = recovery_from_the_floor()
+def test_relu_heads_stay_at_the_floor():
+    """The issue-13 lead (and pfedla_paper's heads): a ReLU head at or below zero has zero gradient,
+    and its α never returns."""
+    before, after = recovery_from_the_floor(heads="relu")
     assert before < 1e-9 and after < 1e-9
 
 
-def alpha_step(deviation: float, scale: float = 1.0) -> torch.Tensor:
+def alpha_step(deviation: float, scale: float = 1.0, step: str = "scaled") -> torch.Tensor:
     """How much client 0's α moves in one step when the four client models differ from their mean
     by ``deviation`` (relative) and client 0's update points to client 1's model; all parameters
     and updates times ``scale``."""
     gen = torch.Generator().manual_seed(5)
     center, spread = torch.randn(40, generator=gen), torch.randn(4, 40, generator=gen)
-    strategy = pf.PFedLAStrategy([center], 4, hn_lr=1.0, embedding_dim=4, hidden_dim=6, heur_k=0,
-                                 generator=torch.Generator().manual_seed(2))
+    strategy = pf.PFedLAStrategy([center], 4, small(hn_lr=1.0, step=step), torch.Generator().manual_seed(2))
     strategy.models.rows[0].copy_(scale * (center + deviation * spread))
     before = strategy.layer_weights()
     start = strategy.configure_fit(1, [0])[0].layers[0]

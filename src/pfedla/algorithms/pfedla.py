@@ -9,16 +9,18 @@ Round, for each participating client i:
   2. the client trains from θ̄_i and returns Δ_i = θ_i' − θ̄_i
   3. θ_i ← θ̄_i + Δ_i, and HN_i takes a plain gradient *descent* step on the surrogate whose
      gradient is (∂θ̄_i/∂ψ_i)ᵀ (θ̄_i − θ_i') = −(∂θ̄_i/∂ψ_i)ᵀ Δ_i   (``surrogate_alpha_grad``),
-     each layer's term divided by ‖Δ_i^l‖ times the size of θ^l (``layer_scales``)
+     with ``step="scaled"`` each layer's term divided by ‖Δ_i^l‖ times the size of θ^l
+     (``layer_scales``); ``step="plain"`` is the paper's unscaled step.
 
 Client i's personalized model is θ̄_i formed with the current α and client models.
 All hypernetworks are evaluated as one batched computation; clients outside the round are untouched.
-docs/study.md gives the measurements behind the three choices that differ from a literal reading
-(softplus heads, the scale-free plain gradient step, θ̄_i as the personalized model).
+``pfedla`` and ``pfedla_paper`` are this one strategy with different settings (registry.py);
+docs/algorithm.md lists each difference and its measured effect.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -39,16 +41,15 @@ ALPHA_FLOOR = 1e-12  # keeps α defined (uniform) if every head output underflow
 
 
 def normalize_heads(head_outputs: torch.Tensor, heads: str = "softplus") -> torch.Tensor:
-    """Softplus then normalise over source clients (last dim): α > 0, Σ_j α_j = 1.
+    """Make the head outputs positive, then normalise over source clients (last dim): α ≥ 0, Σ_j α_j = 1.
 
-    Softplus is the smooth ReLU: a ReLU head at or below zero has exactly zero gradient, so its α
-    entry (then ~1e-13) could never come back even where trusting that client later helps; in the
-    MNIST study about 80% of all α entries were there by round 10 (docs/study.md).
+    ``heads`` "softplus" (the smooth ReLU, pfedla) or "relu" (the paper's). A ReLU head at or below
+    zero has exactly zero gradient, so its α entry (then ~1e-13) can never come back even where
+    trusting that client later helps; in the MNIST study about 80% of all α entries were there by
+    round 10 (docs/study.md).
     """
-    if heads == "relu":  # the paper's heads
-        positive = torch.relu(head_outputs) + ALPHA_FLOOR
-    else:
-        positive = nn.functional.softplus(head_outputs) + ALPHA_FLOOR
+    raw = torch.relu(head_outputs) if heads == "relu" else nn.functional.softplus(head_outputs)
+    positive = raw + ALPHA_FLOOR
     return positive / positive.sum(dim=-1, keepdim=True)
 
 
@@ -78,17 +79,6 @@ def layer_scales(deltas: Sequence[torch.Tensor], stack: Sequence[torch.Tensor]) 
     return torch.stack(scales, dim=1).clamp_min(torch.finfo(stack[0].dtype).tiny)
 
 
-def prototype_scales(step: str, deltas: Sequence[torch.Tensor],
-                     stack: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Prototype scalings of the surrogate's layer terms (issue 20 research): [S, L]."""
-    tiny = torch.finfo(stack[0].dtype).tiny
-    if step == "model_sq":  # mean ‖θ^l‖²: relative units, but the step still shrinks as Δ does
-        scales = [rows.norm(dim=1).pow(2).mean().expand(len(delta)) for delta, rows in zip(deltas, stack, strict=True)]
-    else:
-        raise ValueError(f"unknown step {step}")
-    return torch.stack(scales, dim=1).clamp_min(tiny)
-
-
 def self_weights(alpha: torch.Tensor, clients: torch.Tensor) -> torch.Tensor:
     """α_ii^l, what each client gives its own model per layer: [S, L] from alpha [S, L, N]."""
     return alpha[torch.arange(len(clients)), :, clients]
@@ -112,14 +102,14 @@ def apply_keep_mask(alpha: torch.Tensor, keep: torch.Tensor, clients: torch.Tens
 class HyperNetworks(nn.Module):
     """N hypernetworks evaluated together: embedding v_i -> MLP -> one head per layer -> α_i.
 
-    ``shape="ours"``: embedding -> 2 x (Linear hidden + ReLU), head weights N(0, small), head bias
-    ``head_bias`` (near-uniform α). ``shape="paper"``: the public code's: embedding -> 3 x (Linear
-    hidden + ReLU) with PyTorch's default Linear init, head weights U(0, 1), head bias 0.
+    The shape and initialization are ``settings``' (registry.HyperNetworkSettings): ``init``
+    "near_uniform" draws hidden weights N(0, 1/fan_in) with zero bias and head weights N(0, small)
+    with bias 1, so α starts at uniform (FedAvg); "paper" is the public code's, PyTorch's default
+    Linear init U(±1/sqrt(fan_in)) for the hidden layers and heads U(0, 1) with bias 0.
     """
 
-    def __init__(self, num_clients: int, num_layers: int, embedding_dim: int, hidden_dim: int,
-                 generator: torch.Generator, heads: str = "softplus", shape: str = "ours",
-                 head_bias: float = 1.0, self_bias: Sequence[float] | None = None):
+    def __init__(self, num_clients: int, num_layers: int, settings: HyperNetworkSettings,
+                 generator: torch.Generator):
         super().__init__()
 
         def normal(*shape: int, std: float) -> nn.Parameter:
@@ -128,61 +118,48 @@ class HyperNetworks(nn.Module):
         def uniform(*shape: int, low: float, high: float) -> nn.Parameter:
             return nn.Parameter(torch.rand(*shape, generator=generator) * (high - low) + low)
 
-        n, emb, hid = num_clients, embedding_dim, hidden_dim
-        self.heads = heads
-        self.embeddings = normal(n, emb, std=1.0)
-        widths = [emb, hid, hid] if shape == "ours" else [emb, hid, hid, hid]
-        self.depth = len(widths) - 1
-        for k, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:], strict=True), start=1):
-            if shape == "ours":
-                setattr(self, f"w{k}", normal(n, fan_in, fan_out, std=fan_in**-0.5))
-                setattr(self, f"b{k}", nn.Parameter(torch.zeros(n, fan_out)))
-            else:  # PyTorch's Linear default: U(±1/sqrt(fan_in)) for weight and bias
-                bound = fan_in**-0.5
-                setattr(self, f"w{k}", uniform(n, fan_in, fan_out, low=-bound, high=bound))
-                setattr(self, f"b{k}", uniform(n, fan_out, low=-bound, high=bound))
-        if shape == "ours":
-            # Small head weights and a constant bias: α starts close to uniform (FedAvg-like).
-            self.head_w = normal(n, num_layers, hid, n, std=0.01 * hid**-0.5)
-            bias = torch.full((n, num_layers, n), float(head_bias))
-            if self_bias is not None:  # prototype: a head that starts favoring the own model
-                eye = torch.eye(n)[:, None, :]
-                bias = bias + eye * torch.as_tensor(list(self_bias), dtype=torch.float32)[None, :, None]
-            self.head_b = nn.Parameter(bias)
-        else:
+        n, hid, paper = num_clients, settings.hidden_dim, settings.init == "paper"
+        self.heads = settings.heads
+        self.embeddings = normal(n, settings.embedding_dim, std=1.0)
+        widths = [settings.embedding_dim] + [hid] * settings.hidden_layers
+        self.hidden = nn.ParameterList()  # weight [N, in, out], bias [N, out], alternating
+        for fan_in, fan_out in zip(widths[:-1], widths[1:], strict=True):
+            bound = fan_in**-0.5
+            if paper:
+                self.hidden.extend([uniform(n, fan_in, fan_out, low=-bound, high=bound),
+                                    uniform(n, fan_out, low=-bound, high=bound)])
+            else:
+                self.hidden.extend([normal(n, fan_in, fan_out, std=bound),
+                                    nn.Parameter(torch.zeros(n, fan_out))])
+        if paper:
             self.head_w = uniform(n, num_layers, hid, n, low=0.0, high=1.0)
             self.head_b = nn.Parameter(torch.zeros(n, num_layers, n))
+        else:  # small head weights and a constant bias: α starts close to uniform (FedAvg-like)
+            self.head_w = normal(n, num_layers, hid, n, std=0.01 * hid**-0.5)
+            self.head_b = nn.Parameter(torch.ones(n, num_layers, n))
 
     def forward(self, clients: torch.Tensor) -> torch.Tensor:
         """α for the given clients: [S, L, N]."""
         hidden = self.embeddings[clients]
-        for k in range(1, self.depth + 1):
-            weight, bias = getattr(self, f"w{k}"), getattr(self, f"b{k}")
+        for weight, bias in zip(self.hidden[::2], self.hidden[1::2], strict=True):
             hidden = torch.relu(torch.einsum("se,seh->sh", hidden, weight[clients]) + bias[clients])
         heads = torch.einsum("sh,slhn->sln", hidden, self.head_w[clients]) + self.head_b[clients]
-        return normalize_heads(heads) if self.heads == "softplus" else normalize_heads(heads, self.heads)
+        return normalize_heads(heads, self.heads)
 
 
 class PFedLAStrategy(Strategy):
-    """Server side of pFedLA; ``heur_k > 0`` gives HeurpFedLA, ``hn_lr = 0`` frozen α."""
+    """Server side of pFedLA with ``settings`` (registry.PFedLASettings); ``heur_k > 0`` gives
+    HeurpFedLA, ``hn_lr = 0`` frozen α."""
 
     name = "pfedla"
 
-    def __init__(self, init_layers: Sequence[torch.Tensor], num_clients: int, *, hn_lr: float,
-                 embedding_dim: int, hidden_dim: int, heur_k: int, generator: torch.Generator,
-                 heads: str = "softplus", step: str = "scaled", shape: str = "ours",
-                 head_bias: float = 1.0, self_bias: Sequence[float] | None = None,
-                 layer_lr: Sequence[float] | None = None):
+    def __init__(self, init_layers: Sequence[torch.Tensor], num_clients: int, settings: PFedLASettings,
+                 generator: torch.Generator):
         device = init_layers[0].device
         self.models = ModelStack(init_layers, num_clients)
-        self.hypernetworks = HyperNetworks(
-            num_clients, len(init_layers), embedding_dim, hidden_dim, generator, heads=heads, shape=shape,
-            head_bias=head_bias, self_bias=self_bias,
-        ).to(device)
-        self.hn_lr, self.heur_k, self.num_clients = hn_lr, heur_k, num_clients
-        self.signal: dict[int, list[torch.Tensor]] | None = None  # prototype: set per round by a driver
-        self.step = step  # prototype: "scaled" (today), "plain" (the paper: unscaled), others
-        self.layer_lr = None if layer_lr is None else torch.as_tensor(list(layer_lr), device=device)
+        self.hypernetworks = HyperNetworks(num_clients, len(init_layers), settings, generator).to(device)
+        self.settings, self.num_clients = settings, num_clients
+        self.hn_lr, self.heur_k = settings.hn_lr, settings.heur_k
 
     def _alpha(self, clients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(α with HeurpFedLA's one-hot rows applied, keep mask), differentiable in ψ."""
@@ -211,18 +188,14 @@ class PFedLAStrategy(Strategy):
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Surrogate gradients of every HN parameter, plus the α they were taken at.
 
-        ``deltas`` holds one [S, P_l] tensor per layer (row s: client clients[s]); layer l's term
-        of the surrogate is divided by ``layer_scales``.
+        ``deltas`` holds one [S, P_l] tensor per layer (row s: client clients[s]); with the
+        "scaled" step layer l's term of the surrogate is divided by ``layer_scales``.
         Layers a client kept local (HeurpFedLA) contribute no gradient.
         """
         alpha, keep = self._alpha(clients)
         grad_alpha = surrogate_alpha_grad(deltas, self.models.rows)
-        if self.step == "scaled":
+        if self.settings.step == "scaled":
             grad_alpha = grad_alpha / layer_scales(deltas, self.models.rows)[:, :, None]
-        elif self.step != "plain":
-            grad_alpha = grad_alpha / prototype_scales(self.step, deltas, self.models.rows)[:, :, None]
-        if self.layer_lr is not None:
-            grad_alpha = grad_alpha * self.layer_lr[None, :, None]
         # Where every client holds the same layer (all of them in round 0), θ̄ does not depend on α
         # and the true gradient is exactly zero; the matrix product leaves ~1e-7 of rounding, which
         # must not move α in a random direction.
@@ -245,11 +218,7 @@ class PFedLAStrategy(Strategy):
             return {}
         clients = self._client_index([u.client_id for u in updates])
         deltas = stacked_deltas(updates, len(self.models.rows))
-        signal = deltas
-        if self.signal is not None:  # prototype: another descent direction per client drives α
-            signal = [torch.stack([self.signal[u.client_id][layer] for u in updates])
-                      for layer in range(len(self.models.rows))]
-        grads, alpha = self.hypernetwork_gradients(clients, signal)
+        grads, alpha = self.hypernetwork_gradients(clients, deltas)
         # Θ must change only after the gradient: both use the Θ that formed θ̄ this round.
         # θ' = θ̄ + Δ = αΘ + Δ is formed inside the stacked deltas: no [S, P_l] temporaries.
         for layer, (rows, delta) in enumerate(zip(self.models.rows, deltas, strict=True)):
@@ -308,15 +277,13 @@ def alpha_metrics(alpha: torch.Tensor, clients: torch.Tensor) -> dict[str, float
 
 
 def build(settings: PFedLASettings, context: BuildContext) -> PFedLAStrategy:
-    return _strategy(settings, context, settings.hn_lr)
+    """pfedla and pfedla_paper: the strategy with the section's settings."""
+    return PFedLAStrategy(context.init_layers, context.num_clients, settings,
+                          context.generator("hypernetworks"))
 
 
 def build_frozen(settings: HyperNetworkSettings, context: BuildContext) -> PFedLAStrategy:
     """The ablation: α stays what the untrained hypernetworks output."""
-    return _strategy(settings, context, hn_lr=0.0)
-
-
-def _strategy(settings: HyperNetworkSettings, context: BuildContext, hn_lr: float) -> PFedLAStrategy:
-    return PFedLAStrategy(context.init_layers, context.num_clients, hn_lr=hn_lr,
-                          embedding_dim=settings.embedding_dim, hidden_dim=settings.hidden_dim,
-                          heur_k=settings.heur_k, generator=context.generator("hypernetworks"))
+    frozen = PFedLASettings(**dataclasses.asdict(settings), hn_lr=0.0)
+    return PFedLAStrategy(context.init_layers, context.num_clients, frozen,
+                          context.generator("hypernetworks"))
