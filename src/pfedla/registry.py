@@ -90,7 +90,7 @@ PAPER_HN_LR = 50.0
 
 HEADS = ("softplus", "relu")
 HYPERNETWORK_INITS = ("near_uniform", "paper")
-STEPS = ("scaled", "plain")
+STEPS = ("scaled", "annealed", "plain")
 
 
 @dataclass
@@ -126,29 +126,25 @@ class HyperNetworkSettings:
 @dataclass
 class PFedLASettings(HyperNetworkSettings):
     """pFedLA: each hypernetwork takes plain gradient-descent steps of size ``hn_lr`` (0 freezes
-    them) on the surrogate (∂θ̄_i/∂ψ_i)ᵀ·(−signal). ``step`` "scaled" divides each layer's term by
-    ‖signal^l‖·mean‖θ^l‖ (scale-free, docs/study.md); "plain" is the paper's unscaled surrogate.
-    The signal is the client's update Δ_i (the paper) or, with ``holdout`` > 0, the descent
-    direction of the loss on that share of the client's train split, held out of its training
-    (docs/algorithm.md: why)."""
+    them) on the surrogate (∂θ̄_i/∂ψ_i)ᵀ·(−Δ_i). ``step`` says how each layer's term is scaled:
+    "scaled" divides it by ‖Δ_i^l‖·mean‖θ^l‖ (scale-free, and as large late in a run as early on);
+    "annealed" by mean‖θ^l‖² (scale-free, and shrinking as the updates do); "plain" leaves it as
+    the paper does (its size depends on the model). docs/algorithm.md: the measured effects."""
 
     hn_lr: float = 3.0
     step: str = "scaled"
-    holdout: float = 0.0
 
     def validate(self, section: str, model: ModelSpec) -> None:
         super().validate(section, model)
         require_range(self.hn_lr, f"{section}.hn_lr", 0, why="0 freezes the hypernetworks")
         choice(self.step, f"{section}.step", STEPS)
-        require(0.0 <= self.holdout < 1.0, f"{section}.holdout",
-                f"must be in [0, 1): the share of each train split held out for α, got {self.holdout}")
 
 
 def paper_settings() -> PFedLASettings:
     """pfedla_paper's defaults: the paper's method as its public code runs it, with the descent sign
     (docs/algorithm.md lists each difference from pfedla and its measured effect)."""
     return PFedLASettings(embedding_dim=100, hidden_dim=100, hidden_layers=3, init="paper", heads="relu",
-                          step="plain", hn_lr=PAPER_HN_LR, holdout=0.0)
+                          step="plain", hn_lr=PAPER_HN_LR)
 
 
 @dataclass

@@ -67,10 +67,9 @@ def test_flat_params_cover_nested_keys():
          "pfedla, pfedla_paper, pfedla_frozen, fedavg, fedavg_ft, fedprox, fedper, fedrep, fedbn, ditto, "
          "pfedhn, local"),
         ({"pfedla": {"heads": "softmax"}}, "pfedla.heads", "softplus, relu"),
-        ({"pfedla_paper": {"step": "adam"}}, "pfedla_paper.step", "scaled, plain"),
+        ({"pfedla_paper": {"step": "adam"}}, "pfedla_paper.step", "scaled, annealed, plain"),
         ({"pfedla_frozen": {"init": "zeros"}}, "pfedla_frozen.init", "near_uniform, paper"),
         ({"pfedla": {"hidden_layers": 0}}, "pfedla.hidden_layers", ">= 1"),
-        ({"pfedla": {"holdout": 1.0}}, "pfedla.holdout", "[0, 1)"),
         ({"last_batch": "keep"}, "last_batch", "nominal, mean, drop"),
         ({"algorithms": []}, "algorithms", "at least one"),
         ({"algorithms": ["local", "local"]}, "algorithms", "at most once"),

@@ -9,8 +9,8 @@ Round, for each participating client i:
   2. the client trains from θ̄_i and returns Δ_i = θ_i' − θ̄_i
   3. θ_i ← θ̄_i + Δ_i, and HN_i takes a plain gradient *descent* step on the surrogate whose
      gradient is (∂θ̄_i/∂ψ_i)ᵀ (θ̄_i − θ_i') = −(∂θ̄_i/∂ψ_i)ᵀ Δ_i   (``surrogate_alpha_grad``),
-     with ``step="scaled"`` each layer's term divided by ‖Δ_i^l‖ times the size of θ^l
-     (``layer_scales``); ``step="plain"`` is the paper's unscaled step.
+     with each layer's term divided by ``layer_scales`` (``step`` "scaled": ‖Δ_i^l‖ times the
+     size of θ^l; "annealed": the size of θ^l squared; "plain": 1, the paper's unscaled step).
 
 Client i's personalized model is θ̄_i formed with the current α and client models.
 All hypernetworks are evaluated as one batched computation; clients outside the round are untouched.
@@ -67,16 +67,27 @@ def surrogate_alpha_grad(deltas: Sequence[torch.Tensor], stack: Sequence[torch.T
     return torch.stack([-(delta @ rows.T) for delta, rows in zip(deltas, stack, strict=True)], dim=1)
 
 
-def layer_scales(deltas: Sequence[torch.Tensor], stack: Sequence[torch.Tensor]) -> torch.Tensor:
-    """‖Δ_s^l‖ times the mean norm of the client models' layer l: [S, L], what divides the surrogate.
+def layer_scales(deltas: Sequence[torch.Tensor], stack: Sequence[torch.Tensor], step: str = "scaled"
+                 ) -> torch.Tensor:
+    """What divides each layer's surrogate term: [S, L]. ``step`` "scaled": ‖Δ_s^l‖ times the mean
+    norm of the client models' layer l; "annealed": that mean norm squared; "plain": 1.
 
-    Dividing by it makes each layer's term dimensionless (a cosine between the update and the
-    models' deviations, times their relative size), so one ``hn_lr`` fits any model and layer, while
-    the step still grows with how different the clients' models are: that is what keeps α near
-    uniform where clients are alike and lets it personalize where they are not (docs/study.md).
+    Both divisors make each layer's term dimensionless, so one ``hn_lr`` fits any model and layer,
+    and the step grows with how different the clients' models are (α stays near uniform where
+    clients are alike and personalizes where they are not, docs/study.md). "scaled" is a cosine
+    between the update and the models' deviations: it does not shrink as the updates do, so late in
+    a long run α keeps moving at full speed toward what the client's own fit prefers (on iid data
+    toward self-weights, issue 20). "annealed" keeps ‖Δ‖ in the step, which then shrinks with the
+    updates, as the paper's plain step does.
     """
-    scales = [delta.norm(dim=1) * rows.norm(dim=1).mean() for delta, rows in zip(deltas, stack, strict=True)]
-    return torch.stack(scales, dim=1).clamp_min(torch.finfo(stack[0].dtype).tiny)
+    norms = torch.stack([rows.norm(dim=1).mean() for rows in stack])  # [L]
+    if step == "plain":
+        scales = torch.ones(len(deltas[0]), len(stack), dtype=stack[0].dtype, device=stack[0].device)
+    elif step == "annealed":
+        scales = (norms**2).expand(len(deltas[0]), -1)
+    else:
+        scales = torch.stack([delta.norm(dim=1) for delta in deltas], dim=1) * norms
+    return scales.clamp_min(torch.finfo(stack[0].dtype).tiny)
 
 
 def self_weights(alpha: torch.Tensor, clients: torch.Tensor) -> torch.Tensor:
@@ -189,13 +200,12 @@ class PFedLAStrategy(Strategy):
         """Surrogate gradients of every HN parameter, plus the α they were taken at.
 
         ``deltas`` holds one [S, P_l] tensor per layer (row s: client clients[s]); with the
-        "scaled" step layer l's term of the surrogate is divided by ``layer_scales``.
+        layer l's term of the surrogate is divided by ``layer_scales`` for the ``step`` setting.
         Layers a client kept local (HeurpFedLA) contribute no gradient.
         """
         alpha, keep = self._alpha(clients)
         grad_alpha = surrogate_alpha_grad(deltas, self.models.rows)
-        if self.settings.step == "scaled":
-            grad_alpha = grad_alpha / layer_scales(deltas, self.models.rows)[:, :, None]
+        grad_alpha = grad_alpha / layer_scales(deltas, self.models.rows, self.settings.step)[:, :, None]
         # Where every client holds the same layer (all of them in round 0), θ̄ does not depend on α
         # and the true gradient is exactly zero; the matrix product leaves ~1e-7 of rounding, which
         # must not move α in a random direction.
