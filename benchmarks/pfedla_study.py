@@ -39,7 +39,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from pfedla.algorithms.pfedla import PFedLAStrategy  # noqa: E402
-from pfedla.config import load_config  # noqa: E402
+from pfedla.config import ExperimentConfig, load_config  # noqa: E402
 from pfedla.data.federated import FederatedData, build_federated_data  # noqa: E402
 from pfedla.rounds import close_round, participants  # noqa: E402
 from pfedla.simulation import Simulation  # noqa: E402
@@ -72,9 +72,14 @@ class Variant:
         sequential = "schedule=sequential" in overrides
         return cls(label, algorithm, tuple(o for o in overrides if o != "schedule=sequential"), sequential)
 
-    def key(self, split: str, seed: int, common: list[str], falls: bool) -> str:
-        return json.dumps([split, seed, sorted(common), self.algorithm, sorted(self.overrides),
-                           self.sequential, falls])
+    def config(self, config_path: Path, common: list[str], split: str, seed: int) -> ExperimentConfig:
+        """The run's whole config: the file, the common overrides, the split, the seed, its own."""
+        return load_config(config_path, [*common, *SPLITS[split], f"seed={seed}", "seeds=null", "device=cpu",
+                                         f"algorithms=[{self.algorithm}]", *self.overrides])
+
+    def key(self, config: ExperimentConfig, falls: bool) -> str:
+        """The cache key: the resolved config (so a changed default is a new run), schedule, falls."""
+        return json.dumps([config.to_json(), self.algorithm, self.sequential, falls])
 
 
 def self_weights(strategy) -> list[float] | None:
@@ -95,12 +100,9 @@ def sequential_round(simulation: Simulation, strategy, states, round_idx: int) -
         close_round(strategy, simulation.config, round_idx, delivered, failed, 0.0)
 
 
-def run_variant(variant: Variant, config_path: Path, common: list[str], split: str, seed: int,
-                data: FederatedData, falls: bool) -> dict:
+def run_variant(variant: Variant, config: ExperimentConfig, data: FederatedData, falls: bool) -> dict:
     """All rounds of one variant on the (split, seed) data: final accuracies, α's trace, and with
     ``falls`` every client's accuracy after every round."""
-    config = load_config(config_path, [*common, *SPLITS[split], f"seed={seed}", "seeds=null", "device=cpu",
-                                       f"algorithms=[{variant.algorithm}]", *variant.overrides])
     simulation = Simulation(config, data, torch.device("cpu"), tracker=None, progress=False)
     strategy, states = simulation.start(variant.algorithm)
     started, trace, per_round = time.perf_counter(), [], []
@@ -194,12 +196,13 @@ def main() -> None:
         for seed in args.seeds:
             data = None
             for variant in args.variants:
-                key = variant.key(split, seed, common, args.falls)
+                config = variant.config(args.config, common, split, seed)
+                key = variant.key(config, args.falls)
                 if key not in cache:
                     if data is None:
                         data = build_federated_data(load_config(args.config, [*common, *SPLITS[split],
                                                                                f"seed={seed}", "seeds=null"]))
-                    cache[key] = run_variant(variant, args.config, common, split, seed, data, args.falls)
+                    cache[key] = run_variant(variant, config, data, args.falls)
                     args.cache.write_text(json.dumps(cache))
                     run = cache[key]
                     print(f"  {split} seed {seed} {variant.label}: {100 * run['accuracy']:.2f} / "
