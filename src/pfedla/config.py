@@ -15,10 +15,11 @@ import yaml
 
 from pfedla import registry
 from pfedla.errors import ConfigError, shown
-from pfedla.registry import require
+from pfedla.registry import choice, require
 
 PARTITIONS = ("iid", "dirichlet", "pathological")
 DEVICES = ("auto", "cpu", "cuda")
+LAST_BATCH_RULES = ("nominal", "mean", "drop")  # client.TrainSettings.last_batch says what each does
 # Keys that were flat before each algorithm got its own section: refused with where they went, never
 # read silently under the old name.
 MOVED_KEYS = {
@@ -101,6 +102,7 @@ class ExperimentConfig:
     rounds: int = 40
     local_epochs: int = 2
     batch_size: int = 32
+    last_batch: str = "nominal"
     lr: float = 0.05
     model: str = "cnn"
     seed: int = 0
@@ -343,12 +345,6 @@ def _coerce(key: str, value: Any, spec: dataclasses.Field) -> Any:
     return value
 
 
-
-
-def _choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
-    require(value in allowed, key, f"got {shown(value)}; allowed: {', '.join(allowed)}")
-
-
 def num_classes_of(config: ExperimentConfig) -> int:
     """Number of classes of the configured dataset (known before loading it)."""
     known = registry.DATASETS[config.dataset].num_classes
@@ -394,10 +390,10 @@ def _validate_experiment_name(name: str) -> None:
 
 def validate(config: ExperimentConfig) -> None:
     """Check every value; raise ConfigError naming the first bad key and what is allowed."""
-    _choice(config.dataset, "dataset", tuple(registry.DATASETS))
-    _choice(config.partition.kind, "partition.kind", PARTITIONS)
-    _choice(config.model, "model", tuple(registry.MODELS))
-    _choice(config.device, "device", DEVICES)
+    choice(config.dataset, "dataset", tuple(registry.DATASETS))
+    choice(config.partition.kind, "partition.kind", PARTITIONS)
+    choice(config.model, "model", tuple(registry.MODELS))
+    choice(config.device, "device", DEVICES)
     require(config.clients >= 2, "clients", f"need at least 2 clients, got {config.clients}")
     require(
         0.0 < config.participation <= 1.0,
@@ -408,6 +404,7 @@ def validate(config: ExperimentConfig) -> None:
     require(config.local_epochs >= 1, "local_epochs", f"must be >= 1, got {config.local_epochs}")
     require(config.batch_size >= 1, "batch_size", f"must be >= 1, got {config.batch_size}")
     require(config.lr > 0, "lr", f"must be > 0, got {config.lr}")
+    choice(config.last_batch, "last_batch", LAST_BATCH_RULES)
     require(
         0.0 < config.test_fraction < 1.0,
         "test_fraction",
@@ -420,7 +417,7 @@ def validate(config: ExperimentConfig) -> None:
     names = registry.algorithm_names()
     require(bool(config.algorithms), "algorithms", f"list at least one of: {', '.join(names)}")
     for name in config.algorithms:
-        _choice(name, "algorithms", names)
+        choice(name, "algorithms", names)
     require(
         len(set(config.algorithms)) == len(config.algorithms),
         "algorithms",
@@ -500,7 +497,7 @@ _LABEL = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?=[-A-Za-z0-9_.]*
 
 def _validate_pipeline(config: ExperimentConfig) -> None:
     pipe = config.pipeline
-    _choice(pipe.algorithm, "pipeline.algorithm", registry.algorithm_names())
+    choice(pipe.algorithm, "pipeline.algorithm", registry.algorithm_names())
     for key in ("parallelism", "rounds_per_run", "clients_per_pod", "keep_rounds"):
         value = getattr(pipe, key)
         require(value >= 1, f"pipeline.{key}", f"must be >= 1, got {value}")

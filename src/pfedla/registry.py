@@ -23,6 +23,11 @@ def require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
+def choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
+    """``value`` is one of ``allowed``, else a ConfigError listing them."""
+    require(value in allowed, key, f"got {shown(value)}; allowed: {', '.join(allowed)}")
+
+
 def require_range(value: float, key: str, low: float, high: float | None = None, why: str = "") -> None:
     """``low <= value <= high``, else a ConfigError naming both bounds (and ``why`` low matters)."""
     hint = f" ({why})" if why else ""
@@ -77,19 +82,40 @@ DATASETS: dict[str, DatasetSpec] = {
 
 MAX_WIDTH = 4096
 MAX_EPOCHS = 10_000
+MAX_DEPTH = 16
+# pfedla_paper's hn_lr: the unscaled surrogate's size depends on the model, so the public code's
+# 5e-3 never moves α here; docs/algorithm.md has the sweep that picked this one (MNIST MLP).
+PAPER_HN_LR = 5.0
+
+
+HEADS = ("softplus", "relu")
+HYPERNETWORK_INITS = ("near_uniform", "paper")
+STEPS = ("scaled", "annealed", "plain")
 
 
 @dataclass
 class HyperNetworkSettings:
-    """pFedLA's per-client hypernetworks (``pfedla_frozen``: never trained, α stays at its start)."""
+    """pFedLA's per-client hypernetworks (``pfedla_frozen``: never trained, α stays at its start).
+
+    embedding -> ``hidden_layers`` x (Linear ``hidden_dim`` + ReLU) -> one head per layer, whose
+    outputs are made positive (``heads``) and normalized over the source clients. ``init``
+    "near_uniform": head weights N(0, small) and bias 1, so α starts at uniform (FedAvg);
+    "paper": the public code's, PyTorch's default Linear init and heads U(0, 1) with bias 0.
+    """
 
     embedding_dim: int = 32
     hidden_dim: int = 64
+    hidden_layers: int = 2
+    init: str = "near_uniform"
+    heads: str = "softplus"  # "relu": the paper's (an entry at zero never comes back)
     heur_k: int = 0  # HeurpFedLA: layers each client keeps local per round (0: off)
 
     def validate(self, section: str, model: ModelSpec) -> None:
         require_range(self.embedding_dim, f"{section}.embedding_dim", 1, MAX_WIDTH)
         require_range(self.hidden_dim, f"{section}.hidden_dim", 1, MAX_WIDTH)
+        require_range(self.hidden_layers, f"{section}.hidden_layers", 1, MAX_DEPTH)
+        choice(self.init, f"{section}.init", HYPERNETWORK_INITS)
+        choice(self.heads, f"{section}.heads", HEADS)
         require_range(self.heur_k, f"{section}.heur_k", 0, why="0 disables HeurpFedLA")
         # keeping every layer local would be Local training under pFedLA's name
         require(self.heur_k < model.layers, f"{section}.heur_k",
@@ -99,14 +125,26 @@ class HyperNetworkSettings:
 
 @dataclass
 class PFedLASettings(HyperNetworkSettings):
-    """pFedLA: the hypernetworks take plain gradient steps of size ``hn_lr`` on the scale-free
-    surrogate (docs/study.md); 0 freezes them."""
+    """pFedLA: each hypernetwork takes plain gradient-descent steps of size ``hn_lr`` (0 freezes
+    them) on the surrogate (∂θ̄_i/∂ψ_i)ᵀ·(−Δ_i). ``step`` says how each layer's term is scaled:
+    "scaled" divides it by ‖Δ_i^l‖·mean‖θ^l‖ (scale-free, and as large late in a run as early on);
+    "annealed" by mean‖θ^l‖² (scale-free, and shrinking as the updates do); "plain" leaves it as
+    the paper does (its size depends on the model). docs/algorithm.md: the measured effects."""
 
     hn_lr: float = 3.0
+    step: str = "scaled"
 
     def validate(self, section: str, model: ModelSpec) -> None:
         super().validate(section, model)
         require_range(self.hn_lr, f"{section}.hn_lr", 0, why="0 freezes the hypernetworks")
+        choice(self.step, f"{section}.step", STEPS)
+
+
+def paper_settings() -> PFedLASettings:
+    """pfedla_paper's defaults: the paper's method as its public code runs it, with the descent sign
+    (docs/algorithm.md lists each difference from pfedla and its measured effect)."""
+    return PFedLASettings(embedding_dim=100, hidden_dim=100, hidden_layers=3, init="paper", heads="relu",
+                          step="plain", hn_lr=PAPER_HN_LR)
 
 
 @dataclass
@@ -235,6 +273,7 @@ def sections() -> dict[str, Any]:
 _PACKAGE = "pfedla.algorithms"
 for _spec in (
     AlgorithmSpec("pfedla", f"{_PACKAGE}.pfedla:build", PFedLASettings(), default_client=True),
+    AlgorithmSpec("pfedla_paper", f"{_PACKAGE}.pfedla:build", paper_settings(), default_client=True),
     AlgorithmSpec("pfedla_frozen", f"{_PACKAGE}.pfedla:build_frozen", HyperNetworkSettings(),
                   default_client=True),
     AlgorithmSpec("fedavg", f"{_PACKAGE}.fedavg:build"),

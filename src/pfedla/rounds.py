@@ -52,7 +52,7 @@ def participants(config: ExperimentConfig, round_idx: int) -> list[int]:
 
 def train_settings(config: ExperimentConfig, proximal_mu: float = 0.0) -> TrainSettings:
     return TrainSettings(epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
-                         timeout=config.client_timeout, proximal_mu=proximal_mu)
+                         timeout=config.client_timeout, proximal_mu=proximal_mu, last_batch=config.last_batch)
 
 
 def client_generators(config: ExperimentConfig, round_idx: int, client_id: int) -> Generators:

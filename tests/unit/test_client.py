@@ -168,3 +168,53 @@ def test_a_batchnorm_model_skips_a_last_batch_of_one_sample_which_it_cannot_norm
     trained_plain, _ = LocalTrainer(plain, LayerLayout.of(plain)).train(
         ModelState(initial_layers(plain), {}), x[:1], y[:1], TrainSettings(1, 4, 0.1), torch.Generator())
     assert not torch.equal(trained_plain.layers[0], initial_layers(plain)[0])
+
+
+def digits_pair(first: int = 1, second: int = 7):
+    """Real 8x8 digits of two classes, standardized: (train 64, one extra train sample, test)."""
+    from pfedla.data.sources import load_digits
+
+    pooled = load_digits()
+    pick = (pooled.labels == first) | (pooled.labels == second)
+    x, y = pooled.features[pick].float(), pooled.labels[pick]
+    x = (x - x.mean()) / x.std()
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    x, y = x[order], y[order]
+    return (x[:64], y[:64]), (x[64:65], y[64:65]), (x[100:], y[100:])
+
+
+def one_epoch_with_a_hard_last_sample(settings: TrainSettings) -> tuple[float, float]:
+    """A model fitted to two digit classes, then one epoch on 65 samples whose 65th (mislabeled, so
+    its loss stays high) is alone in the short last batch: (test accuracy before, after)."""
+    (train_x, train_y), (extra_x, extra_y), (test_x, test_y) = digits_pair()
+    model = build_model("mlp", (1, 8, 8), 10, seed=0)
+    layout = LayerLayout.of(model)
+    trainer = LocalTrainer(model, layout)
+    fitted, _ = trainer.train(ModelState(initial_layers(model), {}), train_x, train_y,
+                              TrainSettings(epochs=30, batch_size=32, lr=settings.lr),
+                              torch.Generator().manual_seed(1))
+    before = evaluate_client(model, layout, fitted, test_x, test_y).accuracy
+    pool_x = torch.cat([train_x, extra_x])
+    pool_y = torch.cat([train_y, torch.where(extra_y == 1, 7, 1)])  # the extra sample mislabeled
+    order = torch.randperm(65, generator=torch.Generator().manual_seed(2))  # the trainer's epoch order
+    x, y = torch.empty_like(pool_x), torch.empty_like(pool_y)
+    x[order], y[order] = pool_x, pool_y  # position order[k] holds sample k: the extra one comes last
+    trained, _ = trainer.train(fitted, x, y, settings, torch.Generator().manual_seed(2))
+    return before, evaluate_client(model, layout, trained, test_x, test_y).accuracy
+
+
+def test_a_hard_sample_alone_in_the_last_batch_does_not_break_a_fitted_model():
+    """The issue-20 fall (MNIST cnn, pFedLA 99.6 -> 47%) in miniature, with the default settings: one
+    hard sample alone in the last batch weighs 1/batch_size, as in any batch. (With last_batch="mean",
+    the rule before issue 20, it gets a full lr step and flips the model to one class: below.)"""
+    before, after = one_epoch_with_a_hard_last_sample(TrainSettings(epochs=1, batch_size=32, lr=0.05))
+    assert before == 1.0 and after >= before - 0.02
+
+
+def test_the_last_batch_rules_weigh_a_short_batch_as_they_say():
+    """mean: the hard sample's lone step flips the model; nominal (1/batch_size per sample) and drop
+    leave it within 2 points."""
+    falls = {rule: one_epoch_with_a_hard_last_sample(TrainSettings(1, 32, 0.05, last_batch=rule))
+             for rule in ("mean", "nominal", "drop")}
+    assert falls["mean"][1] < 0.6
+    assert falls["nominal"][1] >= 0.98 and falls["drop"][1] >= 0.98

@@ -1,23 +1,34 @@
 """The pFedLA math: simplex weights, θ̄, the surrogate gradient and its sign, HeurpFedLA."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
+from pfedla.algorithms import make_strategy
 from pfedla.algorithms import pfedla as pf
 from pfedla.algorithms.fedavg import FedAvgStrategy
 from pfedla.client import ClientUpdate
 from pfedla.config import config_from_dict
 from pfedla.data import ClientShard, FederatedData
 from pfedla.data.sources import feature_statistics, load_digits, standardize
-from pfedla.simulation import Simulation
+from pfedla.models import build_model
+from pfedla.registry import PFedLASettings, paper_settings
+from pfedla.simulation import Simulation, run_experiment
 
 
-def strategy_for(num_clients=5, sizes=(7, 3, 11), heur_k=0, hn_lr=0.01, seed=0, dtype=torch.float32):
+def small(**settings) -> PFedLASettings:
+    """pFedLA settings with small hypernetworks (embedding 4, hidden 6) unless given."""
+    return PFedLASettings(**{"embedding_dim": 4, "hidden_dim": 6, **settings})
+
+
+def strategy_for(num_clients=5, sizes=(7, 3, 11), heur_k=0, hn_lr=0.01, seed=0, dtype=torch.float32,
+                 **settings):
     gen = torch.Generator().manual_seed(seed)
     init = [torch.randn(s, generator=gen, dtype=dtype) for s in sizes]
-    strategy = pf.PFedLAStrategy(init, num_clients, hn_lr=hn_lr, embedding_dim=4, hidden_dim=6,
-                                 heur_k=heur_k, generator=torch.Generator().manual_seed(seed + 1))
+    strategy = pf.PFedLAStrategy(init, num_clients, small(hn_lr=hn_lr, heur_k=heur_k, **settings),
+                                 torch.Generator().manual_seed(seed + 1))
     # Distinct client models, as after some training.
     for rows in strategy.models.rows:
         rows.copy_(torch.randn(rows.shape, generator=gen, dtype=dtype))
@@ -56,8 +67,15 @@ def test_aggregate_layers_matches_a_naive_per_client_loop():
     torch.testing.assert_close(instructions[0].layers[1], batched[1][1])
 
 
-def test_hypernetwork_gradient_matches_finite_differences_of_the_surrogate():
-    strategy = strategy_for(dtype=torch.float64)
+PAPER_SHAPE = {"step": "plain", "heads": "relu", "init": "paper", "hidden_layers": 3}
+
+
+@pytest.mark.parametrize("settings", [{}, {"step": "annealed"}, PAPER_SHAPE],
+                         ids=["pfedla", "annealed", "paper"])
+def test_hypernetwork_gradient_matches_finite_differences_of_the_surrogate(settings):
+    """Every step: "scaled" and "annealed" (each layer's term over its fixed scale) and the paper's
+    "plain" one."""
+    strategy = strategy_for(dtype=torch.float64, **settings)
     clients = torch.tensor([1, 2, 4])
     gen = torch.Generator().manual_seed(7)
     deltas = [torch.randn(3, rows.shape[1], generator=gen, dtype=torch.float64)
@@ -65,7 +83,7 @@ def test_hypernetwork_gradient_matches_finite_differences_of_the_surrogate():
     grads, _ = strategy.hypernetwork_gradients(clients, deltas)
     # The surrogate: f(ψ) = Σ_l <θ̄^l(ψ), d^l> / scale^l with d = θ̄(ψ0) − θ'(ψ0) = −Δ and the
     # layer scales held fixed.
-    scales = pf.layer_scales(deltas, strategy.models.rows)
+    scales = pf.layer_scales(deltas, strategy.models.rows, settings.get("step", "scaled"))
     fixed = [-d / scales[:, layer, None] for layer, d in enumerate(deltas)]
     params = dict(strategy.hypernetworks.named_parameters())
 
@@ -75,7 +93,8 @@ def test_hypernetwork_gradient_matches_finite_differences_of_the_surrogate():
             return float(sum((b * d).sum() for b, d in zip(bar, fixed)))
 
     eps = 1e-6
-    for name in ("head_w", "head_b", "w1", "embeddings"):
+    for name in ("head_w", "head_b", "hidden.0", "hidden.5" if "hidden_layers" in settings else "hidden.3",
+                 "embeddings"):
         direction = torch.randn(params[name].shape, generator=gen, dtype=torch.float64)
         with torch.no_grad():
             params[name] += eps * direction
@@ -95,8 +114,8 @@ def test_frozen_uniform_alpha_with_full_participation_equals_fedavg():
     gen = torch.Generator().manual_seed(3)
     init = [torch.randn(s, generator=gen) for s in (6, 4)]
     n = 4
-    pfedla = pf.PFedLAStrategy(init, n, hn_lr=0.0, embedding_dim=3, hidden_dim=5, heur_k=0,
-                               generator=torch.Generator().manual_seed(0))
+    pfedla = pf.PFedLAStrategy(init, n, small(hn_lr=0.0, embedding_dim=3, hidden_dim=5),
+                               torch.Generator().manual_seed(0))
     with torch.no_grad():  # uniform α: zero head weights, equal biases
         pfedla.hypernetworks.head_w.zero_()
         pfedla.hypernetworks.head_b.fill_(1.0)
@@ -195,8 +214,7 @@ def test_round_zero_with_identical_models_leaves_alpha_exactly_where_it_was():
     1e-8) turned into a full step, moving α in a random direction."""
     gen = torch.Generator().manual_seed(0)
     init = [torch.randn(s, generator=gen) for s in (50, 20, 30)]
-    strategy = pf.PFedLAStrategy(init, 6, hn_lr=0.03, embedding_dim=4, hidden_dim=6, heur_k=0,
-                                 generator=torch.Generator().manual_seed(1))
+    strategy = pf.PFedLAStrategy(init, 6, small(hn_lr=0.03), torch.Generator().manual_seed(1))
     alpha_before = strategy.layer_weights()
     sent = strategy.configure_fit(0, list(range(6)))
     updates = [ClientUpdate(c, 5, [0.01 * torch.randn(t.shape, generator=gen) for t in sent[c].layers], 0.0)
@@ -210,18 +228,12 @@ def test_round_zero_with_identical_models_leaves_alpha_exactly_where_it_was():
     assert not torch.equal(strategy.layer_weights(), alpha_before)
 
 
-def relu_heads(head_outputs: torch.Tensor) -> torch.Tensor:
-    """The heads before the fix: ReLU then normalise."""
-    positive = torch.relu(head_outputs) + pf.ALPHA_FLOOR
-    return positive / positive.sum(dim=-1, keepdim=True)
-
-
-def recovery_from_the_floor(rounds=40) -> tuple[float, float]:
+def recovery_from_the_floor(rounds=40, heads="softplus") -> tuple[float, float]:
     """α_02 of client 0 pushed to (nearly) nothing, then rounds whose updates all point to client 2's
     model: (α_02 before, α_02 after)."""
     gen = torch.Generator().manual_seed(0)
-    strategy = pf.PFedLAStrategy([torch.randn(30, generator=gen)], 3, hn_lr=1.0, embedding_dim=4,
-                                 hidden_dim=6, heur_k=0, generator=torch.Generator().manual_seed(1))
+    strategy = pf.PFedLAStrategy([torch.randn(30, generator=gen)], 3, small(hn_lr=1.0, heads=heads),
+                                 torch.Generator().manual_seed(1))
     strategy.models.rows[0].copy_(torch.randn(3, 30, generator=gen))
     with torch.no_grad():
         strategy.hypernetworks.head_b[0, 0, 2] = -3.0  # a ReLU head there is clipped to zero
@@ -238,26 +250,26 @@ def test_an_alpha_entry_driven_to_the_floor_recovers_when_the_gradient_favors_it
     assert before < 0.05 and after > 0.5
 
 
-def test_relu_heads_stay_at_the_floor(monkeypatch):
-    """The issue-13 lead: a ReLU head at or below zero has zero gradient, and its α never returns."""
-    monkeypatch.setattr(pf, "normalize_heads", relu_heads)
-    before, after = recovery_from_the_floor()
+def test_relu_heads_stay_at_the_floor():
+    """The issue-13 lead (and pfedla_paper's heads): a ReLU head at or below zero has zero gradient,
+    and its α never returns."""
+    before, after = recovery_from_the_floor(heads="relu")
     assert before < 1e-9 and after < 1e-9
 
 
-def alpha_step(deviation: float, scale: float = 1.0) -> torch.Tensor:
+def alpha_step(deviation: float, scale: float = 1.0, step: str = "scaled",
+               update: float = 0.05) -> torch.Tensor:
     """How much client 0's α moves in one step when the four client models differ from their mean
-    by ``deviation`` (relative) and client 0's update points to client 1's model; all parameters
-    and updates times ``scale``."""
+    by ``deviation`` (relative) and client 0's update, ``update`` times the model's size, points to
+    client 1's model; all parameters and updates times ``scale``."""
     gen = torch.Generator().manual_seed(5)
     center, spread = torch.randn(40, generator=gen), torch.randn(4, 40, generator=gen)
-    strategy = pf.PFedLAStrategy([center], 4, hn_lr=1.0, embedding_dim=4, hidden_dim=6, heur_k=0,
-                                 generator=torch.Generator().manual_seed(2))
+    strategy = pf.PFedLAStrategy([center], 4, small(hn_lr=1.0, step=step), torch.Generator().manual_seed(2))
     strategy.models.rows[0].copy_(scale * (center + deviation * spread))
     before = strategy.layer_weights()
     start = strategy.configure_fit(1, [0])[0].layers[0]
-    update = 0.05 * scale * center.norm() * unit(strategy.models.rows[0][1] - start)
-    strategy.aggregate_fit(1, [ClientUpdate(0, 5, [update], 0.0)], [])
+    delta = update * scale * center.norm() * unit(strategy.models.rows[0][1] - start)
+    strategy.aggregate_fit(1, [ClientUpdate(0, 5, [delta], 0.0)], [])
     return (strategy.layer_weights() - before)[0].abs().max()
 
 
@@ -273,9 +285,27 @@ def test_alpha_moves_with_how_different_the_client_models_are():
     assert alike < 0.05 * different
 
 
-def test_alpha_step_does_not_depend_on_the_scale_of_the_parameters():
+@pytest.mark.parametrize("step", ["scaled", "annealed"])
+def test_alpha_step_does_not_depend_on_the_scale_of_the_parameters(step):
     """Each layer's surrogate term is divided by its scale: one hn_lr fits any model."""
-    torch.testing.assert_close(alpha_step(0.5, scale=10.0), alpha_step(0.5), rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(alpha_step(0.5, scale=10.0, step=step), alpha_step(0.5, step=step),
+                               rtol=1e-3, atol=1e-6)
+
+
+def test_the_annealed_step_shrinks_with_the_updates_and_the_scaled_one_does_not():
+    """Late in a run the updates are ~100x smaller than early (issue 20, iid): the "scaled" step
+    moves α as far for them, so a small consistent pull toward self adds up over rounds; the
+    "annealed" step moves it ~100x less, as the paper's plain step would."""
+    scaled = alpha_step(0.5, update=0.0005) / alpha_step(0.5, update=0.05)
+    annealed = alpha_step(0.5, step="annealed", update=0.0005) / alpha_step(0.5, step="annealed", update=0.05)
+    assert 0.9 < scaled < 1.1
+    assert annealed < 0.02
+
+
+def test_the_plain_step_depends_on_the_scale_of_the_parameters():
+    """pfedla_paper's unscaled surrogate: parameters and updates 10x larger move α ~100x further
+    (while the heads are far from saturating), which is why it needs its own hn_lr per model."""
+    assert alpha_step(0.5, step="plain") > 50 * alpha_step(0.5, scale=0.1, step="plain")
 
 
 def test_personalized_model_is_the_aggregate_with_the_current_alpha():
@@ -351,3 +381,23 @@ def test_flipped_sign_is_caught(monkeypatch):
     original = pf.surrogate_alpha_grad
     monkeypatch.setattr(pf, "surrogate_alpha_grad", lambda deltas, stack: -original(deltas, stack))
     assert run_clustered() < 0.8
+
+
+def test_pfedla_and_pfedla_paper_run_side_by_side_each_with_its_own_section(tiny_config, tmp_path):
+    """One ``algorithms`` list runs both names; pfedla_paper is the strategy with its section's
+    settings (the paper's), exactly what pfedla gives when its own section holds them."""
+    both = run_experiment(tiny_config(algorithms=["pfedla", "pfedla_paper"]), progress=False, track=False)
+    paper_as_pfedla = run_experiment(
+        tiny_config(algorithms=["pfedla"], pfedla=dataclasses.asdict(paper_settings()),
+                    output_dir=str(tmp_path / "paper")), progress=False, track=False)
+    paper = both.results["pfedla_paper"]
+    assert paper.client_accuracies == paper_as_pfedla.results["pfedla"].client_accuracies
+    assert paper.history != both.results["pfedla"].history
+
+    config = tiny_config(algorithms=["pfedla_paper"])
+    hn = make_strategy("pfedla_paper", config, build_model("cnn", (1, 8, 8), 10, seed=0)).hypernetworks
+    assert hn.embeddings.shape[1] == 100 and len(hn.hidden) == 6  # three Linear(100) layers
+    assert all(weight.shape[1:] == (100, 100) for weight in hn.hidden[2::2])
+    assert hn.heads == "relu" and bool((hn.head_b == 0).all())
+    heads = hn.head_w.detach()
+    assert float(heads.min()) >= 0 and float(heads.max()) <= 1 and float(heads.std()) > 0.2

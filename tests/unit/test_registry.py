@@ -24,7 +24,8 @@ def test_an_unknown_algorithm_is_an_error_never_a_default():
     model = build_model("mlp", (4,), 3, seed=0)
     config = load_config()
     for make in (make_strategy, make_client_rule):
-        with pytest.raises(ConfigError, match="unknown algorithm 'pfedlaa'; known: pfedla, pfedla_frozen"):
+        with pytest.raises(ConfigError, match="unknown algorithm 'pfedlaa'; known: pfedla, pfedla_paper, "
+                                              "pfedla_frozen"):
             make("pfedlaa", config, model)
     with pytest.raises(ConfigError, match="config key 'algorithms': got 'pfedlaa'; allowed: pfedla,"):
         load_config(None, ["algorithms=[pfedlaa]"])

@@ -9,16 +9,18 @@ Round, for each participating client i:
   2. the client trains from θ̄_i and returns Δ_i = θ_i' − θ̄_i
   3. θ_i ← θ̄_i + Δ_i, and HN_i takes a plain gradient *descent* step on the surrogate whose
      gradient is (∂θ̄_i/∂ψ_i)ᵀ (θ̄_i − θ_i') = −(∂θ̄_i/∂ψ_i)ᵀ Δ_i   (``surrogate_alpha_grad``),
-     each layer's term divided by ‖Δ_i^l‖ times the size of θ^l (``layer_scales``)
+     with each layer's term divided by ``layer_scales`` (``step`` "scaled": ‖Δ_i^l‖ times the
+     size of θ^l; "annealed": the size of θ^l squared; "plain": 1, the paper's unscaled step).
 
 Client i's personalized model is θ̄_i formed with the current α and client models.
 All hypernetworks are evaluated as one batched computation; clients outside the round are untouched.
-docs/study.md gives the measurements behind the three choices that differ from a literal reading
-(softplus heads, the scale-free plain gradient step, θ̄_i as the personalized model).
+``pfedla`` and ``pfedla_paper`` are this one strategy with different settings (registry.py);
+docs/algorithm.md lists each difference and its measured effect.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -38,14 +40,16 @@ from pfedla.registry import HyperNetworkSettings, PFedLASettings
 ALPHA_FLOOR = 1e-12  # keeps α defined (uniform) if every head output underflows to zero
 
 
-def normalize_heads(head_outputs: torch.Tensor) -> torch.Tensor:
-    """Softplus then normalise over source clients (last dim): α > 0, Σ_j α_j = 1.
+def normalize_heads(head_outputs: torch.Tensor, heads: str = "softplus") -> torch.Tensor:
+    """Make the head outputs positive, then normalise over source clients (last dim): α ≥ 0, Σ_j α_j = 1.
 
-    Softplus is the smooth ReLU: a ReLU head at or below zero has exactly zero gradient, so its α
-    entry (then ~1e-13) could never come back even where trusting that client later helps; in the
-    MNIST study about 80% of all α entries were there by round 10 (docs/study.md).
+    ``heads`` "softplus" (the smooth ReLU, pfedla) or "relu" (the paper's). A ReLU head at or below
+    zero has exactly zero gradient, so its α entry (then ~1e-13) can never come back even where
+    trusting that client later helps; in the MNIST study about 80% of all α entries were there by
+    round 10 (docs/study.md).
     """
-    positive = nn.functional.softplus(head_outputs) + ALPHA_FLOOR
+    raw = torch.relu(head_outputs) if heads == "relu" else nn.functional.softplus(head_outputs)
+    positive = raw + ALPHA_FLOOR
     return positive / positive.sum(dim=-1, keepdim=True)
 
 
@@ -63,16 +67,27 @@ def surrogate_alpha_grad(deltas: Sequence[torch.Tensor], stack: Sequence[torch.T
     return torch.stack([-(delta @ rows.T) for delta, rows in zip(deltas, stack, strict=True)], dim=1)
 
 
-def layer_scales(deltas: Sequence[torch.Tensor], stack: Sequence[torch.Tensor]) -> torch.Tensor:
-    """‖Δ_s^l‖ times the mean norm of the client models' layer l: [S, L], what divides the surrogate.
+def layer_scales(deltas: Sequence[torch.Tensor], stack: Sequence[torch.Tensor], step: str = "scaled"
+                 ) -> torch.Tensor:
+    """What divides each layer's surrogate term: [S, L]. ``step`` "scaled": ‖Δ_s^l‖ times the mean
+    norm of the client models' layer l; "annealed": that mean norm squared; "plain": 1.
 
-    Dividing by it makes each layer's term dimensionless (a cosine between the update and the
-    models' deviations, times their relative size), so one ``hn_lr`` fits any model and layer, while
-    the step still grows with how different the clients' models are: that is what keeps α near
-    uniform where clients are alike and lets it personalize where they are not (docs/study.md).
+    Both divisors make each layer's term dimensionless, so one ``hn_lr`` fits any model and layer,
+    and the step grows with how different the clients' models are (α stays near uniform where
+    clients are alike and personalizes where they are not, docs/study.md). "scaled" is a cosine
+    between the update and the models' deviations: it does not shrink as the updates do, so late in
+    a long run α keeps moving at full speed toward what the client's own fit prefers (on iid data
+    toward self-weights, issue 20). "annealed" keeps ‖Δ‖ in the step, which then shrinks with the
+    updates, as the paper's plain step does.
     """
-    scales = [delta.norm(dim=1) * rows.norm(dim=1).mean() for delta, rows in zip(deltas, stack, strict=True)]
-    return torch.stack(scales, dim=1).clamp_min(torch.finfo(stack[0].dtype).tiny)
+    norms = torch.stack([rows.norm(dim=1).mean() for rows in stack])  # [L]
+    if step == "plain":
+        scales = torch.ones(len(deltas[0]), len(stack), dtype=stack[0].dtype, device=stack[0].device)
+    elif step == "annealed":
+        scales = (norms**2).expand(len(deltas[0]), -1)
+    else:
+        scales = torch.stack([delta.norm(dim=1) for delta in deltas], dim=1) * norms
+    return scales.clamp_min(torch.finfo(stack[0].dtype).tiny)
 
 
 def self_weights(alpha: torch.Tensor, clients: torch.Tensor) -> torch.Tensor:
@@ -96,47 +111,66 @@ def apply_keep_mask(alpha: torch.Tensor, keep: torch.Tensor, clients: torch.Tens
 
 
 class HyperNetworks(nn.Module):
-    """N hypernetworks evaluated together: embedding v_i -> MLP -> one head per layer -> α_i."""
+    """N hypernetworks evaluated together: embedding v_i -> MLP -> one head per layer -> α_i.
 
-    def __init__(self, num_clients: int, num_layers: int, embedding_dim: int, hidden_dim: int,
+    The shape and initialization are ``settings``' (registry.HyperNetworkSettings): ``init``
+    "near_uniform" draws hidden weights N(0, 1/fan_in) with zero bias and head weights N(0, small)
+    with bias 1, so α starts at uniform (FedAvg); "paper" is the public code's, PyTorch's default
+    Linear init U(±1/sqrt(fan_in)) for the hidden layers and heads U(0, 1) with bias 0.
+    """
+
+    def __init__(self, num_clients: int, num_layers: int, settings: HyperNetworkSettings,
                  generator: torch.Generator):
         super().__init__()
 
         def normal(*shape: int, std: float) -> nn.Parameter:
             return nn.Parameter(torch.randn(*shape, generator=generator) * std)
 
-        n, emb, hid = num_clients, embedding_dim, hidden_dim
-        self.embeddings = normal(n, emb, std=1.0)
-        self.w1 = normal(n, emb, hid, std=emb**-0.5)
-        self.b1 = nn.Parameter(torch.zeros(n, hid))
-        self.w2 = normal(n, hid, hid, std=hid**-0.5)
-        self.b2 = nn.Parameter(torch.zeros(n, hid))
-        # Small head weights and a constant bias: α starts close to uniform (FedAvg-like).
-        self.head_w = normal(n, num_layers, hid, n, std=0.01 * hid**-0.5)
-        self.head_b = nn.Parameter(torch.ones(n, num_layers, n))
+        def uniform(*shape: int, low: float, high: float) -> nn.Parameter:
+            return nn.Parameter(torch.rand(*shape, generator=generator) * (high - low) + low)
+
+        n, hid, paper = num_clients, settings.hidden_dim, settings.init == "paper"
+        self.heads = settings.heads
+        self.embeddings = normal(n, settings.embedding_dim, std=1.0)
+        widths = [settings.embedding_dim] + [hid] * settings.hidden_layers
+        self.hidden = nn.ParameterList()  # weight [N, in, out], bias [N, out], alternating
+        for fan_in, fan_out in zip(widths[:-1], widths[1:], strict=True):
+            bound = fan_in**-0.5
+            if paper:
+                self.hidden.extend([uniform(n, fan_in, fan_out, low=-bound, high=bound),
+                                    uniform(n, fan_out, low=-bound, high=bound)])
+            else:
+                self.hidden.extend([normal(n, fan_in, fan_out, std=bound),
+                                    nn.Parameter(torch.zeros(n, fan_out))])
+        if paper:
+            self.head_w = uniform(n, num_layers, hid, n, low=0.0, high=1.0)
+            self.head_b = nn.Parameter(torch.zeros(n, num_layers, n))
+        else:  # small head weights and a constant bias: α starts close to uniform (FedAvg-like)
+            self.head_w = normal(n, num_layers, hid, n, std=0.01 * hid**-0.5)
+            self.head_b = nn.Parameter(torch.ones(n, num_layers, n))
 
     def forward(self, clients: torch.Tensor) -> torch.Tensor:
         """α for the given clients: [S, L, N]."""
-        hidden = torch.relu(torch.einsum("se,seh->sh", self.embeddings[clients], self.w1[clients])
-                            + self.b1[clients])
-        hidden = torch.relu(torch.einsum("sh,shk->sk", hidden, self.w2[clients]) + self.b2[clients])
+        hidden = self.embeddings[clients]
+        for weight, bias in zip(self.hidden[::2], self.hidden[1::2], strict=True):
+            hidden = torch.relu(torch.einsum("se,seh->sh", hidden, weight[clients]) + bias[clients])
         heads = torch.einsum("sh,slhn->sln", hidden, self.head_w[clients]) + self.head_b[clients]
-        return normalize_heads(heads)
+        return normalize_heads(heads, self.heads)
 
 
 class PFedLAStrategy(Strategy):
-    """Server side of pFedLA; ``heur_k > 0`` gives HeurpFedLA, ``hn_lr = 0`` frozen α."""
+    """Server side of pFedLA with ``settings`` (registry.PFedLASettings); ``heur_k > 0`` gives
+    HeurpFedLA, ``hn_lr = 0`` frozen α."""
 
     name = "pfedla"
 
-    def __init__(self, init_layers: Sequence[torch.Tensor], num_clients: int, *, hn_lr: float,
-                 embedding_dim: int, hidden_dim: int, heur_k: int, generator: torch.Generator):
+    def __init__(self, init_layers: Sequence[torch.Tensor], num_clients: int, settings: PFedLASettings,
+                 generator: torch.Generator):
         device = init_layers[0].device
         self.models = ModelStack(init_layers, num_clients)
-        self.hypernetworks = HyperNetworks(
-            num_clients, len(init_layers), embedding_dim, hidden_dim, generator
-        ).to(device)
-        self.hn_lr, self.heur_k, self.num_clients = hn_lr, heur_k, num_clients
+        self.hypernetworks = HyperNetworks(num_clients, len(init_layers), settings, generator).to(device)
+        self.settings, self.num_clients = settings, num_clients
+        self.hn_lr, self.heur_k = settings.hn_lr, settings.heur_k
 
     def _alpha(self, clients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(α with HeurpFedLA's one-hot rows applied, keep mask), differentiable in ψ."""
@@ -165,13 +199,13 @@ class PFedLAStrategy(Strategy):
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Surrogate gradients of every HN parameter, plus the α they were taken at.
 
-        ``deltas`` holds one [S, P_l] tensor per layer (row s: client clients[s]); layer l's term
-        of the surrogate is divided by ``layer_scales``.
+        ``deltas`` holds one [S, P_l] tensor per layer (row s: client clients[s]); with the
+        layer l's term of the surrogate is divided by ``layer_scales`` for the ``step`` setting.
         Layers a client kept local (HeurpFedLA) contribute no gradient.
         """
         alpha, keep = self._alpha(clients)
-        scales = layer_scales(deltas, self.models.rows)
-        grad_alpha = surrogate_alpha_grad(deltas, self.models.rows) / scales[:, :, None]
+        grad_alpha = surrogate_alpha_grad(deltas, self.models.rows)
+        grad_alpha = grad_alpha / layer_scales(deltas, self.models.rows, self.settings.step)[:, :, None]
         # Where every client holds the same layer (all of them in round 0), θ̄ does not depend on α
         # and the true gradient is exactly zero; the matrix product leaves ~1e-7 of rounding, which
         # must not move α in a random direction.
@@ -253,15 +287,13 @@ def alpha_metrics(alpha: torch.Tensor, clients: torch.Tensor) -> dict[str, float
 
 
 def build(settings: PFedLASettings, context: BuildContext) -> PFedLAStrategy:
-    return _strategy(settings, context, settings.hn_lr)
+    """pfedla and pfedla_paper: the strategy with the section's settings."""
+    return PFedLAStrategy(context.init_layers, context.num_clients, settings,
+                          context.generator("hypernetworks"))
 
 
 def build_frozen(settings: HyperNetworkSettings, context: BuildContext) -> PFedLAStrategy:
     """The ablation: α stays what the untrained hypernetworks output."""
-    return _strategy(settings, context, hn_lr=0.0)
-
-
-def _strategy(settings: HyperNetworkSettings, context: BuildContext, hn_lr: float) -> PFedLAStrategy:
-    return PFedLAStrategy(context.init_layers, context.num_clients, hn_lr=hn_lr,
-                          embedding_dim=settings.embedding_dim, hidden_dim=settings.hidden_dim,
-                          heur_k=settings.heur_k, generator=context.generator("hypernetworks"))
+    frozen = PFedLASettings(**dataclasses.asdict(settings), hn_lr=0.0)
+    return PFedLAStrategy(context.init_layers, context.num_clients, frozen,
+                          context.generator("hypernetworks"))
