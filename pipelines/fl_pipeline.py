@@ -18,6 +18,7 @@ from typing import Any
 
 from kfp import compiler, dsl, kubernetes
 
+from pfedla.cluster import CLIENT_RETRY_BACKOFF_FACTOR, CLIENT_RETRY_BACKOFF_SECONDS, client_retry_window
 from pfedla.config import ExperimentConfig, single_seed
 from pfedla.errors import PfedlaError
 from pfedla.images import step_image
@@ -97,10 +98,19 @@ class TaskOptions:
         return task
 
     def client(self, task: Any) -> Any:
-        """Client training: GPU when asked for, retried when its pod dies or overruns its deadline."""
+        """Client training: GPU when asked for; its pod retried ``client_retries`` times when it fails
+        (exits non-zero, is OOM-killed or evicted, overruns ``client_pod_timeout``) or errors (deleted
+        with its node, a failed init or wait container). Failed pods are retried only on a cluster
+        with pfedla's Argo retry defaults (k8s/components/kfp-standalone/workflow-controller-retries.yaml);
+        under KFP's own defaults only errors are. The retry window covers every attempt."""
         self.step(task)
         if self.pipe.client_retries:
-            task.set_retry(num_retries=self.pipe.client_retries, backoff_duration="30s", backoff_factor=2.0)
+            window = client_retry_window(self.pipe.client_retries, self.pipe.client_pod_timeout,
+                                         self.pipe.segment_timeout)
+            task.set_retry(num_retries=self.pipe.client_retries,
+                           backoff_duration=f"{CLIENT_RETRY_BACKOFF_SECONDS}s",
+                           backoff_factor=float(CLIENT_RETRY_BACKOFF_FACTOR),
+                           backoff_max_duration=f"{window}s")
         if self.pipe.client_pod_timeout:  # backstop for a hang that client_timeout cannot interrupt
             kubernetes.set_timeout(task, self.pipe.client_pod_timeout)
         if self.pipe.gpus_per_client:

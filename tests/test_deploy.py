@@ -298,6 +298,11 @@ def test_make_kind_up_applies_exactly_what_pfedla_deploy_applies(tmp_path, no_cl
     assert list(by_script) == list(directly) and by_script == directly
     assert any(body["kind"] == "Secret" and body["metadata"]["namespace"] == "kubeflow"
                for body in by_script.values())
+    # after installing KFP, the Argo defaults that retry failed step pods (test_k8s_manifests.py
+    # checks what they retry), and that key alone: KFP's other settings stay KFP's
+    argo = by_script["/api/v1/namespaces/kubeflow/configmaps/workflow-controller-configmap"]
+    assert list(argo["data"]) == ["workflowDefaults"]
+    assert "retryPolicy: Always" in argo["data"]["workflowDefaults"]
 
 
 def test_gpu_overlay_refuses_placeholder_credentials(
@@ -326,7 +331,7 @@ def test_retarget_namespace_moves_only_pfedla_objects():
     assert [n["metadata"]["name"] for n in namespaces] == ["team-a"]
     placed = {o["metadata"].get("namespace") for o in objects if o["kind"] != "Namespace"}
     assert placed == {"team-a", "kubeflow"}
-    endpoints = [o for o in objects if o["kind"] == "ConfigMap"]
+    endpoints = [o for o in objects if o["metadata"]["name"] == "pfedla-endpoints"]
     for configmap in endpoints:  # both copies point at the moved services
         assert configmap["data"]["MLFLOW_TRACKING_URI"] == "http://mlflow.team-a.svc.cluster.local:5000"
     (kf_binding,) = [o for o in objects if o["kind"] == "RoleBinding"]  # the runner's, where steps run

@@ -106,6 +106,37 @@ def test_every_step_requests_resources_and_only_client_steps_retry_and_time_out(
     assert others and not any("retryPolicy" in t for t in others)
 
 
+def _seconds(duration: str) -> int:
+    assert duration.endswith("s"), duration
+    return int(duration[:-1])
+
+
+@pytest.mark.parametrize("retries, pod_timeout", [(2, 1800), (4, 900), (1, 7200)])
+def test_a_client_pods_retry_window_holds_all_its_attempts(tmp_path, retries, pod_timeout):
+    """Argo ends a task's retries at its first attempt's start + backoff.maxDuration and kills later
+    attempts then (workflow/controller/operator.go:1025-1095); KFP compiles the task's
+    backoffMaxDuration into it. Every attempt running its full client_pod_timeout, with Argo's backoff
+    of duration * factor**(n-1) before retry n (operator.go:1054-1069), must fit."""
+    pipeline = {"client_retries": retries, "client_pod_timeout": pod_timeout}
+    _, _, spec, _ = compiled(tmp_path, rounds=1, pipeline=pipeline)
+    (component,) = loop_components(spec)
+    (task,) = component["dag"]["tasks"].values()
+    policy = task["retryPolicy"]
+    factor = policy["backoffFactor"]
+    assert factor == int(factor)  # Argo parses the factor as an integer (util/intstr); 1.5 fails the node
+    backoffs = sum(_seconds(policy["backoffDuration"]) * int(factor) ** n for n in range(retries))
+    assert _seconds(policy["backoffMaxDuration"]) >= (retries + 1) * pod_timeout + backoffs
+
+
+def test_without_a_pod_timeout_the_retry_window_is_the_segments_or_unbounded(tmp_path):
+    _, _, spec, _ = compiled(tmp_path, rounds=1, pipeline={"segment_timeout": 7200})
+    (task,) = loop_components(spec)[0]["dag"]["tasks"].values()
+    assert task["retryPolicy"]["backoffMaxDuration"] == "7200s"  # the run ends then anyway
+    _, _, spec, _ = compiled(tmp_path, rounds=1)
+    (task,) = loop_components(spec)[0]["dag"]["tasks"].values()
+    assert _seconds(task["retryPolicy"]["backoffMaxDuration"]) >= 7 * 24 * 3600
+
+
 def test_segment_timeout_is_a_run_deadline_that_counts_pending_time(tmp_path):
     """KFP 2.17 turns pipelineConfig.activeDeadlineSeconds into the Argo Workflow's deadline, which
     (unlike a pod's activeDeadlineSeconds) also runs while pods wait to be scheduled."""

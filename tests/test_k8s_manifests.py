@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import kubernetes_validate
@@ -276,6 +277,89 @@ def test_kubeflow_copies_match_the_base_objects(rendered):
             "AWS_ACCESS_KEY_ID": identities["PFEDLA_S3_STEPS_ACCESS_KEY_ID"],
             "AWS_SECRET_ACCESS_KEY": identities["PFEDLA_S3_STEPS_SECRET_ACCESS_KEY"],
         }, name
+
+
+# --------------------------------------------------------------------------- Argo retries
+#
+# How Argo Workflows v4.0.5 decides whether to retry a finished node (workflow/controller/
+# operator.go): the template's own retryStrategy is merged over the controller's templateDefaults
+# with a strategic merge, nested objects merging and the template winning (4447-4490); the policy
+# is the merged retryPolicy, else Always with an expression, else OnFailure (workflow_types.go:
+# 2295-2304); Always retries Failed and Error nodes, OnError only Error, OnFailure only Failed
+# (1100-1125); an expression must also hold (1141-1150). The expression is evaluated here as
+# Python, so it must stay in the part of Argo's expression language that Python shares.
+KFP_TEMPLATE_DEFAULTS = {"retryStrategy": {"limit": "2", "retryPolicy": "OnError"}}  # KFP 2.17's own
+# What KFP 2.17 compiles onto a set_retry task's pod template (argocompiler/container.go:667-685).
+CLIENT_TEMPLATE = {"retryStrategy": {"limit": "{{inputs.parameters.retry-max-count}}", "backoff": {
+    "duration": "{{inputs.parameters.retry-backoff-duration}}",
+    "factor": "{{inputs.parameters.retry-backoff-factor}}",
+    "maxDuration": "{{inputs.parameters.retry-backoff-max-duration}}"}}}
+# (what happened, node type, phase Argo gives it, lastRetry.exitCode, retried?): a pod is Failed
+# when its status has a message (eviction, activeDeadlineSeconds) or its main container exits
+# non-zero (operator.go:1707-1806), Error when deleted (1289) or its init/wait container fails;
+# only pod nodes carry an exit code (1536-1544); a DAG fails when a child does.
+RETRY_CASES = [
+    ("OOM-killed", "Pod", "Failed", "137", True),
+    ("evicted", "Pod", "Failed", "137", True),
+    ("past activeDeadlineSeconds (client_pod_timeout)", "Pod", "Failed", "137", True),
+    ("program exits non-zero", "Pod", "Failed", "1", True),
+    ("deleted with its node", "Pod", "Error", "-1", True),
+    ("a round or the pipeline whose step failed", "DAG", "Failed", "-1", False),
+]
+
+
+def _merged(defaults: dict, own: dict) -> dict:
+    out = dict(defaults)
+    for key, value in own.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def argo_retries(template_defaults: dict, template: dict, phase: str, exit_code: str) -> bool:
+    strategy = _merged(template_defaults, template).get("retryStrategy")
+    if not strategy:
+        return False
+    policy = strategy.get("retryPolicy") or ("Always" if strategy.get("expression") else "OnFailure")
+    if phase not in {"Always": ("Failed", "Error"), "OnError": ("Error",), "OnFailure": ("Failed",)}[policy]:
+        return False
+    expression = strategy.get("expression")
+    scope = {"lastRetry": types.SimpleNamespace(status=phase, exitCode=exit_code)}
+    return not expression or bool(eval(expression, {"__builtins__": {}}, scope))
+
+
+def _template_defaults(objects: list[dict]) -> dict:
+    (configmap,) = [o for o in objects if o["kind"] == "ConfigMap"
+                    and o["metadata"]["name"] == "workflow-controller-configmap"]
+    assert configmap["metadata"]["namespace"] == STEP_NAMESPACE
+    assert set(configmap["data"]) == {"workflowDefaults"}  # server-side apply owns this key alone
+    spec = yaml.safe_load(configmap["data"]["workflowDefaults"])["spec"]
+    # KFP's own run TTLs stay (its third-party/argo/base/workflow-controller-configmap-patch.yaml)
+    assert spec["ttlStrategy"] == dict.fromkeys(
+        ("secondsAfterCompletion", "secondsAfterSuccess", "secondsAfterFailure"), 3600)
+    return spec["templateDefaults"]
+
+
+@pytest.mark.parametrize("name", ["kind", "gpu"])
+@pytest.mark.parametrize("case", RETRY_CASES, ids=[c[0] for c in RETRY_CASES])
+def test_argo_retries_every_failed_or_errored_step_pod_but_never_a_whole_dag(rendered, name, case):
+    what, node_type, phase, exit_code, retried = case
+    defaults = _template_defaults(rendered[name])
+    templates = [CLIENT_TEMPLATE, {}] if node_type == "Pod" else [{}]  # a set_retry pod, any other template
+    for template in templates:
+        assert argo_retries(defaults, template, phase, exit_code) is retried, (what, template)
+    if node_type == "Pod":  # a step pod gets KFP's limit unless it sets its own (client_retries)
+        assert _merged(defaults, {})["retryStrategy"]["limit"] == "2"
+        own = CLIENT_TEMPLATE["retryStrategy"]["limit"]
+        assert _merged(defaults, CLIENT_TEMPLATE)["retryStrategy"]["limit"] == own
+
+
+def test_under_kfps_own_defaults_a_failed_pod_is_not_retried():
+    """The checker itself: KFP 2.17's OnError default retries only Error nodes, as issue 19 found."""
+    failed = [c for c in RETRY_CASES if c[1] == "Pod" and c[2] == "Failed"]
+    assert failed
+    assert not any(argo_retries(KFP_TEMPLATE_DEFAULTS, CLIENT_TEMPLATE, c[2], c[3]) for c in failed)
+    assert argo_retries(KFP_TEMPLATE_DEFAULTS, CLIENT_TEMPLATE, "Error", "-1")
 
 
 # --------------------------------------------------------------------------- least privilege: RBAC
