@@ -79,7 +79,8 @@ def _pipeline_submit(args: argparse.Namespace) -> None:
     from pfedla_pipelines.runner import submit
 
     config = load_config(args.config, args.overrides)
-    run_ids = submit(config, args.host, args.experiment, wait=args.wait, poll_seconds=args.poll_seconds)
+    run_ids = submit(config, args.host, args.experiment, wait=args.wait, poll_seconds=args.poll_seconds,
+                     namespace=args.namespace, token_file=args.token_file)
     print(f"{args.host}: runs {', '.join(run_ids)}")
 
 
@@ -88,7 +89,7 @@ def _deploy(args: argparse.Namespace) -> None:
 
     applied = deploy(args.overlay, namespace=args.namespace, kubeconfig=args.kubeconfig,
                      context=args.context, wait_timeout=args.wait_timeout, secrets_env=args.secrets_env,
-                     generate_secrets=args.generate_secrets)
+                     generate_secrets=args.generate_secrets, profile_namespace=args.profile_namespace)
     print(f"applied {len(applied)} objects:")
     for ref in applied:
         print(f"  {ref}")
@@ -131,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  "rounds > pipeline.rounds_per_run)")
     submit_cmd.add_argument("--poll-seconds", type=float, default=15.0,
                             help="how often --wait asks for status")
+    submit_cmd.add_argument("--namespace", help="multi-user Kubeflow: the profile namespace experiments and "
+                                                "runs live in")
+    submit_cmd.add_argument("--token-file", help="file holding the bearer token the KFP API wants (default: "
+                                                 "$KF_PIPELINES_SA_TOKEN_PATH, as in a Kubeflow pod)")
     submit_cmd.set_defaults(handler=_pipeline_submit)
 
     deploy_cmd = commands.add_parser("deploy", help="apply a kustomization (S3, MLflow, RBAC) to a cluster")
@@ -142,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="seconds to wait for rollouts (0: do not wait)")
     deploy_cmd.add_argument("--secrets-env",
                             help="env file with real credentials (default: k8s/base/secrets.env)")
+    deploy_cmd.add_argument("--profile-namespace",
+                            help="multi-user Kubeflow: also give this profile namespace what pfedla's steps "
+                                 "need there (runner identity, S3 Secret, endpoints ConfigMap, step policy)")
     deploy_cmd.add_argument("--generate-secrets", action="store_true",
                             help="create k8s/base/secrets.env with random credentials if it does not exist "
                                  "(local clusters)")
