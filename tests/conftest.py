@@ -1,1 +1,1 @@
-pytest_plugins = ["servers", "kfp_api"]
+pytest_plugins = ["servers", "kfp_api", "process_hygiene"]

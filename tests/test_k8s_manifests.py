@@ -36,6 +36,7 @@ import yaml
 from kubernetes_validate.utils import latest_version
 
 from pfedla.deploy import find_kubectl, parse_manifests, read_env_file
+from servers import ProcessGroup
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -1206,8 +1207,10 @@ def test_platform_scripts_and_s3_identities_work_against_real_servers(tmp_path):
     local = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "AWS_ENDPOINT_URL": url,
              "MLFLOW_S3_ENDPOINT_URL": url, "AWS_EC2_METADATA_DISABLED": "true",
              "NO_PROXY": "127.0.0.1,localhost"}
-    servers = [subprocess.Popen([weed, *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                                stderr=(tmp_path / "weed.log").open("w"))]
+    # Each server in its own process group: `mlflow server` runs its app in a uvicorn worker process,
+    # which killing the server alone would leave running.
+    servers = [ProcessGroup("weed", [weed, *args], tmp_path / "weed.log", tmp_path, dict(os.environ))]
+    servers[0].start()
     try:
         job_env = {**container_env(job, objects, "pfedla"), **local}
         assert job_env["AWS_ACCESS_KEY_ID"] == real["PFEDLA_S3_ADMIN_ACCESS_KEY_ID"]
@@ -1263,15 +1266,15 @@ def test_platform_scripts_and_s3_identities_work_against_real_servers(tmp_path):
             arg = arg.replace("--port=5000", f"--port={mlflow_port}")
             arg = arg.replace("sqlite:////mlflow/db/mlflow.db", f"sqlite:///{tmp_path / 'mlflow.db'}")
             server_args.append(arg)
-        servers.append(subprocess.Popen(
-            [sys.executable, "-m", "mlflow", *server_args], cwd=tmp_path, stdout=subprocess.DEVNULL,
-            stderr=(tmp_path / "mlflow.log").open("w"),
-            env={**mlflow_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-                 "MLFLOW_DISABLE_TELEMETRY": "true"}))
+        servers.append(ProcessGroup(
+            "mlflow", [sys.executable, "-m", "mlflow", *server_args], tmp_path / "mlflow.log", tmp_path,
+            {**mlflow_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+             "MLFLOW_DISABLE_TELEMETRY": "true"}))
+        servers[-1].start()
         tracking = f"http://127.0.0.1:{mlflow_port}"
         deadline = time.monotonic() + 120
         while _http_status_or_none(f"{tracking}/health", "10.0.3.7:5000") != 200:  # a probe's Host
-            assert servers[-1].poll() is None and time.monotonic() < deadline, \
+            assert servers[-1].alive() and time.monotonic() < deadline, \
                 (tmp_path / "mlflow.log").read_text()[-3000:]
             time.sleep(0.5)
         api = f"{tracking}/api/2.0/mlflow/experiments/search?max_results=1"
@@ -1292,8 +1295,7 @@ def test_platform_scripts_and_s3_identities_work_against_real_servers(tmp_path):
         assert len(stored) == 1 and stored[0].endswith("/alpha.txt")
     finally:
         for server in servers:
-            server.kill()  # weed takes seconds to honour SIGTERM; its data is a temp dir anyway
-            server.wait(timeout=10)
+            server.stop(grace=0)  # the whole group; weed is slow to honour SIGTERM, its data is a temp dir
 
 
 def _http_status_or_none(url: str, host: str) -> int | None:
