@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import kfp
+from kfp import client as kfp_client
 from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentials
 
 from pfedla_pipelines.fl_pipeline import PipelineError
@@ -33,13 +35,15 @@ class AccessError(PipelineError):
 def default_token_file() -> Path | None:
     """The token file ``kfp.Client`` would use in a pod: ``$KF_PIPELINES_SA_TOKEN_PATH``, else kfp's
     default path if it exists there (kfp.client.set_volume_credentials)."""
-    from kfp import client as kfp_client
-
     explicit = os.environ.get(kfp_client.KF_PIPELINES_SA_TOKEN_ENV)
     if explicit:
         return Path(explicit)
     default = Path(kfp_client.KF_PIPELINES_SA_TOKEN_PATH)
     return default if default.is_file() else None
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())  # the API client's errors span lines (status, headers, body)
 
 
 def read_token(path: Path) -> str:
@@ -88,15 +92,13 @@ class KfpApi:
             return request()
         except Exception as error:
             raise AccessError(self.redact(f"the Kubeflow Pipelines API at {self.host} failed to {what}: "
-                                          f"{error}")) from None
+                                          f"{_one_line(error)}")) from None
 
 
 def connect(host: str, namespace: str | None = None, token_file: str | Path | None = None) -> KfpApi:
     """A client for the KFP API at ``host``: in ``namespace`` (multi-user Kubeflow) and with the
     bearer token of ``token_file`` or the pod's (see the module docstring) when there is one.
     Bad input is refused before any request."""
-    import kfp
-
     if namespace is not None and not _DNS_LABEL.fullmatch(namespace):
         raise AccessError(f"invalid namespace {namespace!r}: a Kubeflow profile namespace is a DNS label "
                           "(a-z, 0-9, '-', at most 63 characters)")
@@ -106,5 +108,6 @@ def connect(host: str, namespace: str | None = None, token_file: str | Path | No
     try:
         api.client = kfp.Client(host=host, credentials=api.token, **options)
     except Exception as error:  # connection refused, DNS, TLS, auth: all surface here
-        raise AccessError(api.redact(f"cannot reach the Kubeflow Pipelines API at {host}: {error}")) from None
+        raise AccessError(api.redact(f"cannot reach the Kubeflow Pipelines API at {host}: "
+                                     f"{_one_line(error)}")) from None
     return api

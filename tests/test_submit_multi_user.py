@@ -74,6 +74,7 @@ def test_without_the_namespace_or_the_token_submit_fails_with_one_line_that_neve
     assert main(["pipeline", "submit", "--host", api.url, "--token-file", str(token_file), *ARGS]) == 2
     err = capsys.readouterr().err
     assert "failed to create the experiment" in err and "namespace is required" in err
+    assert len(err.strip().splitlines()) == 1
     assert main(["pipeline", "submit", "--host", api.url, "--namespace", "team-a", *ARGS]) == 2
     assert "Unauthenticated" in capsys.readouterr().err
     api.echo_auth = True  # a refusal that quotes the header it got: the token sent is scrubbed
