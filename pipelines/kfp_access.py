@@ -81,6 +81,11 @@ class KfpApi:
     client: Any
     token: TokenFile | None = field(default=None, repr=False)
 
+    @property
+    def step_namespace(self) -> str:
+        """Where the runs' pods are: the profile namespace, or standalone KFP's own."""
+        return self.namespace or "kubeflow"
+
     def redact(self, text: str) -> str:
         for secret in self.token.sent if self.token else ():
             text = text.replace(secret, REDACTED)

@@ -203,8 +203,8 @@ def submit(config: ExperimentConfig, host: str, experiment: str | None = None, w
         state, elapsed = _follow(api, run_id, label, timeout, poll_seconds, say)
         if state != "SUCCEEDED":
             hint = (f"; it may have run past pipeline.segment_timeout={timeout} s, e.g. with pods that "
-                    "stayed Pending (check GPU scheduling: kubectl -n kubeflow get pods)") if timeout and \
-                elapsed >= timeout else ""
+                    f"stayed Pending (check GPU scheduling: kubectl -n {api.step_namespace} get pods)") \
+                if timeout and elapsed >= timeout else ""
             raise PipelineError(f"{label} ended {state} (run {run_id}){hint}. Fix the cause, then run the "
                                 "same command again: finished segments are skipped")
     return run_ids
@@ -238,5 +238,5 @@ def _follow(api: KfpApi, run_id: str, label: str, timeout: int, poll_seconds: fl
             api.call("terminate the run", lambda: api.client.terminate_run(run_id))
             raise PipelineError(f"{label} ran past pipeline.segment_timeout={timeout} s (run {run_id}); "
                                 "it was terminated. If its pods stayed Pending, check GPU scheduling "
-                                "(kubectl -n kubeflow get pods)")
+                                f"(kubectl -n {api.step_namespace} get pods)")
         time.sleep(poll_seconds)
