@@ -22,10 +22,12 @@ def _pipeline_compile(args: argparse.Namespace) -> None:
     from pfedla_pipelines.fl_pipeline import compile_pipeline, segments
 
     config = load_config(args.config, args.overrides)
-    rounds = compile_pipeline(config, args.output)
+    rounds, sizes = compile_pipeline(config, args.output)
     size = Path(args.output).stat().st_size
     print(f"wrote {args.output} ({size / 1024:.0f} KiB): rounds {rounds.first}..{rounds.stop - 1} "
           f"of {rounds.total}")
+    for line in sizes.report():
+        print(line)
     if not rounds.finishes:
         print(f"this is segment 1 of {len(segments(config))}: `pfedla pipeline submit` runs them all in turn")
 
