@@ -16,5 +16,6 @@ def server_round(config_ref: str, round_idx: int, configure_next: bool, shards: 
     plan the next round."""
     from pfedla import steps
 
-    summary = steps.server_round(config_ref, round_idx, configure_next, shards.path, plan.path, next_plan.path)
+    summary = steps.server_round(config_ref, round_idx, configure_next, shards.path, plan.path,
+                                 next_plan.path)
     next_plan.metadata.update(summary)

@@ -165,7 +165,8 @@ def build_pipeline(config: ExperimentConfig) -> Callable:
     )
     def pipeline(config_json: str = config_json, config_ref: str = config_ref,
                  mlflow_tracking_uri: str = config.pipeline.mlflow_tracking_uri or "") -> dsl.Artifact:
-        shards = options.step(parts.partition(config_json=config_json, config_ref=config_ref)).outputs["shards"]
+        shards = options.step(parts.partition(config_json=config_json,
+                                              config_ref=config_ref)).outputs["shards"]
         plan = options.step(parts.server_init(config_ref=config_ref, shards=shards)).outputs["plan"]
         for round_idx in range(rounds.first, rounds.stop):
             done = round_idx + 1
@@ -230,9 +231,10 @@ def compile_pipeline(config: ExperimentConfig, output: str | Path) -> tuple[Roun
 
 
 def _too_big(config: ExperimentConfig, rounds: RoundRange, sizes: Estimate, problem: str) -> str:
-    """What to change when a segment's Workflow is too big: fewer rounds per run, or fewer pods per round."""
+    """What to change when a segment's Workflow is too big: fewer rounds a run, or fewer pods a round."""
     pods = max(len(round_pods(config, r)) for r in range(rounds.first, rounds.stop))
-    where = f"the Workflow of rounds {rounds.first}..{rounds.stop - 1} ({pods} training pods a round) {problem}"
+    where = (f"the Workflow of rounds {rounds.first}..{rounds.stop - 1} ({pods} training pods a round) "
+             f"{problem}")
     one = sizes if rounds.stop - rounds.first == 1 else estimate_pipeline(_one_round(config))
     fit = rounds_that_fit(one.workflow, sizes.workflow, rounds.stop - rounds.first)
     if fit == 0:

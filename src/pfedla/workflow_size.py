@@ -49,7 +49,8 @@ WORKFLOW_SHARE = 0.6
 PIPELINE_ROOT = "minio://mlpipeline/private-artifacts/kubeflow-user-example-com/v2/artifacts"
 # Each input artifact carries the object store's session info as metadata (metadata/client.go:1243-1250,
 # the default of config/env.go:177-193, json.Marshal'ed with sorted keys)
-SESSION_INFO = {"Params": {"accessKeyKey": "accesskey", "disableSSL": "true", "endpoint": "seaweedfs.kubeflow:9000",
+SESSION_INFO = {"Params": {"accessKeyKey": "accesskey", "disableSSL": "true",
+                           "endpoint": "seaweedfs.kubeflow:9000",
                            "fromEnv": "false", "maxRetries": "5", "region": "minio",
                            "secretKeyKey": "secretkey", "secretName": "mlpipeline-minio-artifact"},
                 "Provider": "minio"}
@@ -62,8 +63,9 @@ MLMD_ID_DIGITS = 7
 LAUNCHER_SERVERS = ("ml-pipeline.kubeflow", "8887", "metadata-grpc-service.kubeflow", "8080")  # config/env.go
 
 # -- what Argo v4.0.5 adds to the template of a pod and to the Workflow object ------------------------------
-# system-container-impl as KFP 2.17 compiles it (test_data/compiled-workflows/parallel_for_after_dependency.yaml,
-# json.Marshal'ed), without podSpecPatch, its metadata and its inputs
+# system-container-impl as KFP 2.17 compiles it
+# (test_data/compiled-workflows/parallel_for_after_dependency.yaml, json.Marshal'ed), without podSpecPatch,
+# its metadata and its inputs
 IMPL_TEMPLATE_BYTES = 1_745
 # The retry default pfedla's install sets on every template (k8s/components/kfp-standalone)
 TEMPLATE_RETRY = {"limit": "2", "retryPolicy": "Always",
@@ -73,7 +75,8 @@ TEMPLATE_RETRY = {"limit": "2", "retryPolicy": "Always",
 ARCHIVE_LOCATION = {"archiveLogs": True, "s3": {
     "accessKeySecret": {"key": "accesskey", "name": "mlpipeline-minio-artifact"}, "bucket": "mlpipeline",
     "endpoint": "seaweedfs.kubeflow:9000", "insecure": True,
-    "key": "private-artifacts/kubeflow-user-example-com/WORKFLOW/2026/08/21/WORKFLOW-system-container-impl-0000000000",
+    "key": "private-artifacts/kubeflow-user-example-com/WORKFLOW/2026/08/21/"
+           "WORKFLOW-system-container-impl-0000000000",
     "secretKeySecret": {"key": "secretkey", "name": "mlpipeline-minio-artifact"}}}
 # The Workflow spec's fixed part: the system-container-{driver,executor,impl}, system-dag-driver and
 # entrypoint templates and the spec's other fields (parallel_for_after_dependency.yaml: 7,221 + 282 bytes)
@@ -151,7 +154,8 @@ class Estimate:
             f"largest pod strings: ARGO_TEMPLATE {_kib(template.argo_template)} ({template.task}), executor "
             f"input {_kib(executor_input.executor_input)} ({executor_input.task}); limit "
             f"{_kib(MAX_ENV_VAR_LEN)} each",
-            f"Workflow estimate, {len(self.pods)} pods and {workflow.nodes} nodes: spec {_kib(workflow.spec)}, "
+            f"Workflow estimate, {len(self.pods)} pods and {workflow.nodes} nodes: "
+            f"spec {_kib(workflow.spec)}, "
             f"node status {_kib(workflow.status)}; the object {_kib(workflow.uncompressed)} before Argo's "
             f"compression, {_kib(workflow.compressed)} after; refused past {_kib(workflow_budget())} "
             f"({WORKFLOW_SHARE:.0%} of MAX_WORKFLOW_SIZE {_kib(MAX_WORKFLOW_SIZE)})",
@@ -174,8 +178,9 @@ def pod_problem(sizes: Estimate) -> str | None:
         return (f"the pod {template.task} would get an ARGO_TEMPLATE of {template.argo_template} bytes, over "
                 f"Argo's MAX_ENV_VAR_LEN of {MAX_ENV_VAR_LEN}, and its pod would never be created")
     if executor_input.executor_input > MAX_ARG_STRLEN:
-        return (f"the pod {executor_input.task} would get an executor input of {executor_input.executor_input} "
-                f"bytes, over Linux's MAX_ARG_STRLEN of {MAX_ARG_STRLEN}, and its step could not start")
+        return (f"the pod {executor_input.task} would get an executor input of "
+                f"{executor_input.executor_input} bytes, over Linux's MAX_ARG_STRLEN of {MAX_ARG_STRLEN}, "
+                "and its step could not start")
     return None
 
 
@@ -275,7 +280,8 @@ def _walk(ir: dict[str, Any], component: dict[str, Any], scope: _Scope) -> Itera
 # -- one pod: executor input, pod spec patch, ARGO_TEMPLATE -------------------------------------------------
 
 class _Ids:
-    """Random values of the lengths a real run has (ids, UUIDs, times): they set how well status compresses."""
+    """Random values of the lengths a real run has (ids, UUIDs, times): they set how well status
+    compresses."""
 
     def __init__(self, seed: int = 0):
         self.rng = random.Random(seed)
@@ -288,7 +294,8 @@ class _Ids:
         return f"{hexes[:8]}-{hexes[8:12]}-{hexes[12:16]}-{hexes[16:20]}-{hexes[20:]}"
 
     def time(self) -> str:
-        return f"2026-08-21T{self.rng.randrange(24):02d}:{self.rng.randrange(60):02d}:{self.rng.randrange(60):02d}Z"
+        hours, minutes, seconds = self.rng.randrange(24), self.rng.randrange(60), self.rng.randrange(60)
+        return f"2026-08-21T{hours:02d}:{minutes:02d}:{seconds:02d}Z"
 
 
 @dataclass
@@ -322,7 +329,8 @@ class _Run:
             "uri": self.artifact_uri(task.name, "executor-logs-0")}]}
         folder = f"/tmp/kfp_outputs/{self.pipeline}/{self.run_id}/{task.name}/{self.ids.uuid()}"
         return {"inputs": {"parameterValues": task.parameters,
-                           "artifacts": {name: {"artifacts": [self.input_artifact(name) for _ in range(count)]}
+                           "artifacts": {name: {"artifacts": [self.input_artifact(name)
+                                                              for _ in range(count)]}
                                          for name, count in task.artifacts.items()}},
                 "outputs": {"parameters": {name: {"outputFile": f"{folder}/{name}"}
                                            for name in outputs.get("parameters", {})},
@@ -349,7 +357,8 @@ class _Run:
                                                                      "name": source["secretName"]}}}
                 for source in platform.get("secretAsEnv", []) for e in source["keyToEnv"]]
         resources = container.get("resources", {})
-        requests = {"cpu": resources.get("resourceCpuRequest", ""), "memory": resources.get("resourceMemoryRequest", "")}
+        requests = {"cpu": resources.get("resourceCpuRequest", ""),
+                    "memory": resources.get("resourceMemoryRequest", "")}
         limits = {}
         if accelerator := resources.get("accelerator"):
             limits[accelerator.get("resourceType", "")] = accelerator.get("resourceCount", "")
@@ -370,7 +379,8 @@ class _Run:
         retry = dict(TEMPLATE_RETRY)
         if policy := task.spec.get("retryPolicy"):
             retry.update({"limit": str(policy.get("maxRetryCount", 0)), "backoff": {
-                "duration": policy.get("backoffDuration", ""), "factor": str(int(policy.get("backoffFactor", 2))),
+                "duration": policy.get("backoffDuration", ""),
+                "factor": str(int(policy.get("backoffFactor", 2))),
                 "maxDuration": policy.get("backoffMaxDuration", "")}})
         added = {"metadata": metadata, "retryStrategy": retry, "podSpecPatch": patch,
                  "archiveLocation": ARCHIVE_LOCATION}
@@ -406,7 +416,8 @@ class _Status:
                                 "templateScope": f"local/{self.run.workflow}", "phase": "Succeeded",
                                 "boundaryID": self.node_id(boundary), "startedAt": ids.time(),
                                 "finishedAt": ids.time(), "progress": "1/1",
-                                "resourcesDuration": {"cpu": int(ids.digits(3)), "memory": int(ids.digits(5))}}
+                                "resourcesDuration": {"cpu": int(ids.digits(3)),
+                                                      "memory": int(ids.digits(5))}}
         if inputs:
             node["inputs"] = {"parameters": [{"name": key, "value": value} for key, value in inputs.items()]}
         if outputs:
@@ -417,7 +428,8 @@ class _Status:
         self.nodes[node_id] = node
         return node_id
 
-    def retried(self, name: str, boundary: str, kind: str, template: str, inputs: dict[str, str] | None = None,
+    def retried(self, name: str, boundary: str, kind: str, template: str,
+                inputs: dict[str, str] | None = None,
                 outputs: dict[str, Any] | None = None) -> None:
         attempt = self.add(f"{name}(0)", boundary, kind, template, inputs, outputs)
         parent = self.add(name, boundary, "Retry", template, inputs, outputs)
@@ -425,7 +437,8 @@ class _Status:
 
     def dag_driver(self, name: str, boundary: str, inputs: dict[str, str]) -> None:
         outputs = {"parameters": [{"name": "execution-id", "value": self.run.ids.digits(MLMD_ID_DIGITS)},
-                                  {"name": "iteration-count", "value": "0"}, {"name": "condition", "value": ""}],
+                                  {"name": "iteration-count", "value": "0"},
+                                  {"name": "condition", "value": ""}],
                    "exitCode": "0"}
         self.retried(name, boundary, "Pod", "system-dag-driver", inputs, outputs)
 
@@ -439,25 +452,30 @@ class _Status:
         if platform:
             inputs["kubernetes-config"] = go_json(platform)
         outputs = {"parameters": [{"name": "pod-spec-patch", "value": patch},
-                                  {"name": "cached-decision", "value": "false"}, {"name": "condition", "value": ""}],
+                                  {"name": "cached-decision", "value": "false"},
+                                  {"name": "condition", "value": ""}],
                    "exitCode": "0"}
         dag = task.scope.node
         self.retried(f"{node}-driver", dag, "Pod", "system-container-driver", inputs, outputs)
         executor_inputs = {"pod-spec-patch": patch, "cached-decision": "false"}
         self.retried(node, dag, "DAG", "system-container-executor", executor_inputs)
-        logs = {"artifacts": [{"name": "main-logs", "s3": {"key": ARCHIVE_LOCATION["s3"]["key"]}}], "exitCode": "0"}
-        self.retried(f"{node}.executor", node, "Pod", "system-container-impl", {"pod-spec-patch": patch}, logs)
+        logs = {"artifacts": [{"name": "main-logs", "s3": {"key": ARCHIVE_LOCATION["s3"]["key"]}}],
+                "exitCode": "0"}
+        self.retried(f"{node}.executor", node, "Pod", "system-container-impl", {"pod-spec-patch": patch},
+                     logs)
 
     def dag_task(self, task: _Task) -> None:
         """dag.go:249-281: the DAG driver pod, then the DAG."""
         node, dag = f"{task.scope.node}.{task.name}", task.scope.node
-        self.dag_driver(f"{node}-driver", dag, {"component": go_json(task.component), "task": go_json(task.spec),
-                                           "task-name": task.name, "parent-dag-id": "0", "iteration-index": "-1",
-                                           "driver-type": "DAG"})
-        self.retried(node, dag, "DAG", task.spec["componentRef"]["name"], {"parent-dag-id": "0", "condition": ""})
+        self.dag_driver(f"{node}-driver", dag, {
+            "component": go_json(task.component), "task": go_json(task.spec), "task-name": task.name,
+            "parent-dag-id": "0", "iteration-index": "-1", "driver-type": "DAG"})
+        self.retried(node, dag, "DAG", task.spec["componentRef"]["name"],
+                     {"parent-dag-id": "0", "condition": ""})
 
     def loop_task(self, task: _Task) -> None:
-        """dag.go:360-488: the iterator DAG and its driver, then per iteration a DAG, a driver and the item DAG."""
+        """dag.go:360-488: the iterator DAG and its driver, then per iteration a DAG, a driver and the
+        item DAG."""
         node = f"{task.scope.node}.{task.name}"
         component, spec = go_json(task.component), go_json(task.spec)
         self.retried(node, task.scope.node, "DAG", f"{task.name}-iterator", {"parent-dag-id": "0"})
@@ -481,7 +499,8 @@ def _spec_bytes(ir: dict[str, Any], kubernetes: dict[str, Any]) -> int:
     components = ir["components"]
     containers = [c for c in components.values() if "dag" not in c]
     arguments = {go_json(c) for c in containers}
-    arguments |= {go_json(ir["deploymentSpec"]["executors"][c["executorLabel"]]["container"]) for c in containers}
+    executors = ir["deploymentSpec"]["executors"]
+    arguments |= {go_json(executors[c["executorLabel"]]["container"]) for c in containers}
     arguments |= {go_json(config) for config in kubernetes.values()}
     dags = [ir["root"], *(c for c in components.values() if "dag" in c)]
     arguments |= {go_json(dag) for dag in dags}
@@ -517,9 +536,9 @@ def estimate(documents: list[dict[str, Any]], seed: int = 0) -> Estimate:
                 for name, spec in ir["root"].get("inputDefinitions", {}).get("parameters", {}).items()}
     root = f"{run.workflow}.root"
     status.retried(run.workflow, run.workflow, "DAG", "entrypoint")
-    status.dag_driver(f"{run.workflow}.root-driver", run.workflow, {"component": go_json(ir["root"]),
-                                                      "runtime-config": go_json({"parameterValues": defaults}),
-                                                      "driver-type": "ROOT_DAG"})
+    status.dag_driver(f"{run.workflow}.root-driver", run.workflow, {
+        "component": go_json(ir["root"]), "runtime-config": go_json({"parameterValues": defaults}),
+        "driver-type": "ROOT_DAG"})
     status.retried(root, run.workflow, "DAG", "root", {"parent-dag-id": "0", "condition": ""})
     pods = []
     for task in _walk(ir, ir["root"], _Scope(root, "", defaults, {})):
@@ -530,7 +549,8 @@ def estimate(documents: list[dict[str, Any]], seed: int = 0) -> Estimate:
         else:
             executor_input = go_json(run.executor_input(task))
             patch = run.pod_spec_patch(task, executor_input)
-            pods.append(PodSize(f"{task.scope.label}{task.name}", len(executor_input), run.argo_template(task, patch)))
+            pods.append(PodSize(f"{task.scope.label}{task.name}", len(executor_input),
+                                run.argo_template(task, patch)))
             status.container_task(task, patch)
     nodes = go_json(dict(sorted(status.nodes.items()))).encode()  # json.Marshal sorts a map by key
     packed = base64.b64encode(gzip.compress(nodes, compresslevel=6))  # util/file/fileutil.go:85-120
