@@ -226,7 +226,10 @@ def compile_pipeline(config: ExperimentConfig, output: str | Path) -> tuple[Roun
                                 f"(now {config.pipeline.clients_per_pod})")
         if problem := workflow_problem(sizes.workflow):
             raise PipelineError(_too_big(config, rounds, sizes, problem))
-        shutil.copyfile(compiled, output)
+        try:
+            shutil.copyfile(compiled, output)
+        except OSError as error:
+            raise PipelineError(f"cannot write {output}: {error.strerror}") from None
     return rounds, sizes
 
 
