@@ -342,7 +342,8 @@ def test_fedprox_through_the_steps_equals_the_simulation(tiny_config, tmp_path):
     evaluation, _ = steps.read_evaluation(steps.read_config(cfg), evaluation_manifest)
     simulated = run_experiment(steps.read_config(cfg), progress=False, track=False).results["fedprox"]
     assert evaluation["client_accuracies"] == simulated.client_accuracies
-    plain = config_from_dict({**steps.read_config(cfg).to_dict(), "fedprox": {"mu": 0.0}, "output_dir": str(tmp_path / "f")})
+    plain = config_from_dict({**steps.read_config(cfg).to_dict(), "fedprox": {"mu": 0.0},
+                              "output_dir": str(tmp_path / "f")})
     without_mu = run_experiment(plain, progress=False, track=False).results["fedprox"]
     assert [h["train_loss"] for h in without_mu.history] != [h["train_loss"] for h in simulated.history]
 
