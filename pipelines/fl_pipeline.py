@@ -219,7 +219,7 @@ def compile_pipeline(config: ExperimentConfig, output: str | Path) -> tuple[Roun
         raise PipelineError(f"cannot write {output}: {output.parent} is not a directory")
     rounds = RoundRange.of(config)
     with tempfile.TemporaryDirectory(prefix="pfedla-compile-") as folder:
-        compiled = Path(folder) / output.name
+        compiled = Path(folder) / "pipeline.yaml"
         sizes = _compile(config, compiled)
         if problem := pod_problem(sizes):
             raise PipelineError(f"{problem}: raise pipeline.clients_per_pod "
