@@ -3,6 +3,7 @@ instead of crashes for bad clients, checked objects, launcher-safe summaries, ch
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,6 +142,27 @@ def test_partition_stores_one_train_and_one_test_object_per_client(tiny_config, 
     assert len(manifest["transfers"]["objects_written"]) == 7  # 3 train, 3 test, partition.json
 
 
+def test_steps_get_the_config_by_reference_and_refuse_one_that_does_not_match_it(tiny_config, tmp_path):
+    config = tiny_config(STEPS)
+    ref = steps.config_reference(config)
+    uri = json.loads(ref)["uri"]
+    assert uri.startswith(str(tmp_path / "plane"))
+    assert uri.endswith(f"/configs/{json.loads(ref)['sha256']}.json")
+    with pytest.raises(ArtifactError, match="config_json does not match config_ref"):
+        steps.partition(tiny_config(STEPS, lr=0.5).to_json(), ref, tmp_path / "shards.json")
+    assert not (tmp_path / "shards.json").exists() and not Path(uri).exists()
+    steps.partition(config.to_json(), ref, tmp_path / "shards.json")
+    assert storage.read_bytes(uri) == config.to_json().encode()
+    assert steps.read_config(ref).to_json() == config.to_json()
+    storage.write_bytes(uri, storage.read_bytes(uri).replace(b'"lr": 0.', b'"lr": 1.'))  # size kept
+    with pytest.raises(ArtifactError, match=r"configs/.*\.json does not match its manifest"):
+        steps.server_init(ref, tmp_path / "shards.json", tmp_path / "plan.json")
+    with pytest.raises(ArtifactError, match="config_ref is not JSON"):
+        steps.read_config(config.to_json()[:20])
+    with pytest.raises(ArtifactError, match="config_ref: not an object reference"):
+        steps.read_config(config.to_json())
+
+
 def read_split(cfg, manifest, split, client):
     return plane_of(cfg).get_tensors(ObjectRef.from_dict(manifest[split][client], split))[0]
 
@@ -263,7 +285,7 @@ def test_old_rounds_are_deleted_but_never_the_inputs_of_a_retried_step(tiny_conf
         next_plan = tmp_path / f"plan{round_idx + 1}.json"
         steps.server_round(cfg, round_idx, round_idx < 2, shards, plan, next_plan)
         rounds_dir = plane_of(cfg).uri("rounds")
-        kept = sorted(p.name for p in __import__("pathlib").Path(rounds_dir).iterdir())
+        kept = sorted(p.name for p in Path(rounds_dir).iterdir())
         assert kept == [f"{r:05d}" for r in range(max(0, round_idx), round_idx + 2)]
         # retrying the step (its pod died after writing) finds its inputs and writes the same outputs
         steps.server_round(cfg, round_idx, round_idx < 2, shards, plan, tmp_path / "retry.json")
