@@ -163,6 +163,8 @@ def submit(config: ExperimentConfig, host: str, experiment: str | None = None, w
     say = log or (lambda line: print(line, file=sys.stderr, flush=True))
     check_cluster_contract(config)
     plan = segments(config)
+    with tempfile.TemporaryDirectory() as tmp:  # a segment Argo could not hold is refused before any request
+        compile_pipeline(segment_config(config, plan[0].first), Path(tmp) / "pipeline.yaml")
     wait = len(plan) > 1 if wait is None else wait
     api = connect(host, namespace, token_file)
     experiment_name = experiment or config.experiment_name
