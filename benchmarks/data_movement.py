@@ -61,18 +61,15 @@ def worker(spec: dict) -> dict:
     root = Path(spec["root"])
     config = config_from_dict({"clients": clients, "participation": spec["participation"], "rounds": 2,
                                "device": "cpu", "pipeline": {"data_root": str(root / "plane")}})
-    cfg = config.to_json()
+    cfg = steps.config_reference(config)
     out = root / "out"  # manifests named after the component outputs, as step_manifests expects
     shards_manifest, plan_manifest = out / "partition" / "shards", out / "server-init" / "plan"
-    steps.partition(cfg, shards_manifest)
+    steps.partition(config.to_json(), cfg, shards_manifest)
     steps.server_init(cfg, shards_manifest, plan_manifest)
     selected = sorted(json.loads(plan_manifest.read_text())["clients"], key=int)
-    reports = []
     for client in selected:  # one client per pod
-        reports.append(out / f"client-train-{client}" / "update")
-        steps.client_train(cfg, client, plan_manifest, reports[-1])
-    steps.server_round(cfg, 0, True, shards_manifest, plan_manifest, reports,
-                       out / "server-round" / "next_plan")
+        steps.client_train(cfg, client, plan_manifest, out / f"client-train-{client}" / "update")
+    steps.server_round(cfg, 0, True, shards_manifest, plan_manifest, out / "server-round" / "next_plan")
     manifests = step_manifests(root / "out")
     plan = next(m for m in manifests if m["step"] == "server_init")
     shards = next(m for m in manifests if m["step"] == "partition")

@@ -31,21 +31,19 @@ def bench(settings: Settings) -> dict:
         config = config_from_dict({"clients": clients, "rounds": rounds, "device": "cpu",
                                    "algorithms": ["pfedla"], "output_dir": str(root / "out"),
                                    "pipeline": {"data_root": str(root / "plane")}})
-        cfg = config.to_json()
+        cfg = steps.config_reference(config)
         log(f"pipeline_overhead: {rounds} round(s), {clients} clients in-process")
         started = time.perf_counter()
         training = 0.0
         shards, plan = root / "shards", root / "plan0"
-        steps.partition(cfg, shards)
+        steps.partition(config.to_json(), cfg, shards)
         steps.server_init(cfg, shards, plan)
         for round_idx in range(rounds):
-            updates = []
             for client in range(clients):
-                updates.append(root / f"u{round_idx}_{client}")
                 began = time.perf_counter()
-                steps.client_train(cfg, str(client), plan, updates[-1])
+                steps.client_train(cfg, str(client), plan, root / f"u{round_idx}_{client}")
                 training += time.perf_counter() - began
-            steps.server_round(cfg, round_idx, round_idx + 1 < rounds, shards, plan, updates,
+            steps.server_round(cfg, round_idx, round_idx + 1 < rounds, shards, plan,
                                root / f"plan{round_idx + 1}")
             plan = root / f"plan{round_idx + 1}"
         steps.evaluate(cfg, shards, plan, root / "final", root / "evaluation", final=True)

@@ -3,8 +3,8 @@
 from kfp.dsl import Artifact, Input, Output
 
 
-def checkpoint(config_json: str, plan: Input[Artifact], checkpoint: Output[Artifact]):
+def checkpoint(config_ref: str, plan: Input[Artifact], checkpoint: Output[Artifact]):
     """Copy the state to ``checkpoints/round_<r>/`` (inside the store) and move the LATEST pointer."""
     from pfedla import steps
 
-    checkpoint.metadata.update(steps.checkpoint(config_json, plan.path, checkpoint.path))
+    checkpoint.metadata.update(steps.checkpoint(config_ref, plan.path, checkpoint.path))

@@ -3,8 +3,8 @@
 from kfp.dsl import Artifact, Input, Output
 
 
-def client_train(config_json: str, clients: str, plan: Input[Artifact], update: Output[Artifact]):
+def client_train(config_ref: str, clients: str, plan: Input[Artifact], update: Output[Artifact]):
     """Train ``clients`` (ids like ``3,7``) and report each one's update Δ = θ' − θ̄ or why it failed."""
     from pfedla import steps
 
-    update.metadata.update(steps.client_train(config_json, clients, plan.path, update.path))
+    update.metadata.update(steps.client_train(config_ref, clients, plan.path, update.path))

@@ -3,9 +3,9 @@
 from kfp.dsl import Artifact, Dataset, Input
 
 
-def record(config_json: str, tracking_uri: str, shards: Input[Dataset], checkpoint: Input[Artifact],
+def record(config_ref: str, tracking_uri: str, shards: Input[Dataset], checkpoint: Input[Artifact],
            evaluation: Input[Artifact]) -> str:
     """Log to MLflow (``tracking_uri``, else MLFLOW_TRACKING_URI from the environment); returns the run id."""
     from pfedla import steps
 
-    return steps.record(config_json, shards.path, checkpoint.path, evaluation.path, tracking_uri or None)
+    return steps.record(config_ref, shards.path, checkpoint.path, evaluation.path, tracking_uri or None)

@@ -1,22 +1,21 @@
 """server: the first round's plan, then each round's aggregation (which plans the next round)."""
 
-from typing import List
-
 from kfp.dsl import Artifact, Dataset, Input, Output
 
 
-def server_init(config_json: str, shards: Input[Dataset], plan: Output[Artifact]):
+def server_init(config_ref: str, shards: Input[Dataset], plan: Output[Artifact]):
     """A fresh server state, or the checkpoint this segment starts from, and its first round's plan."""
     from pfedla import steps
 
-    plan.metadata.update(steps.server_init(config_json, shards.path, plan.path))
+    plan.metadata.update(steps.server_init(config_ref, shards.path, plan.path))
 
 
-def server_round(config_json: str, round_idx: int, configure_next: bool, shards: Input[Dataset],
-                 plan: Input[Artifact], updates: Input[List[Artifact]], next_plan: Output[Artifact]):
-    """Fold the round's collected client reports into the server state and plan the next round."""
+def server_round(config_ref: str, round_idx: int, configure_next: bool, shards: Input[Dataset],
+                 plan: Input[Artifact], next_plan: Output[Artifact]):
+    """Fold the round's client reports (read at their fixed data-plane keys) into the server state and
+    plan the next round."""
     from pfedla import steps
 
-    summary = steps.server_round(config_json, round_idx, configure_next, shards.path, plan.path,
-                                 [update.path for update in updates], next_plan.path)
+    summary = steps.server_round(config_ref, round_idx, configure_next, shards.path, plan.path,
+                                 next_plan.path)
     next_plan.metadata.update(summary)

@@ -22,10 +22,12 @@ def _pipeline_compile(args: argparse.Namespace) -> None:
     from pfedla_pipelines.fl_pipeline import compile_pipeline, segments
 
     config = load_config(args.config, args.overrides)
-    rounds = compile_pipeline(config, args.output)
+    rounds, sizes = compile_pipeline(config, args.output)
     size = Path(args.output).stat().st_size
     print(f"wrote {args.output} ({size / 1024:.0f} KiB): rounds {rounds.first}..{rounds.stop - 1} "
           f"of {rounds.total}")
+    for line in sizes.report():
+        print(line)
     if not rounds.finishes:
         print(f"this is segment 1 of {len(segments(config))}: `pfedla pipeline submit` runs them all in turn")
 
@@ -52,7 +54,8 @@ def _pipeline_submit(args: argparse.Namespace) -> None:
     from pfedla_pipelines.runner import submit
 
     config = load_config(args.config, args.overrides)
-    run_ids = submit(config, args.host, args.experiment, wait=args.wait, poll_seconds=args.poll_seconds)
+    run_ids = submit(config, args.host, args.experiment, wait=args.wait, poll_seconds=args.poll_seconds,
+                     namespace=args.namespace, token_file=args.token_file)
     print(f"{args.host}: runs {', '.join(run_ids)}")
 
 
@@ -82,4 +85,8 @@ def register(commands: Any) -> None:
                                  "rounds > pipeline.rounds_per_run)")
     submit_cmd.add_argument("--poll-seconds", type=float, default=15.0,
                             help="how often --wait asks for status")
+    submit_cmd.add_argument("--namespace", help="multi-user Kubeflow: the profile namespace experiments and "
+                                                "runs live in")
+    submit_cmd.add_argument("--token-file", help="file holding the bearer token the KFP API wants (default: "
+                                                 "$KF_PIPELINES_SA_TOKEN_PATH, as in a Kubeflow pod)")
     submit_cmd.set_defaults(handler=_pipeline_submit)

@@ -1,34 +1,40 @@
 """The pFedLA Kubeflow pipeline: partition -> plan -> R unrolled rounds -> evaluate -> checkpoint -> record.
 
 KFP v2 has no runtime loop, so rounds are unrolled at compile time: each round is one
-``fl-round`` sub-pipeline (ParallelFor over the round's training pods -> ``dsl.Collected``
-fan-in -> the server step, which aggregates and plans the next round, so the server state is
-read once per round). The round's clients are a seeded draw known at compile time, so each
-round's pods are listed in the YAML. One pipeline run (a *segment*) covers at most
-``pipeline.rounds_per_run`` rounds; longer experiments chain segments through the
+``fl-round`` sub-pipeline (ParallelFor over the round's training pods, then the server step,
+ordered after the whole loop, which reads every pod's report at its fixed data-plane key,
+aggregates and plans the next round, so the server state is read once per round). No artifact
+list passes from the loop to the server step: a pod's arguments do not grow with the round's
+pods. The round's clients are a seeded draw known at compile time, so each round's pods are
+listed in the YAML. Only ``partition`` gets the config inline; every other step gets a reference
+to the object it writes (``steps.config_reference``). One pipeline run (a *segment*) covers at
+most ``pipeline.rounds_per_run`` rounds; longer experiments chain segments through the
 checkpoints the ``checkpoint`` step writes to the data plane (``pfedla_pipelines.runner`` runs them).
+Compiling estimates what the run puts on the cluster (``pfedla.workflow_size``) and refuses a
+segment that Argo could not hold.
 """
 
 
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
 from kfp import compiler, dsl, kubernetes
 
+from pfedla.cluster import CLIENT_RETRY_BACKOFF_FACTOR, CLIENT_RETRY_BACKOFF_SECONDS, client_retry_window
 from pfedla.config import ExperimentConfig, single_seed
 from pfedla.dataplane import data_root
 from pfedla.errors import PfedlaError
 from pfedla.images import step_image
-from pfedla.steps import round_pods
+from pfedla.steps import config_reference, round_pods
+from pfedla.workflow_size import Estimate, estimate, pod_problem, rounds_that_fit, workflow_problem
 from pfedla_components import Components, build_components
 
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-# The server step's executor input lists every training pod's update artifact (URI, metadata: about
-# 400 bytes each), and the launcher receives it as one command-line argument, which Linux caps at
-# 128 KiB (MAX_ARG_STRLEN). Staying well below keeps a round's fan-in launchable.
-MAX_PODS_PER_ROUND = 200
 ENDPOINT_KEYS = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
 MLFLOW_AUTH_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 # Labels of every step's pod: the egress NetworkPolicy of k8s/components/kfp-standalone selects them.
@@ -90,10 +96,19 @@ class TaskOptions:
         return task
 
     def client(self, task: Any) -> Any:
-        """Client training: GPU when asked for, retried when its pod dies or overruns its deadline."""
+        """Client training: GPU when asked for; its pod retried ``client_retries`` times when it fails
+        (exits non-zero, is OOM-killed or evicted, overruns ``client_pod_timeout``) or errors (deleted
+        with its node, a failed init or wait container). Failed pods are retried only on a cluster
+        with pfedla's Argo retry defaults (k8s/components/kfp-standalone/workflow-controller-retries.yaml);
+        under KFP's own defaults only errors are. The retry window covers every attempt."""
         self.step(task)
         if self.pipe.client_retries:
-            task.set_retry(num_retries=self.pipe.client_retries, backoff_duration="30s", backoff_factor=2.0)
+            window = client_retry_window(self.pipe.client_retries, self.pipe.client_pod_timeout,
+                                         self.pipe.segment_timeout)
+            task.set_retry(num_retries=self.pipe.client_retries,
+                           backoff_duration=f"{CLIENT_RETRY_BACKOFF_SECONDS}s",
+                           backoff_factor=float(CLIENT_RETRY_BACKOFF_FACTOR),
+                           backoff_max_duration=f"{window}s")
         if self.pipe.client_pod_timeout:  # backstop for a hang that client_timeout cannot interrupt
             kubernetes.set_timeout(task, self.pipe.client_pod_timeout)
         if self.pipe.gpus_per_client:
@@ -128,17 +143,19 @@ def build_pipeline(config: ExperimentConfig) -> Callable:
     options = TaskOptions(config)
     rounds = RoundRange.of(config)
     eval_every = config.pipeline.eval_every
-    config_json = config.to_json()
+    config_json, config_ref = config.to_json(), config_reference(config)
     deadline = config.pipeline.segment_timeout or None  # the whole run, Pending pods included
 
     @dsl.pipeline(name="fl-round", description="One round: train its clients, aggregate, plan the next.")
-    def fl_round(config_json: str, round_idx: int, configure_next: bool, groups: list[str],
+    def fl_round(config_ref: str, round_idx: int, configure_next: bool, groups: list[str],
                  shards: dsl.Input[dsl.Dataset], plan: dsl.Input[dsl.Artifact]) -> dsl.Artifact:
         with dsl.ParallelFor(groups, parallelism=config.pipeline.parallelism) as group:
-            train = options.client(parts.client_train(config_json=config_json, clients=group, plan=plan))
+            train = options.client(parts.client_train(config_ref=config_ref, clients=group, plan=plan))
+        # after the whole loop (KFP 2.17 compiles this to `depends: for-loop-N.Succeeded`); the reports
+        # are read at their data-plane keys, so nothing here grows with the round's pods
         server = options.step(parts.server_round(
-            config_json=config_json, round_idx=round_idx, configure_next=configure_next, shards=shards,
-            plan=plan, updates=dsl.Collected(train.outputs["update"])))
+            config_ref=config_ref, round_idx=round_idx, configure_next=configure_next, shards=shards,
+            plan=plan)).after(train)
         return server.outputs["next_plan"]
 
     @dsl.pipeline(
@@ -146,20 +163,21 @@ def build_pipeline(config: ExperimentConfig) -> Callable:
         description=f"{config.pipeline.algorithm} rounds {rounds.first}..{rounds.stop - 1} of {rounds.total}",
         pipeline_config=dsl.PipelineConfig(active_deadline_seconds=deadline),
     )
-    def pipeline(config_json: str = config_json,
+    def pipeline(config_json: str = config_json, config_ref: str = config_ref,
                  mlflow_tracking_uri: str = config.pipeline.mlflow_tracking_uri or "") -> dsl.Artifact:
-        shards = options.step(parts.partition(config_json=config_json)).outputs["shards"]
-        plan = options.step(parts.server_init(config_json=config_json, shards=shards)).outputs["plan"]
+        shards = options.step(parts.partition(config_json=config_json,
+                                              config_ref=config_ref)).outputs["shards"]
+        plan = options.step(parts.server_init(config_ref=config_ref, shards=shards)).outputs["plan"]
         for round_idx in range(rounds.first, rounds.stop):
             done = round_idx + 1
-            plan = fl_round(config_json=config_json, round_idx=round_idx, configure_next=done < rounds.stop,
+            plan = fl_round(config_ref=config_ref, round_idx=round_idx, configure_next=done < rounds.stop,
                             groups=round_pods(config, round_idx), shards=shards, plan=plan).output
             if eval_every and done % eval_every == 0 and done != rounds.stop:
-                plan = options.step(parts.evaluate(config_json=config_json, final=False, shards=shards,
+                plan = options.step(parts.evaluate(config_ref=config_ref, final=False, shards=shards,
                                                    plan=plan)).outputs["next_plan"]
-        final = options.step(parts.evaluate(config_json=config_json, final=True, shards=shards, plan=plan))
-        saved = options.step(parts.checkpoint(config_json=config_json, plan=final.outputs["next_plan"]))
-        options.record(parts.record(config_json=config_json, tracking_uri=mlflow_tracking_uri, shards=shards,
+        final = options.step(parts.evaluate(config_ref=config_ref, final=True, shards=shards, plan=plan))
+        saved = options.step(parts.checkpoint(config_ref=config_ref, plan=final.outputs["next_plan"]))
+        options.record(parts.record(config_ref=config_ref, tracking_uri=mlflow_tracking_uri, shards=shards,
                                     checkpoint=saved.outputs["checkpoint"],
                                     evaluation=final.outputs["evaluation"]))
         return final.outputs["evaluation"]
@@ -167,9 +185,31 @@ def build_pipeline(config: ExperimentConfig) -> Callable:
     return pipeline
 
 
-def compile_pipeline(config: ExperimentConfig, output: str | Path) -> RoundRange:
-    """Write the pipeline YAML for ``config``'s segment; returns the rounds it covers. The pipeline runs
-    one seed: a ConfigError when ``seeds`` lists several."""
+def _compile(config: ExperimentConfig, output: Path) -> Estimate:
+    """Write ``config``'s segment to ``output`` and estimate what a run of it puts on a cluster."""
+    try:
+        compiler.Compiler().compile(build_pipeline(config), str(output))
+    except OSError as error:
+        raise PipelineError(f"cannot write {output}: {error.strerror}") from None
+    return estimate(list(yaml.safe_load_all(output.read_text())))
+
+
+def estimate_pipeline(config: ExperimentConfig) -> Estimate:
+    """The pod and Workflow sizes of ``config``'s segment on a cluster, whether or not it would fit."""
+    with tempfile.TemporaryDirectory(prefix="pfedla-compile-") as folder:
+        return _compile(single_seed(config), Path(folder) / "pipeline.yaml")
+
+
+def _one_round(config: ExperimentConfig) -> ExperimentConfig:
+    return replace(config, pipeline=replace(config.pipeline, rounds_per_run=1))
+
+
+def compile_pipeline(config: ExperimentConfig, output: str | Path) -> tuple[RoundRange, Estimate]:
+    """Write the pipeline YAML for ``config``'s segment; returns the rounds it covers and its size estimate.
+
+    The pipeline runs one seed: a ConfigError when ``seeds`` lists several. A PipelineError, and no
+    file, when a pod or the Workflow would outgrow what Argo takes (``pfedla.workflow_size``).
+    """
     config = single_seed(config)
     data_root(config)
     output = Path(output)
@@ -178,15 +218,29 @@ def compile_pipeline(config: ExperimentConfig, output: str | Path) -> RoundRange
     if not output.parent.is_dir():
         raise PipelineError(f"cannot write {output}: {output.parent} is not a directory")
     rounds = RoundRange.of(config)
+    with tempfile.TemporaryDirectory(prefix="pfedla-compile-") as folder:
+        compiled = Path(folder) / "pipeline.yaml"
+        sizes = _compile(config, compiled)
+        if problem := pod_problem(sizes):
+            raise PipelineError(f"{problem}: raise pipeline.clients_per_pod "
+                                f"(now {config.pipeline.clients_per_pod})")
+        if problem := workflow_problem(sizes.workflow):
+            raise PipelineError(_too_big(config, rounds, sizes, problem))
+        try:
+            shutil.copyfile(compiled, output)
+        except OSError as error:
+            raise PipelineError(f"cannot write {output}: {error.strerror}") from None
+    return rounds, sizes
+
+
+def _too_big(config: ExperimentConfig, rounds: RoundRange, sizes: Estimate, problem: str) -> str:
+    """What to change when a segment's Workflow is too big: fewer rounds a run, or fewer pods a round."""
     pods = max(len(round_pods(config, r)) for r in range(rounds.first, rounds.stop))
-    if pods > MAX_PODS_PER_ROUND:
-        raise PipelineError(f"a round would run {pods} training pods; the server step's launcher cannot take "
-                            f"more than about {MAX_PODS_PER_ROUND} collected updates: raise "
-                            f"pipeline.clients_per_pod to at least "
-                            f"{-(-pods * config.pipeline.clients_per_pod // MAX_PODS_PER_ROUND)}")
-    pipeline = build_pipeline(config)
-    try:
-        compiler.Compiler().compile(pipeline, str(output))
-    except OSError as error:
-        raise PipelineError(f"cannot write {output}: {error.strerror}") from None
-    return rounds
+    where = (f"the Workflow of rounds {rounds.first}..{rounds.stop - 1} ({pods} training pods a round) "
+             f"{problem}")
+    one = sizes if rounds.stop - rounds.first == 1 else estimate_pipeline(_one_round(config))
+    fit = rounds_that_fit(one.workflow, sizes.workflow, rounds.stop - rounds.first)
+    if fit == 0:
+        return (f"{where}; even one round does not fit: raise pipeline.clients_per_pod "
+                f"(now {config.pipeline.clients_per_pod}) so a round has fewer pods")
+    return f"{where}: set pipeline.rounds_per_run to at most {fit} (now {config.pipeline.rounds_per_run})"

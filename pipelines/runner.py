@@ -40,6 +40,7 @@ from pfedla_pipelines.fl_pipeline import (
     segment_config,
     segments,
 )
+from pfedla_pipelines.kfp_access import KfpApi, connect
 
 # v2beta1 run states; 2.17 reports a terminated run as CANCELING, then FAILED
 FINISHED_STATES = {"SUCCEEDED", "SKIPPED", "FAILED", "CANCELED"}
@@ -217,29 +218,13 @@ def check_cluster_contract(config: ExperimentConfig) -> None:
                             f"got {pipe.resume_from}")
 
 
-def connect(host: str) -> Any:
-    import kfp
-
-    try:
-        return kfp.Client(host=host)
-    except Exception as error:  # connection refused, DNS, TLS, auth: all surface here
-        raise PipelineError(f"cannot reach the Kubeflow Pipelines API at {host}: {error}") from None
-
-
-def _api(what: str, host: str, call: Callable[[], Any]) -> Any:
-    try:
-        return call()
-    except Exception as error:
-        raise PipelineError(f"the Kubeflow Pipelines API at {host} failed to {what}: {error}") from None
-
-
-def _segment_runs(client: Any, host: str, experiment_id: str, key: str) -> dict[str, Any]:
+def _segment_runs(api: KfpApi, experiment_id: str, key: str) -> dict[str, Any]:
     """This experiment's runs by name (the newest of each), from every page of the listing."""
     match = {"key": "display_name", "operation": "IS_SUBSTRING", "string_value": key}
     query = json.dumps({"predicates": [match]})
     runs, token = [], ""
     while True:
-        page = _api("list runs", host, lambda t=token: client.list_runs(
+        page = api.call("list runs", lambda t=token: api.client.list_runs(
             experiment_id=experiment_id, page_token=t, page_size=100, filter=query))
         runs += page.runs or []
         token = page.next_page_token
@@ -252,24 +237,30 @@ def _segment_runs(client: Any, host: str, experiment_id: str, key: str) -> dict[
 
 
 def submit(config: ExperimentConfig, host: str, experiment: str | None = None, wait: bool | None = None,
-           poll_seconds: float = 15.0, log: Callable[[str], None] | None = None) -> list[str]:
+           poll_seconds: float = 15.0, log: Callable[[str], None] | None = None, namespace: str | None = None,
+           token_file: str | Path | None = None) -> list[str]:
     """Submit the experiment's segments to a KFP API server; returns the run ids it submitted or found.
 
     With ``wait`` (the default when there is more than one segment), each segment is followed
     until it ends and the next is submitted after it; without, the first unfinished segment
     is submitted and the call returns. Segments that already succeeded are skipped, so the
     same command continues an interrupted experiment. One seed only (``single_seed``).
+    On multi-user Kubeflow, ``namespace`` is the profile the experiment and its runs live in and
+    ``token_file`` holds the bearer token (in a pod: ``$KF_PIPELINES_SA_TOKEN_PATH``; see
+    ``pfedla_pipelines.kfp_access``).
     """
     config = single_seed(config)
     say = log or (lambda line: print(line, file=sys.stderr, flush=True))
     check_cluster_contract(config)
     plan = segments(config)
+    with tempfile.TemporaryDirectory() as tmp:  # a segment Argo could not hold is refused before any request
+        compile_pipeline(segment_config(config, plan[0].first), Path(tmp) / "pipeline.yaml")
     wait = len(plan) > 1 if wait is None else wait
-    client = connect(host)
+    api = connect(host, namespace, token_file)
     experiment_name = experiment or config.experiment_name
-    experiment_id = _api("create the experiment", host,
-                         lambda: client.create_experiment(experiment_name).experiment_id)
-    existing = _segment_runs(client, host, experiment_id, experiment_key(config))
+    experiment_id = api.call("create the experiment", lambda: api.client.create_experiment(
+        experiment_name, namespace=namespace).experiment_id)
+    existing = _segment_runs(api, experiment_id, experiment_key(config))
     run_ids = []
     for number, segment in enumerate(plan, 1):
         label = f"segment {number}/{len(plan)} (rounds {segment.first}..{segment.stop - 1})"
@@ -281,13 +272,13 @@ def submit(config: ExperimentConfig, host: str, experiment: str | None = None, w
             continue
         if run is not None and run.state == "CANCELING":  # terminated earlier: let it stop, then start over
             say(f"{label}: run {run.run_id} is being terminated; waiting for it to stop")
-            _follow(client, host, run.run_id, label, 0, poll_seconds, say)
+            _follow(api, run.run_id, label, 0, poll_seconds, say)
             run = None
         if run is not None and run.state not in FINISHED_STATES:
             say(f"{label}: run {run.run_id} is still {run.state}; following it")
             run_id = run.run_id
         else:
-            run_id = _create_run(client, host, segment_config(config, segment.first), name, experiment_name)
+            run_id = _create_run(api, segment_config(config, segment.first), name, experiment_id)
             say(f"{label}: submitted run {run_id}")
         run_ids.append(run_id)
         if not wait:
@@ -296,32 +287,32 @@ def submit(config: ExperimentConfig, host: str, experiment: str | None = None, w
                     "(or use --wait)")
             return run_ids
         timeout = config.pipeline.segment_timeout
-        state, elapsed = _follow(client, host, run_id, label, timeout, poll_seconds, say)
+        state, elapsed = _follow(api, run_id, label, timeout, poll_seconds, say)
         if state != "SUCCEEDED":
             hint = (f"; it may have run past pipeline.segment_timeout={timeout} s, e.g. with pods that "
-                    "stayed Pending (check GPU scheduling: kubectl -n kubeflow get pods)") if timeout and \
-                elapsed >= timeout else ""
+                    f"stayed Pending (check GPU scheduling: kubectl -n {api.step_namespace} get pods)") \
+                if timeout and elapsed >= timeout else ""
             raise PipelineError(f"{label} ended {state} (run {run_id}){hint}. Fix the cause, then run the "
                                 "same command again: finished segments are skipped")
     return run_ids
 
 
-def _create_run(client: Any, host: str, config: ExperimentConfig, name: str, experiment: str) -> str:
+def _create_run(api: KfpApi, config: ExperimentConfig, name: str, experiment_id: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         package = Path(tmp) / "pipeline.yaml"
         compile_pipeline(config, package)
-        run = _api("create the run", host, lambda: client.create_run_from_pipeline_package(
-            str(package), arguments={}, experiment_name=experiment, run_name=name,
+        run = api.call("create the run", lambda: api.client.create_run_from_pipeline_package(
+            str(package), arguments={}, experiment_id=experiment_id, run_name=name,
             service_account=config.pipeline.service_account))
     return run.run_id
 
 
-def _follow(client: Any, host: str, run_id: str, label: str, timeout: int, poll_seconds: float,
+def _follow(api: KfpApi, run_id: str, label: str, timeout: int, poll_seconds: float,
             say: Callable[[str], None]) -> tuple[str, float]:
     """Poll a run until it ends; returns its final state and how long that took."""
     started, state, reported = time.monotonic(), None, 0.0
     while True:
-        run = _api("report the run", host, lambda: client.get_run(run_id))
+        run = api.call("report the run", lambda: api.client.get_run(run_id))
         elapsed = time.monotonic() - started
         if run.state != state or elapsed - reported >= 300:  # a line per change, or every 5 minutes
             say(f"{label}: {run.state} after {elapsed:.0f} s")
@@ -331,8 +322,8 @@ def _follow(client: Any, host: str, run_id: str, label: str, timeout: int, poll_
         # The backend's own deadline (compiled from segment_timeout) should have ended the run by now;
         # a backend that ignores it gets the run terminated from here, a little later.
         if timeout and elapsed > timeout + max(2 * poll_seconds, min(600.0, timeout)):
-            _api("terminate the run", host, lambda: client.terminate_run(run_id))
+            api.call("terminate the run", lambda: api.client.terminate_run(run_id))
             raise PipelineError(f"{label} ran past pipeline.segment_timeout={timeout} s (run {run_id}); "
                                 "it was terminated. If its pods stayed Pending, check GPU scheduling "
-                                "(kubectl -n kubeflow get pods)")
+                                f"(kubectl -n {api.step_namespace} get pods)")
         time.sleep(poll_seconds)

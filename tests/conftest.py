@@ -23,7 +23,7 @@ import pytest
 
 from pfedla.config import ExperimentConfig, config_from_dict
 
-pytest_plugins = ["servers", "kfp_api"]
+pytest_plugins = ["servers", "kfp_api", "process_hygiene"]
 
 TESTS = Path(__file__).resolve().parent
 # The tiny experiment: digits (the default, offline), CPU, a few clients and rounds. Seconds to run.

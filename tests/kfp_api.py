@@ -10,6 +10,13 @@ Endpoints (paths under ``/apis/v2beta1``), with the request shapes kfp 2.17's cl
 - ``POST /runs`` (the compiled spec embedded as ``pipeline_spec``), ``GET /runs/{id}``,
   ``GET /runs?experiment_id=&filter=&page_size=&page_token=`` (display name EQUALS or
   IS_SUBSTRING, paged), ``POST /runs/{id}:terminate`` (CANCELING, then FAILED, as KFP 2.17 does).
+
+By default it is standalone (single-user) KFP, as ``k8s/kind/up.sh`` installs it. With ``token``
+and ``namespace`` set (fixture ``kfp_api_multi_user``) it stands in for multi-user Kubeflow: every
+request without ``Authorization: Bearer <token>`` is refused with 401 (KFP 2.17 authenticates the
+bearer token, backend/src/apiserver/auth/auth.go), and experiments are listed, created and
+read, and runs created and read, only in that profile namespace (an experiment without a
+namespace, or in another one, is refused: experiments are namespaced in multi-user mode).
 """
 
 from __future__ import annotations
@@ -68,7 +75,12 @@ class FakeKfpApi:
     url: str = ""
     script: Script = succeed
     max_page_size: int = 2  # small pages, so clients must follow next_page_token
+    token: str | None = None  # multi-user: the bearer token every request must carry
+    namespace: str | None = None  # multi-user: the profile namespace everything lives in
+    echo_auth: bool = False  # a refusal quotes the Authorization header it got (as a careless proxy might)
     experiments: dict[str, str] = field(default_factory=dict)  # id -> display name
+    experiment_namespaces: dict[str, str | None] = field(default_factory=dict)  # id -> namespace
+    requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # method, path, Authorization
     runs: list[FakeRun] = field(default_factory=list)
     terminated: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -126,24 +138,61 @@ def _handler(api: FakeKfpApi) -> type[BaseHTTPRequestHandler]:
             length = int(self.headers.get("Content-Length") or 0)
             return json.loads(self.rfile.read(length) or b"{}")
 
+        def _refused(self, path: str) -> bool:
+            """Multi-user: reply 401 unless the request carries the bearer token."""
+            header = self.headers.get("Authorization")
+            api.requests.append((self.command, path, header))
+            if api.token is None or header == f"Bearer {api.token}":
+                return False
+            quoted = f" (got {header!r})" if api.echo_auth else ""
+            self._reply(401, {"code": 16, "message": f"Unauthenticated: no valid bearer token{quoted}"})
+            return True
+
+        def _outside(self, namespace: str | None) -> bool:
+            """Multi-user: reply 400/403 unless ``namespace`` is the profile's."""
+            if api.namespace is None or namespace == api.namespace:
+                return False
+            if not namespace:
+                self._reply(400, {"code": 3, "message": "Invalid input error: a namespace is required in "
+                                                        "multi-user mode"})
+            else:
+                self._reply(403, {"code": 7, "message": f"PermissionDenied: no access to {namespace}"})
+            return True
+
+        def _experiment_outside(self, experiment_id: str) -> bool:
+            if experiment_id not in api.experiments:
+                self._reply(404, {"code": 5, "message": "experiment not found"})
+                return True
+            return self._outside(api.experiment_namespaces.get(experiment_id))
+
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             url = urlsplit(self.path)
             path, query = url.path.removeprefix(PREFIX), parse_qs(url.query, keep_blank_values=True)
             with api.lock:
+                if self._refused(path):
+                    return None
                 if path == "/healthz":
-                    return self._reply(200, {"multi_user": False})
+                    return self._reply(200, {"multi_user": api.namespace is not None})
                 if path == "/experiments":
-                    found = _filtered(list(api.experiments.items()), query, lambda item: item[1])
+                    namespace = query.get("namespace", [""])[0] or None
+                    if self._outside(namespace):
+                        return None
+                    mine = [(i, n) for i, n in api.experiments.items()
+                            if api.experiment_namespaces.get(i) == namespace or api.namespace is None]
+                    found = _filtered(mine, query, lambda item: item[1])
                     return self._reply(200, {"experiments": [{"experiment_id": i, "display_name": n}
                                                              for i, n in found], "total_size": len(found)})
                 if match := re.fullmatch(r"/experiments/([^/]+)", path):
-                    if match[1] not in api.experiments:
-                        return self._reply(404, {"code": 5, "message": "experiment not found"})
+                    if self._experiment_outside(match[1]):
+                        return None
                     name = api.experiments[match[1]]
-                    return self._reply(200, {"experiment_id": match[1], "display_name": name})
+                    return self._reply(200, {"experiment_id": match[1], "display_name": name,
+                                             "namespace": api.experiment_namespaces.get(match[1])})
                 if path == "/runs":
                     return self._list_runs(query)
                 if (match := re.fullmatch(r"/runs/([^/:]+)", path)) and (run := api.run(match[1])):
+                    if self._experiment_outside(run.experiment_id):
+                        return None
                     payload = run.as_json()
                     run.polls += 1
                     return self._reply(200, payload)
@@ -151,6 +200,10 @@ def _handler(api: FakeKfpApi) -> type[BaseHTTPRequestHandler]:
 
         def _list_runs(self, query: dict[str, list[str]]) -> None:
             experiment = query.get("experiment_id", [""])[0]
+            if experiment and self._experiment_outside(experiment):
+                return
+            if not experiment and self._outside(query.get("namespace", [""])[0] or None):
+                return
             runs = [r for r in api.runs if not experiment or r.experiment_id == experiment]
             runs = _filtered(runs, query, lambda run: run.display_name)
             start = int(query.get("page_token", [""])[0] or 0)
@@ -164,18 +217,28 @@ def _handler(api: FakeKfpApi) -> type[BaseHTTPRequestHandler]:
             path = urlsplit(self.path).path.removeprefix(PREFIX)
             body = self._body()
             with api.lock:
+                if self._refused(path):
+                    return None
                 if path == "/experiments":
+                    if self._outside(body.get("namespace")):
+                        return None
                     experiment_id = uuid.uuid4().hex
                     api.experiments[experiment_id] = body["display_name"]
+                    api.experiment_namespaces[experiment_id] = body.get("namespace")
                     return self._reply(200, {"experiment_id": experiment_id,
-                                             "display_name": body["display_name"]})
+                                             "display_name": body["display_name"],
+                                             "namespace": body.get("namespace")})
                 if path == "/runs":
+                    if self._experiment_outside(body.get("experiment_id", "")):
+                        return None
                     run = FakeRun(uuid.uuid4().hex, body["experiment_id"], body["display_name"], body,
                                   list(api.script(body["display_name"])), len(api.runs),
                                   {r.display_name: r.state for r in api.runs})
                     api.runs.append(run)
                     return self._reply(200, run.as_json())
                 if (match := re.fullmatch(r"/runs/([^/:]+):terminate", path)) and (run := api.run(match[1])):
+                    if self._experiment_outside(run.experiment_id):
+                        return None
                     api.terminated.append(run.run_id)
                     run.states, run.polls = ["CANCELING", "FAILED"], 0
                     return self._reply(200, {})
@@ -184,11 +247,7 @@ def _handler(api: FakeKfpApi) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-@pytest.fixture
-def kfp_api(tmp_path, monkeypatch) -> Iterator[FakeKfpApi]:
-    """A fresh fake KFP API on 127.0.0.1; ``HOME`` points to an empty folder so no kfp context leaks in."""
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    api = FakeKfpApi()
+def _serve(api: FakeKfpApi) -> Iterator[FakeKfpApi]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(api))
     api.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -198,3 +257,22 @@ def kfp_api(tmp_path, monkeypatch) -> Iterator[FakeKfpApi]:
     finally:
         server.shutdown()
         server.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def kfp_api(tmp_path, monkeypatch) -> Iterator[FakeKfpApi]:
+    """A fresh fake standalone KFP API on 127.0.0.1; ``HOME`` points to an empty folder so no kfp
+    context leaks in, and no pod token is found."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("KF_PIPELINES_SA_TOKEN_PATH", raising=False)
+    yield from _serve(FakeKfpApi())
+
+
+@pytest.fixture
+def kfp_api_multi_user(tmp_path, monkeypatch) -> Iterator[FakeKfpApi]:
+    """A fake multi-user Kubeflow Pipelines API (profile ``team-a``) that refuses any request without
+    its bearer token and anything outside its namespace."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("KF_PIPELINES_SA_TOKEN_PATH", raising=False)
+    yield from _serve(FakeKfpApi(token=f"kfp-TEST-token-{uuid.uuid4().hex}", namespace="team-a"))

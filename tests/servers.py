@@ -13,7 +13,9 @@ Fixtures (both session-scoped):
 
 Every port is picked at runtime, every process runs in its own process group and is killed
 (SIGTERM, short grace period, SIGKILL to the whole group) on teardown, also when startup or a
-test fails. Server logs go to files next to the data; startup errors quote their tail.
+test fails. Server logs go to files next to the data; startup errors quote their tail. A test
+that starts a server of its own does so through :class:`ProcessGroup`, so that stopping it also
+stops the children the server started (MLflow's uvicorn worker, say).
 Only the standard library, pytest, boto3 and mlflow are used.
 """
 
@@ -120,10 +122,10 @@ def _server_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-_LIVE: set[_Proc] = set()
+_LIVE: set[ProcessGroup] = set()
 
 
-class _Proc:
+class ProcessGroup:
     """One run of a server subprocess, in its own process group, logging to a file."""
 
     def __init__(self, name: str, cmd: list[str], log_path: Path, cwd: Path, env: dict[str, str]):
@@ -145,7 +147,7 @@ class _Proc:
 
     def start(self) -> None:
         if self.popen is not None:
-            raise RuntimeError(f"{self.name}: a _Proc is started only once; make a new one")
+            raise RuntimeError(f"{self.name}: a ProcessGroup is started only once; make a new one")
         with open(self.log_path, "ab") as log:
             log.write(f"\n===== {time.strftime('%H:%M:%S')} starting: {self.cmd}\n".encode())
             log.flush()
@@ -206,7 +208,7 @@ def _kill_leftovers() -> None:  # backstop if a fixture finalizer never ran
 
 
 def _wait_until(
-    proc: _Proc,
+    proc: ProcessGroup,
     ready: Callable[[], bool],
     timeout: float,
     what: str,
@@ -282,7 +284,7 @@ def _require_mlflow() -> None:
 class _ServerProcess:
     """What both servers expose about their process (``_proc``, set by ``start``)."""
 
-    _proc: _Proc | None
+    _proc: ProcessGroup | None
 
     @property
     def pid(self) -> int | None:
@@ -307,7 +309,7 @@ class S3Server(_ServerProcess):
     health_bucket: str = field(repr=False)
     sock_dir: Path = field(repr=False)
     weed_bin: str = field(repr=False)
-    _proc: _Proc | None = field(default=None, repr=False)
+    _proc: ProcessGroup | None = field(default=None, repr=False)
 
     # -- public API ----------------------------------------------------------------------
 
@@ -352,7 +354,7 @@ class S3Server(_ServerProcess):
         """
         if self.running:
             return
-        self._proc = _Proc(
+        self._proc = ProcessGroup(
             "weed", self._command(), self.log_path, cwd=self.data_dir.parent, env=_server_env({})
         )
         self._proc.start()
@@ -524,7 +526,7 @@ class MlflowServer(_ServerProcess):
     artifacts_destination: str
     port: int
     log_path: Path = field(repr=False)
-    _proc: _Proc | None = field(default=None, repr=False)
+    _proc: ProcessGroup | None = field(default=None, repr=False)
 
     def command(self) -> list[str]:
         return [
@@ -560,7 +562,7 @@ class MlflowServer(_ServerProcess):
             }
         )
         env.pop("MLFLOW_TRACKING_URI", None)
-        self._proc = _Proc("mlflow", self.command(), self.log_path, self.log_path.parent, env)
+        self._proc = ProcessGroup("mlflow", self.command(), self.log_path, self.log_path.parent, env)
         self._proc.start()
         try:
             _wait_until(self._proc, self._healthy, timeout, "mlflow server")

@@ -57,7 +57,7 @@ def _deploy(args: argparse.Namespace) -> None:
 
     applied = deploy(args.overlay, namespace=args.namespace, kubeconfig=args.kubeconfig,
                      context=args.context, wait_timeout=args.wait_timeout, secrets_env=args.secrets_env,
-                     generate_secrets=args.generate_secrets)
+                     generate_secrets=args.generate_secrets, profile_namespace=args.profile_namespace)
     print(f"applied {len(applied)} objects:")
     for ref in applied:
         print(f"  {ref}")
@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="seconds to wait for rollouts (0: do not wait)")
     deploy_cmd.add_argument("--secrets-env",
                             help="env file with real credentials (default: k8s/base/secrets.env)")
+    deploy_cmd.add_argument("--profile-namespace",
+                            help="multi-user Kubeflow: also give this profile namespace what pfedla's steps "
+                                 "need there (runner identity, S3 Secret, endpoints ConfigMap, step policy)")
     deploy_cmd.add_argument("--generate-secrets", action="store_true",
                             help="create k8s/base/secrets.env with random credentials if it does not exist "
                                  "(local clusters)")

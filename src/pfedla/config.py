@@ -65,7 +65,7 @@ class PipelineConfig:
     data_root: str | None = None  # where tensors live (s3:// on a cluster); None: a local dir for run-local
     parallelism: int = 10
     clients_per_pod: int = 1  # clients one client-training pod trains in turn
-    rounds_per_run: int = 10  # rounds one pipeline run (segment) unrolls; docs/kubeflow.md "Long runs"
+    rounds_per_run: int = 5  # rounds one pipeline run (segment) unrolls; docs/kubeflow.md "Long runs"
     start_round: int = 0
     resume_from: str | None = None  # a checkpoint folder; default: this experiment's own checkpoint
     keep_rounds: int = 1  # rounds of objects kept behind the newest (a retried server step needs 1)

@@ -8,10 +8,12 @@ fetches exactly the objects it needs, and a reader refuses an object whose bytes
 its reference. Keys name the round and client, and a key is never reused for other content,
 so KFP caching and resubmission stay correct::
 
+    configs/<sha256>.json                                     the config every step reads by reference
     data/client_<i>.train.safetensors  data/client_<i>.test.safetensors  data/partition.json
     rounds/<r>/state.safetensors  rounds/<r>/history.json     server state before round r
     rounds/<r>/models/client_<i>.safetensors                  θ̄_i, client i's start model
     rounds/<r>/updates/client_<i>.safetensors                 Δ_i, client i's update
+    rounds/<r>/reports/pod_from_client_<i>.json               the report of the pod whose group starts at i
     evaluations/round_<r>/...                                 a run's final evaluation
     checkpoints/round_<r>/{state.safetensors, history.json, manifest.json}, checkpoints/LATEST
 
@@ -71,6 +73,13 @@ def checkpoint_folder(round_idx: int) -> str:
     return f"checkpoints/round_{round_idx:05d}"
 
 
+def report_key(round_idx: int, group: list[int]) -> str:
+    """Where the training pod of ``group`` leaves its report of round ``round_idx``: the server step
+    finds every pod's report there, so the round's fan-in passes no list through the orchestrator.
+    Groups are disjoint, so the first client names the pod."""
+    return f"{round_folder(round_idx)}/reports/pod_from_client_{group[0]}.json"
+
+
 @dataclass(frozen=True)
 class ObjectRef:
     """Where an object is and what it must contain."""
@@ -93,6 +102,28 @@ class ObjectRef:
                 and re.fullmatch(r"[0-9a-f]{64}", digest)):
             raise ArtifactError(f"{where}: malformed object reference {raw!r:.200}")
         return cls(uri, size, digest)
+
+
+def checked(ref: ObjectRef, data: bytes) -> bytes:
+    """``data``, read from ``ref.uri``, refused unless it is exactly what the reference says."""
+    if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
+        raise ArtifactError(f"{ref.uri} does not match its manifest (expected {ref.size} bytes with "
+                            f"sha256 {ref.sha256[:12]}..., found {len(data)} bytes): it was changed or "
+                            "damaged after it was written")
+    return data
+
+
+def read_object(ref: ObjectRef) -> bytes:
+    """The object's bytes, checked against its reference."""
+    return checked(ref, storage.read_bytes(ref.uri))
+
+
+def config_ref(config: ExperimentConfig) -> ObjectRef:
+    """Where the steps read ``config`` (its JSON, ``ExperimentConfig.to_json``): a content-addressed
+    object under the experiment's prefix, so each segment's config has its own."""
+    body = config.to_json().encode()
+    digest = hashlib.sha256(body).hexdigest()
+    return ObjectRef(f"{run_prefix(config, data_root(config))}/configs/{digest}.json", len(body), digest)
 
 
 @dataclass
@@ -138,11 +169,7 @@ class DataPlane:
         data = storage.read_bytes(ref.uri)
         self.transfers.read_bytes += len(data)
         self.transfers.objects_read.append(self._key(ref.uri))
-        if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
-            raise ArtifactError(f"{ref.uri} does not match its manifest (expected {ref.size} bytes with "
-                                f"sha256 {ref.sha256[:12]}..., found {len(data)} bytes): it was changed or "
-                                "damaged after it was written")
-        return data
+        return checked(ref, data)
 
     def put_tensors(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None
                     ) -> ObjectRef:
@@ -184,16 +211,20 @@ class DataPlane:
                                 f"{MANIFEST_VERSION}; it was written by another pfedla release")
         return manifest
 
-    def write_manifest(self, path: str | Path, kind: str, payload: dict[str, Any], ledger: bool = True
-                       ) -> None:
+    def write_manifest(self, path: str | Path, kind: str, payload: dict[str, Any], ledger: bool = True,
+                       also_at: str | None = None) -> None:
         """Write an output manifest. The one manifest per step with ``ledger`` carries the step's I/O
-        ledger (``transfers``), which counts everything but this manifest itself."""
+        ledger (``transfers``), which counts everything but this manifest itself. With ``also_at``, the
+        same bytes go to that key of the data plane too, where a later step finds them without an
+        artifact."""
         manifest = {**payload, "kind": kind, "version": MANIFEST_VERSION, "prefix": self.prefix}
         if ledger:
             manifest["transfers"] = self.transfers.to_dict()
         body = strict_json(manifest)
         self.transfers.written_bytes += len(body)
         storage.write_bytes(path, body)
+        if also_at is not None:
+            storage.write_bytes(self.uri(also_at), body)
 
     def _key(self, uri: str) -> str:
         return uri[len(self.prefix) + 1:] if uri.startswith(self.prefix + "/") else uri

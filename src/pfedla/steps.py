@@ -20,6 +20,7 @@ on CPU. Manifests, by kind:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ from typing import Any
 
 import torch
 
+from pfedla import storage
 from pfedla.algorithms import (
     ClientRule,
     ClientState,
@@ -55,9 +57,12 @@ from pfedla.dataplane import (
     ObjectRef,
     checkpoint_folder,
     client_folder,
+    config_ref,
     data_root,
     finite_summary,
+    read_object,
     ref_at,
+    report_key,
     round_folder,
     run_prefix,
 )
@@ -82,8 +87,41 @@ log = logging.getLogger(__name__)
 
 
 def parse_config(config_json: str) -> ExperimentConfig:
-    """The experiment config as passed between steps (JSON of ``ExperimentConfig.to_dict()``)."""
+    """The experiment config from its JSON (``ExperimentConfig.to_json``)."""
     return config_from_dict(json.loads(config_json))
+
+
+def config_reference(config: ExperimentConfig) -> str:
+    """What every step but ``partition`` is given instead of the config: the JSON of the reference
+    (URI, size, sha256) of the object ``partition`` writes. It is a few dozen bytes in each pod's
+    executor input, where the config itself would be kilobytes in every one."""
+    return json.dumps(config_ref(config).to_dict(), sort_keys=True)
+
+
+def _config_object(config_ref: str) -> ObjectRef:
+    try:
+        raw = json.loads(config_ref)
+    except ValueError:
+        raise ArtifactError(f"config_ref is not JSON: {config_ref!r:.80}") from None
+    return ObjectRef.from_dict(raw, "config_ref")
+
+
+def publish_config(config_json: str, config_ref: str) -> ExperimentConfig:
+    """Write the config where ``config_ref`` says the later steps read it; both must come from one
+    compile (the reference holds the JSON's sha256)."""
+    ref, body = _config_object(config_ref), config_json.encode()
+    if len(body) != ref.size or hashlib.sha256(body).hexdigest() != ref.sha256:
+        raise ArtifactError("config_json does not match config_ref (its size and sha256): both come from one "
+                            "`pfedla pipeline compile`; compile again instead of editing one of them")
+    config = parse_config(config_json)
+    storage.write_bytes(ref.uri, body)
+    return config
+
+
+def read_config(config_ref: str) -> ExperimentConfig:
+    """The experiment config a step is given by reference, refused unless its bytes match the reference."""
+    ref = _config_object(config_ref)
+    return parse_config(read_object(ref).decode())
 
 
 def data_plane(config: ExperimentConfig) -> DataPlane:
@@ -193,9 +231,10 @@ def _entries(manifest: dict[str, Any], key: str, source: str | Path) -> dict[str
 
 # -- partition ---------------------------------------------------------------------------------------------
 
-def partition(config_json: str, shards_out: str | Path) -> dict[str, Any]:
-    """Build the federated data once; one train and one test object per client."""
-    config = parse_config(config_json)
+def partition(config_json: str, config_ref: str, shards_out: str | Path) -> dict[str, Any]:
+    """Write the config where ``config_ref`` says (the one step given it inline), then build the
+    federated data once: one train and one test object per client."""
+    config = publish_config(config_json, config_ref)
     plane = data_plane(config)
     data = build_federated_data(config)
     train, test = [], []
@@ -277,9 +316,9 @@ def _resume_location(config: ExperimentConfig, plane: DataPlane) -> str:
     return f"{folder.rstrip('/')}/manifest.json"
 
 
-def server_init(config_json: str, shards_in: str | Path, plan_out: str | Path) -> dict[str, Any]:
+def server_init(config_ref: str, shards_in: str | Path, plan_out: str | Path) -> dict[str, Any]:
     """A fresh server state (or the checkpoint this segment starts from) and the first round's plan."""
-    config = parse_config(config_json)
+    config = read_config(config_ref)
     plane = data_plane(config)
     shards = plane.read_manifest(shards_in, SHARDS)
     context = ModelContext.of(config, shards["data"])
@@ -330,7 +369,7 @@ def _split(plane: DataPlane, ref: ObjectRef, client: int, device: torch.device |
     return split["x"].to(device), split["y"].to(device)
 
 
-def client_train(config_json: str, clients: str, plan_in: str | Path, updates_out: str | Path
+def client_train(config_ref: str, clients: str, plan_in: str | Path, updates_out: str | Path
                  ) -> dict[str, Any]:
     """Train each client of one pod's group from its own start model on its own train split.
 
@@ -338,7 +377,7 @@ def client_train(config_json: str, clients: str, plan_in: str | Path, updates_ou
     reported with the reason instead of an update: the round goes on without it, as in the
     simulation. Only a dying process fails the step (and is retried).
     """
-    config = parse_config(config_json)
+    config = read_config(config_ref)
     plane = data_plane(config)
     plan = plane.read_manifest(plan_in, PLAN)
     group = parse_group(clients)
@@ -366,7 +405,8 @@ def client_train(config_json: str, clients: str, plan_in: str | Path, updates_ou
             own = plane.put_tensors(f"{client_folder(client, round_idx)}/state.safetensors", kept)
             reports[str(client)]["state"] = own.to_dict()
     plane.write_manifest(updates_out, UPDATES, {"step": "client_train", "step_round": round_idx,
-                                                "round": round_idx, "clients": reports})
+                                                "round": round_idx, "clients": reports},
+                         also_at=report_key(round_idx, group))
     failed = [c for c, report in reports.items() if "failed" in report]
     return finite_summary({"round": round_idx, "clients": clients, "failed": bool(failed),
                            "failed_clients": ",".join(failed), **_io_summary(plane)})
@@ -397,17 +437,25 @@ def _read_report(plane: DataPlane, client: int, report: Any, known_samples: int,
     return ClientUpdate(client, num_samples, delta, loss)
 
 
-def server_round(config_json: str, round_idx: int, configure_next: bool, shards_in: str | Path,
-                 plan_in: str | Path, updates_in: Sequence[str | Path], plan_out: str | Path
-                 ) -> dict[str, Any]:
+def pod_reports(config: ExperimentConfig, round_idx: int) -> list[str]:
+    """The data-plane keys of round ``round_idx``'s pod reports, one per training pod: the server step
+    reads them there, so its inputs do not grow with the round's pods (see ``report_key``)."""
+    groups = client_groups(participants(config, round_idx), config.pipeline.clients_per_pod)
+    return [report_key(round_idx, group) for group in groups]
+
+
+def server_round(config_ref: str, round_idx: int, configure_next: bool, shards_in: str | Path,
+                 plan_in: str | Path, plan_out: str | Path) -> dict[str, Any]:
     """Fold round ``round_idx``'s reports into the server state; plan round + 1 when ``configure_next``.
 
-    Failed clients and unusable, non-finite or oversized updates are left out and counted; more
-    than ``max_failed_fraction`` of them aborts the run. Every selected client must be reported
-    exactly once. Round objects older than ``pipeline.keep_rounds`` rounds are deleted.
+    The pipeline runs this step after every training pod of the round; it reads each pod's report
+    at its fixed key (``pod_reports``). Failed clients and unusable, non-finite or oversized updates
+    are left out and counted; more than ``max_failed_fraction`` of them aborts the run. Every
+    selected client must be reported exactly once. Round objects older than
+    ``pipeline.keep_rounds`` rounds are deleted.
     """
     started = time.perf_counter()
-    config = parse_config(config_json)
+    config = read_config(config_ref)
     plane = data_plane(config)
     shards, plan = plane.read_manifest(shards_in, SHARDS), plane.read_manifest(plan_in, PLAN)
     if plan["round"] != round_idx:
@@ -417,7 +465,7 @@ def server_round(config_json: str, round_idx: int, configure_next: bool, shards_
     outcomes: list[ClientUpdate | ClientFailure] = []
     new_states: dict[str, Any] = {}
     client_io = {"read_bytes": 0, "written_bytes": 0}
-    for source in updates_in:
+    for source in (plane.uri(key) for key in pod_reports(config, round_idx)):
         manifest = plane.read_manifest(source, UPDATES)
         if manifest.get("round") != round_idx:
             raise ArtifactError(f"{source} reports round {manifest.get('round')}, not {round_idx}")
@@ -472,14 +520,14 @@ def server_round(config_json: str, round_idx: int, configure_next: bool, shards_
 
 # -- evaluation, checkpoint, record ------------------------------------------------------------------------
 
-def evaluate(config_json: str, shards_in: str | Path, plan_in: str | Path, plan_out: str | Path,
+def evaluate(config_ref: str, shards_in: str | Path, plan_in: str | Path, plan_out: str | Path,
              evaluation_out: str | Path, final: bool) -> dict[str, Any]:
     """Every client's personalized model on its own test split; the result joins the history.
 
     The plan passes through with the new history. With ``final`` (the run's last evaluation),
     the personalized models and α are written too.
     """
-    config = parse_config(config_json)
+    config = read_config(config_ref)
     plane = data_plane(config)
     shards, plan = plane.read_manifest(shards_in, SHARDS), plane.read_manifest(plan_in, PLAN)
     context = ModelContext.of(config, plan["data"])
@@ -570,14 +618,14 @@ def read_evaluation(config: ExperimentConfig, evaluation_in: str | Path
     return evaluation, weights
 
 
-def checkpoint(config_json: str, plan_in: str | Path, checkpoint_out: str | Path) -> dict[str, Any]:
+def checkpoint(config_ref: str, plan_in: str | Path, checkpoint_out: str | Path) -> dict[str, Any]:
     """Version the segment's final state under ``checkpoints/round_<r>/``; the LATEST pointer last.
 
     The store copies the objects itself, so no state bytes pass through this step (the clients'
     own states are copied too: the clients drop their older versions). The newest
     ``keep_checkpoints`` versions are kept.
     """
-    config = parse_config(config_json)
+    config = read_config(config_ref)
     plane = data_plane(config)
     plan = plane.read_manifest(plan_in, PLAN)
     rounds_done, folder = plan["round"], checkpoint_folder(plan["round"])
@@ -600,7 +648,7 @@ def checkpoint(config_json: str, plan_in: str | Path, checkpoint_out: str | Path
     return finite_summary({"round": rounds_done, "location": plane.uri(folder), **_io_summary(plane)})
 
 
-def record(config_json: str, shards_in: str | Path, checkpoint_in: str | Path, evaluation_in: str | Path,
+def record(config_ref: str, shards_in: str | Path, checkpoint_in: str | Path, evaluation_in: str | Path,
            tracking_uri: str | None = None) -> str:
     """Log the experiment to its one MLflow run (created by the first segment, continued by the next).
 
@@ -609,7 +657,7 @@ def record(config_json: str, shards_in: str | Path, checkpoint_in: str | Path, e
     """
     from pfedla.tracking import FINAL_CLIENT_MEAN_METRIC, FINAL_METRIC, Tracker, default_tracking_uri
 
-    config = parse_config(config_json)
+    config = read_config(config_ref)
     plane = data_plane(config)
     shards = plane.read_manifest(shards_in, SHARDS)
     checkpoint_manifest = plane.read_manifest(checkpoint_in, CHECKPOINT)

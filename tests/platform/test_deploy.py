@@ -298,6 +298,11 @@ def test_make_kind_up_applies_exactly_what_pfedla_deploy_applies(tmp_path, no_cl
     assert list(by_script) == list(directly) and by_script == directly
     assert any(body["kind"] == "Secret" and body["metadata"]["namespace"] == "kubeflow"
                for body in by_script.values())
+    # after installing KFP, the Argo defaults that retry failed step pods (test_k8s_manifests.py
+    # checks what they retry), and that key alone: KFP's other settings stay KFP's
+    argo = by_script["/api/v1/namespaces/kubeflow/configmaps/workflow-controller-configmap"]
+    assert list(argo["data"]) == ["workflowDefaults"]
+    assert "retryPolicy: Always" in argo["data"]["workflowDefaults"]
 
 
 def test_gpu_overlay_refuses_placeholder_credentials(
@@ -326,7 +331,7 @@ def test_retarget_namespace_moves_only_pfedla_objects():
     assert [n["metadata"]["name"] for n in namespaces] == ["team-a"]
     placed = {o["metadata"].get("namespace") for o in objects if o["kind"] != "Namespace"}
     assert placed == {"team-a", "kubeflow"}
-    endpoints = [o for o in objects if o["kind"] == "ConfigMap"]
+    endpoints = [o for o in objects if o["metadata"]["name"] == "pfedla-endpoints"]
     for configmap in endpoints:  # both copies point at the moved services
         assert configmap["data"]["MLFLOW_TRACKING_URI"] == "http://mlflow.team-a.svc.cluster.local:5000"
     (kf_binding,) = [o for o in objects if o["kind"] == "RoleBinding"]  # the runner's, where steps run
@@ -340,6 +345,71 @@ def test_retarget_namespace_moves_only_pfedla_objects():
     assert ".pfedla.svc" not in text and "kubernetes.io/metadata.name: pfedla" not in text
     with pytest.raises(DeployError, match="invalid namespace"):
         d.retarget_namespace(objects, "Team_A")
+
+
+# --------------------------------------------------------------------------- multi-user profile namespace
+
+
+def _by_ref(objects):
+    return {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o for o in objects}
+
+
+def test_a_profile_namespace_gets_what_the_steps_need_there_and_pfedla_lets_its_steps_in():
+    """Multi-user Kubeflow runs a profile's steps in the profile namespace (KFP 2.17's
+    pipelines-profile-controller gives it KFP's own kfp-launcher ConfigMap and artifact Secret)."""
+    rendered = d.kustomize(d.resolve_overlay("kind"))
+    objects = _by_ref(d.for_profile(rendered, "team-a"))
+    kubeflow = {(kind, name): obj for (kind, ns, name), obj in _by_ref(rendered).items() if ns == "kubeflow"}
+    added = {(kind, name): obj for (kind, ns, name), obj in objects.items() if ns == "team-a"}
+    # all but Argo's retry defaults, which are the cluster's
+    assert set(added) == set(kubeflow) - {("ConfigMap", "workflow-controller-configmap")}
+    assert {kind for kind, _ in added} == {"Secret", "ConfigMap", "ServiceAccount", "Role", "RoleBinding",
+                                           "NetworkPolicy"}
+    for key in (("Secret", "pfedla-s3-credentials"), ("ConfigMap", "pfedla-endpoints")):
+        assert added[key]["data"] == kubeflow[key]["data"]  # the steps' identity and endpoints, nothing else
+    role = ("Role", "pfedla-pipeline-runner")
+    assert added[role]["rules"] == kubeflow[role]["rules"]
+    assert added[("RoleBinding", "pfedla-pipeline-runner")]["subjects"] == [
+        {"kind": "ServiceAccount", "name": "pfedla-pipeline-runner", "namespace": "team-a"}]
+    policy = added[("NetworkPolicy", "pfedla-pipeline-steps")]
+    peers = [peer for rule in policy["spec"]["egress"] for peer in rule["to"]]
+    kfp_peers = [p for p in peers if "app" in p.get("podSelector", {}).get("matchLabels", {})
+                 or "component" in p.get("podSelector", {}).get("matchLabels", {})]
+    assert len(kfp_peers) == 3  # the KFP API, ML Metadata and KFP's store stay in kubeflow
+    for peer in kfp_peers:
+        assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "kubeflow"}}
+    step_labels = policy["spec"]["podSelector"]["matchLabels"]
+    for name in ("allow-mlflow", "allow-seaweedfs-s3"):
+        (rule,) = objects[("NetworkPolicy", "pfedla", name)]["spec"]["ingress"]
+        assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "team-a"}},
+                "podSelector": {"matchLabels": step_labels}} in rule["from"]  # its step pods, not all pods
+    for bad in ("kubeflow", "pfedla", "Team_A"):
+        with pytest.raises(DeployError, match="profile namespace"):
+            d.for_profile(rendered, bad)
+    with pytest.raises(DeployError, match="components/kfp-standalone"):
+        d.for_profile(d.kustomize(K8S / "base"), "team-a")
+
+
+def test_deploy_to_a_profile_namespace_applies_there_and_needs_the_profile(tmp_path, no_cluster_env):
+    from pfedla.cli import main
+
+    with FakeApiServer(namespaces=("kubeflow",)) as api:
+        kubeconfig = api.kubeconfig(tmp_path / "kc")
+        with pytest.raises(DeployError, match="team-a do not exist: create the Kubeflow profile first"):
+            d.deploy("kind", kubeconfig=kubeconfig, wait_timeout=0, profile_namespace="team-a")
+        assert api.patches() == []
+        api.objects["/api/v1/namespaces/team-a"] = {"kind": "Namespace", "metadata": {"name": "team-a"}}
+        assert main(["deploy", "--overlay", "kind", "--kubeconfig", str(kubeconfig), "--wait-timeout", "0",
+                     "--profile-namespace", "team-a"]) == 0
+        in_profile = sorted(path for _, path, _, _ in api.patches() if "/namespaces/team-a/" in path)
+    assert in_profile == [
+        "/api/v1/namespaces/team-a/configmaps/pfedla-endpoints",
+        "/api/v1/namespaces/team-a/secrets/pfedla-s3-credentials",
+        "/api/v1/namespaces/team-a/serviceaccounts/pfedla-pipeline-runner",
+        "/apis/networking.k8s.io/v1/namespaces/team-a/networkpolicies/pfedla-pipeline-steps",
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/team-a/rolebindings/pfedla-pipeline-runner",
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/team-a/roles/pfedla-pipeline-runner",
+    ]
 
 
 # --------------------------------------------------------------------------- status reading

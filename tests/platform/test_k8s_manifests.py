@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import kubernetes_validate
@@ -35,6 +36,7 @@ import yaml
 from kubernetes_validate.utils import latest_version
 
 from pfedla.ops.deploy import find_kubectl, parse_manifests, read_env_file
+from servers import ProcessGroup
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -276,6 +278,89 @@ def test_kubeflow_copies_match_the_base_objects(rendered):
             "AWS_ACCESS_KEY_ID": identities["PFEDLA_S3_STEPS_ACCESS_KEY_ID"],
             "AWS_SECRET_ACCESS_KEY": identities["PFEDLA_S3_STEPS_SECRET_ACCESS_KEY"],
         }, name
+
+
+# --------------------------------------------------------------------------- Argo retries
+#
+# How Argo Workflows v4.0.5 decides whether to retry a finished node (workflow/controller/
+# operator.go): the template's own retryStrategy is merged over the controller's templateDefaults
+# with a strategic merge, nested objects merging and the template winning (4447-4490); the policy
+# is the merged retryPolicy, else Always with an expression, else OnFailure (workflow_types.go:
+# 2295-2304); Always retries Failed and Error nodes, OnError only Error, OnFailure only Failed
+# (1100-1125); an expression must also hold (1141-1150). The expression is evaluated here as
+# Python, so it must stay in the part of Argo's expression language that Python shares.
+KFP_TEMPLATE_DEFAULTS = {"retryStrategy": {"limit": "2", "retryPolicy": "OnError"}}  # KFP 2.17's own
+# What KFP 2.17 compiles onto a set_retry task's pod template (argocompiler/container.go:667-685).
+CLIENT_TEMPLATE = {"retryStrategy": {"limit": "{{inputs.parameters.retry-max-count}}", "backoff": {
+    "duration": "{{inputs.parameters.retry-backoff-duration}}",
+    "factor": "{{inputs.parameters.retry-backoff-factor}}",
+    "maxDuration": "{{inputs.parameters.retry-backoff-max-duration}}"}}}
+# (what happened, node type, phase Argo gives it, lastRetry.exitCode, retried?): a pod is Failed
+# when its status has a message (eviction, activeDeadlineSeconds) or its main container exits
+# non-zero (operator.go:1707-1806), Error when deleted (1289) or its init/wait container fails;
+# only pod nodes carry an exit code (1536-1544); a DAG fails when a child does.
+RETRY_CASES = [
+    ("OOM-killed", "Pod", "Failed", "137", True),
+    ("evicted", "Pod", "Failed", "137", True),
+    ("past activeDeadlineSeconds (client_pod_timeout)", "Pod", "Failed", "137", True),
+    ("program exits non-zero", "Pod", "Failed", "1", True),
+    ("deleted with its node", "Pod", "Error", "-1", True),
+    ("a round or the pipeline whose step failed", "DAG", "Failed", "-1", False),
+]
+
+
+def _merged(defaults: dict, own: dict) -> dict:
+    out = dict(defaults)
+    for key, value in own.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def argo_retries(template_defaults: dict, template: dict, phase: str, exit_code: str) -> bool:
+    strategy = _merged(template_defaults, template).get("retryStrategy")
+    if not strategy:
+        return False
+    policy = strategy.get("retryPolicy") or ("Always" if strategy.get("expression") else "OnFailure")
+    if phase not in {"Always": ("Failed", "Error"), "OnError": ("Error",), "OnFailure": ("Failed",)}[policy]:
+        return False
+    expression = strategy.get("expression")
+    scope = {"lastRetry": types.SimpleNamespace(status=phase, exitCode=exit_code)}
+    return not expression or bool(eval(expression, {"__builtins__": {}}, scope))
+
+
+def _template_defaults(objects: list[dict]) -> dict:
+    (configmap,) = [o for o in objects if o["kind"] == "ConfigMap"
+                    and o["metadata"]["name"] == "workflow-controller-configmap"]
+    assert configmap["metadata"]["namespace"] == STEP_NAMESPACE
+    assert set(configmap["data"]) == {"workflowDefaults"}  # server-side apply owns this key alone
+    spec = yaml.safe_load(configmap["data"]["workflowDefaults"])["spec"]
+    # KFP's own run TTLs stay (its third-party/argo/base/workflow-controller-configmap-patch.yaml)
+    assert spec["ttlStrategy"] == dict.fromkeys(
+        ("secondsAfterCompletion", "secondsAfterSuccess", "secondsAfterFailure"), 3600)
+    return spec["templateDefaults"]
+
+
+@pytest.mark.parametrize("name", ["kind", "gpu"])
+@pytest.mark.parametrize("case", RETRY_CASES, ids=[c[0] for c in RETRY_CASES])
+def test_argo_retries_every_failed_or_errored_step_pod_but_never_a_whole_dag(rendered, name, case):
+    what, node_type, phase, exit_code, retried = case
+    defaults = _template_defaults(rendered[name])
+    templates = [CLIENT_TEMPLATE, {}] if node_type == "Pod" else [{}]  # a set_retry pod, any other template
+    for template in templates:
+        assert argo_retries(defaults, template, phase, exit_code) is retried, (what, template)
+    if node_type == "Pod":  # a step pod gets KFP's limit unless it sets its own (client_retries)
+        assert _merged(defaults, {})["retryStrategy"]["limit"] == "2"
+        own = CLIENT_TEMPLATE["retryStrategy"]["limit"]
+        assert _merged(defaults, CLIENT_TEMPLATE)["retryStrategy"]["limit"] == own
+
+
+def test_under_kfps_own_defaults_a_failed_pod_is_not_retried():
+    """The checker itself: KFP 2.17's OnError default retries only Error nodes, as issue 19 found."""
+    failed = [c for c in RETRY_CASES if c[1] == "Pod" and c[2] == "Failed"]
+    assert failed
+    assert not any(argo_retries(KFP_TEMPLATE_DEFAULTS, CLIENT_TEMPLATE, c[2], c[3]) for c in failed)
+    assert argo_retries(KFP_TEMPLATE_DEFAULTS, CLIENT_TEMPLATE, "Error", "-1")
 
 
 # --------------------------------------------------------------------------- least privilege: RBAC
@@ -1122,8 +1207,10 @@ def test_platform_scripts_and_s3_identities_work_against_real_servers(tmp_path):
     local = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "AWS_ENDPOINT_URL": url,
              "MLFLOW_S3_ENDPOINT_URL": url, "AWS_EC2_METADATA_DISABLED": "true",
              "NO_PROXY": "127.0.0.1,localhost"}
-    servers = [subprocess.Popen([weed, *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                                stderr=(tmp_path / "weed.log").open("w"))]
+    # Each server in its own process group: `mlflow server` runs its app in a uvicorn worker process,
+    # which killing the server alone would leave running.
+    servers = [ProcessGroup("weed", [weed, *args], tmp_path / "weed.log", tmp_path, dict(os.environ))]
+    servers[0].start()
     try:
         job_env = {**container_env(job, objects, "pfedla"), **local}
         assert job_env["AWS_ACCESS_KEY_ID"] == real["PFEDLA_S3_ADMIN_ACCESS_KEY_ID"]
@@ -1179,15 +1266,15 @@ def test_platform_scripts_and_s3_identities_work_against_real_servers(tmp_path):
             arg = arg.replace("--port=5000", f"--port={mlflow_port}")
             arg = arg.replace("sqlite:////mlflow/db/mlflow.db", f"sqlite:///{tmp_path / 'mlflow.db'}")
             server_args.append(arg)
-        servers.append(subprocess.Popen(
-            [sys.executable, "-m", "mlflow", *server_args], cwd=tmp_path, stdout=subprocess.DEVNULL,
-            stderr=(tmp_path / "mlflow.log").open("w"),
-            env={**mlflow_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-                 "MLFLOW_DISABLE_TELEMETRY": "true"}))
+        servers.append(ProcessGroup(
+            "mlflow", [sys.executable, "-m", "mlflow", *server_args], tmp_path / "mlflow.log", tmp_path,
+            {**mlflow_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+             "MLFLOW_DISABLE_TELEMETRY": "true"}))
+        servers[-1].start()
         tracking = f"http://127.0.0.1:{mlflow_port}"
         deadline = time.monotonic() + 120
         while _http_status_or_none(f"{tracking}/health", "10.0.3.7:5000") != 200:  # a probe's Host
-            assert servers[-1].poll() is None and time.monotonic() < deadline, \
+            assert servers[-1].alive() and time.monotonic() < deadline, \
                 (tmp_path / "mlflow.log").read_text()[-3000:]
             time.sleep(0.5)
         api = f"{tracking}/api/2.0/mlflow/experiments/search?max_results=1"
@@ -1208,8 +1295,7 @@ def test_platform_scripts_and_s3_identities_work_against_real_servers(tmp_path):
         assert len(stored) == 1 and stored[0].endswith("/alpha.txt")
     finally:
         for server in servers:
-            server.kill()  # weed takes seconds to honour SIGTERM; its data is a temp dir anyway
-            server.wait(timeout=10)
+            server.stop(grace=0)  # the whole group; weed is slow to honour SIGTERM, its data is a temp dir
 
 
 def _http_status_or_none(url: str, host: str) -> int | None:

@@ -1,6 +1,7 @@
 """`pfedla` command line: it parses, calls the library, and reports errors without tracebacks."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -88,6 +89,11 @@ def test_pipeline_compile_reports_size_and_the_segments(tmp_path, capsys):
     assert code == 0 and output.is_file()
     assert "rounds 0..1 of 5" in printed
     assert "segment 1 of 3: `pfedla pipeline submit` runs them all in turn" in printed
+    assert re.search(r"largest pod strings: ARGO_TEMPLATE [\d,]+ KiB \(.+\), executor input [\d,]+ KiB",
+                     printed)
+    assert re.search(r"Workflow estimate, \d+ pods and \d+ nodes: spec [\d,]+ KiB, node status [\d,]+ KiB; "
+                     r"the object [\d,]+ KiB before Argo's compression, [\d,]+ KiB after; refused past "
+                     r"614 KiB \(60% of MAX_WORKFLOW_SIZE 1,024 KiB\)", printed)
     assert main(["pipeline", "compile", "-o", str(tmp_path / "missing" / "p.yaml"),
                  "--set", "pipeline.data_root=s3://pfedla"]) == 2
     assert "is not a directory" in capsys.readouterr().err

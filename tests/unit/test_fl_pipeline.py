@@ -4,7 +4,9 @@ What a cluster does with these settings cannot run here; the compiled YAML is wh
 backend reads, so these tests check it. Real runs under kfp.local are in test_runner.py.
 """
 
+import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -15,11 +17,19 @@ from pfedla.errors import ConfigError
 from pfedla.images import step_image
 from pfedla.ops.deploy import read_env_file
 from pfedla.rounds import participants
+from pfedla.workflow_size import (
+    MAX_ARG_STRLEN,
+    MAX_ENV_VAR_LEN,
+    MAX_WORKFLOW_SIZE,
+    pod_problem,
+    workflow_budget,
+)
 from pfedla_pipelines.fl_pipeline import (
     STEP_POD_LABELS,
     PipelineError,
     RoundRange,
     compile_pipeline,
+    estimate_pipeline,
     segment_config,
     segments,
 )
@@ -74,8 +84,9 @@ def test_rounds_are_unrolled_with_each_rounds_pods_listed_and_one_server_step(tm
         loop = tasks["for-loop-1"]
         assert loop["iteratorPolicy"]["parallelismLimit"] == 3
         assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--groups"
-        fan_in = tasks["server-round"]["inputs"]["artifacts"]["updates"]["taskOutputArtifact"]
-        assert fan_in["producerTask"] == "for-loop-1"  # dsl.Collected over the loop
+        # fan-in by listing: the server step runs after the whole loop and takes nothing from it
+        assert tasks["server-round"]["dependentTasks"] == ["for-loop-1"]
+        assert set(tasks["server-round"]["inputs"]["artifacts"]) == {"shards", "plan"}
     for component in loop_components(spec):
         ((name, task),) = component["dag"]["tasks"].items()
         assert name.startswith("client-train")
@@ -105,6 +116,37 @@ def test_every_step_requests_resources_and_only_client_steps_retry_and_time_out(
               for t in c["dag"]["tasks"].values()]
     others += list(spec["root"]["dag"]["tasks"].values())
     assert others and not any("retryPolicy" in t for t in others)
+
+
+def _seconds(duration: str) -> int:
+    assert duration.endswith("s"), duration
+    return int(duration[:-1])
+
+
+@pytest.mark.parametrize("retries, pod_timeout", [(2, 1800), (4, 900), (1, 7200)])
+def test_a_client_pods_retry_window_holds_all_its_attempts(tmp_path, retries, pod_timeout):
+    """Argo ends a task's retries at its first attempt's start + backoff.maxDuration and kills later
+    attempts then (workflow/controller/operator.go:1025-1095); KFP compiles the task's
+    backoffMaxDuration into it. Every attempt running its full client_pod_timeout, with Argo's backoff
+    of duration * factor**(n-1) before retry n (operator.go:1054-1069), must fit."""
+    pipeline = {"client_retries": retries, "client_pod_timeout": pod_timeout}
+    _, _, spec, _ = compiled(tmp_path, rounds=1, pipeline=pipeline)
+    (component,) = loop_components(spec)
+    (task,) = component["dag"]["tasks"].values()
+    policy = task["retryPolicy"]
+    factor = policy["backoffFactor"]
+    assert factor == int(factor)  # Argo parses the factor as an integer (util/intstr); 1.5 fails the node
+    backoffs = sum(_seconds(policy["backoffDuration"]) * int(factor) ** n for n in range(retries))
+    assert _seconds(policy["backoffMaxDuration"]) >= (retries + 1) * pod_timeout + backoffs
+
+
+def test_without_a_pod_timeout_the_retry_window_is_the_segments_or_unbounded(tmp_path):
+    _, _, spec, _ = compiled(tmp_path, rounds=1, pipeline={"segment_timeout": 7200})
+    (task,) = loop_components(spec)[0]["dag"]["tasks"].values()
+    assert task["retryPolicy"]["backoffMaxDuration"] == "7200s"  # the run ends then anyway
+    _, _, spec, _ = compiled(tmp_path, rounds=1)
+    (task,) = loop_components(spec)[0]["dag"]["tasks"].values()
+    assert _seconds(task["retryPolicy"]["backoffMaxDuration"]) >= 7 * 24 * 3600
 
 
 def test_segment_timeout_is_a_run_deadline_that_counts_pending_time(tmp_path):
@@ -186,8 +228,8 @@ def test_long_experiments_are_segments_that_resume_from_their_predecessors_check
     assert segments(config) == [RoundRange(0, 20, 50), RoundRange(20, 40, 50), RoundRange(40, 50, 50)]
     later = segment_config(config, 40)
     assert later.pipeline.start_round == 40 and later.pipeline.resume_from is None  # its own checkpoint
-    _, _, spec, _ = compiled(tmp_path, rounds=50, pipeline={"rounds_per_run": 20, "start_round": 40})
-    assert len(round_tasks(spec)) == 10
+    _, _, spec, _ = compiled(tmp_path, rounds=50, pipeline={"rounds_per_run": 20, "start_round": 46})
+    assert len(round_tasks(spec)) == 4
     explicit = config_from_dict({"rounds": 50, "pipeline": {"rounds_per_run": 20, "start_round": 20,
                                                             "resume_from": "s3://b/other/checkpoints/round_00020",
                                                             "data_root": DATA_ROOT}})
@@ -204,12 +246,72 @@ def test_compiling_needs_a_data_root_and_an_existing_folder(tmp_path):
                          tmp_path / "missing" / "p.yaml")
 
 
-def test_a_round_with_more_pods_than_one_launcher_argument_holds_asks_for_bigger_groups(tmp_path):
-    raw = {"clients": 450, "rounds": 1, "pipeline": {"data_root": DATA_ROOT}}
-    with pytest.raises(PipelineError, match="450 training pods.*pipeline.clients_per_pod to at least 3"):
+def _pods(sizes, step):
+    return [pod for pod in sizes.pods if pod.task.rsplit("/", 1)[-1].startswith(step)]
+
+
+def test_a_round_of_500_pods_compiles_and_no_pods_strings_grow_with_the_rounds_pods():
+    """A pod's ARGO_TEMPLATE (Argo's init containers) and executor input (the launcher's argument),
+    modelled from the KFP 2.17 and Argo v4.0.5 sources (pfedla.workflow_size), stay far under their
+    limits with 500 training pods in a round, and are the same as with 5: the server step takes no
+    list from the loop. The Workflow of that round is another matter (the next test)."""
+    def one_round(clients):
+        return config_from_dict({"clients": clients, "participation": 1.0, "rounds": 1,
+                                 "pipeline": {"data_root": DATA_ROOT}})
+
+    small, large = estimate_pipeline(one_round(5)), estimate_pipeline(one_round(500))
+    assert len(_pods(large, "client-train")) == 500 and len(_pods(small, "client-train")) == 5
+    for pod in large.pods:
+        assert pod.argo_template < MAX_ENV_VAR_LEN / 4 and pod.executor_input < MAX_ARG_STRLEN / 8, pod
+    assert pod_problem(large) is None
+    (server_small,), (server_large,) = _pods(small, "server-round"), _pods(large, "server-round")
+    assert (server_large.argo_template, server_large.executor_input) == \
+        (server_small.argo_template, server_small.executor_input)
+    # a client pod differs only by its group's label ("3" or "499")
+    widest = max(pod.argo_template for pod in _pods(large, "client-train"))
+    assert widest - max(pod.argo_template for pod in _pods(small, "client-train")) <= 8
+
+
+def test_a_workflow_argo_could_not_hold_is_refused_naming_what_to_change(tmp_path):
+    many_pods = {"clients": 500, "participation": 1.0, "rounds": 1, "pipeline": {"data_root": DATA_ROOT}}
+    with pytest.raises(PipelineError, match=r"the Workflow of rounds 0..0 \(500 training pods a round\) is "
+                                            r"estimated at [\d,]+ KiB after Argo's compression, past 60% of "
+                                            r"MAX_WORKFLOW_SIZE.*raise pipeline.clients_per_pod \(now 1\)"):
+        compile_pipeline(config_from_dict(many_pods), tmp_path / "p.yaml")
+    assert not (tmp_path / "p.yaml").exists()
+    raw = {"clients": 30, "participation": 0.5, "rounds": 20, "pipeline": {"data_root": DATA_ROOT,
+                                                                          "rounds_per_run": 20}}
+    with pytest.raises(PipelineError, match=r"\(15 training pods a round\).*set pipeline.rounds_per_run to "
+                                            r"at most (\d+) \(now 20\)") as refused:
         compile_pipeline(config_from_dict(raw), tmp_path / "p.yaml")
-    raw["pipeline"]["clients_per_pod"] = 3
-    compile_pipeline(config_from_dict(raw), tmp_path / "p.yaml")
+    fits = int(re.search(r"at most (\d+)", str(refused.value)).group(1))
+    assert 1 <= fits < 20
+    raw["pipeline"]["rounds_per_run"] = fits
+    _, sizes = compile_pipeline(config_from_dict(raw), tmp_path / "p.yaml")
+    assert sizes.workflow.compressed <= workflow_budget() < MAX_WORKFLOW_SIZE
+
+
+def test_only_partition_gets_the_config_and_every_other_step_a_reference_to_it(tmp_path):
+    """The config by reference: a longer config grows partition's executor input only."""
+    def sizes_with(data_dir):
+        return estimate_pipeline(config_from_dict({"rounds": 2, "data_dir": data_dir,
+                                                   "pipeline": {"data_root": DATA_ROOT}}))
+
+    short, long = sizes_with("/data"), sizes_with("/data/" + "x" * 4000)
+    for before, after in zip(short.pods, long.pods, strict=True):
+        assert before.task == after.task
+        grows = after.executor_input - before.executor_input
+        assert grows >= 4000 if before.task == "partition" else grows == 0, before.task
+    config, _, spec, _ = compiled(tmp_path, rounds=2)
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    reference = json.loads(parameters["config_ref"]["defaultValue"])
+    body = parameters["config_json"]["defaultValue"].encode()
+    assert reference["sha256"] == hashlib.sha256(body).hexdigest() and reference["size"] == len(body)
+    assert reference["uri"].startswith(f"{DATA_ROOT}/runs/") and reference["uri"].endswith(
+        f"/configs/{reference['sha256']}.json")
+    takers = [name for name, c in spec["components"].items() if "config_json" in
+              c.get("inputDefinitions", {}).get("parameters", {})]
+    assert takers == ["comp-partition"]
 
 
 # The cluster configs; the simulation ones (mnist-comparison.yaml, paper/) are checked in test_config.py.
@@ -217,7 +319,8 @@ def test_a_round_with_more_pods_than_one_launcher_argument_holds_asks_for_bigger
                          ids=lambda path: path.name)
 def test_shipped_configs_load_and_compile(tmp_path, shipped):
     config = load_config(shipped)
-    rounds = compile_pipeline(config, tmp_path / "p.yaml")
+    rounds, sizes = compile_pipeline(config, tmp_path / "p.yaml")
+    assert sizes.workflow.compressed <= workflow_budget() and pod_problem(sizes) is None
     assert rounds.first == 0 and rounds.stop == min(config.rounds, config.pipeline.rounds_per_run)
     assert config.pipeline.data_root.startswith("s3://")  # what a cluster needs
     _, platform = yaml.safe_load_all((tmp_path / "p.yaml").read_text())

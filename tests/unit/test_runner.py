@@ -58,6 +58,14 @@ def test_submit_runs_every_segment_in_turn_and_a_rerun_continues_after_a_failed_
     assert kfp_api.runs[3].states_of_others[names[1]] == "SUCCEEDED"
 
 
+def test_submit_refuses_a_segment_argo_could_not_hold_before_any_request(tiny_config, kfp_api):
+    config = tiny_config(CLUSTER, clients=200, participation=1.0, rounds=2, pipeline={"rounds_per_run": 2})
+    with pytest.raises(PipelineError, match=r"the Workflow of rounds 0..1 \(200 training pods a round\).*"
+                                            r"raise pipeline.clients_per_pod"):
+        submit(config, kfp_api.url, poll_seconds=0.01, log=lambda line: None)
+    assert kfp_api.requests == [] and kfp_api.runs == []
+
+
 def test_submit_follows_a_segment_that_is_still_running_instead_of_duplicating_it(tiny_config, kfp_api):
     config = tiny_config(CLUSTER)
     kfp_api.script = lambda name: ["PENDING", "RUNNING", "RUNNING", "RUNNING", "SUCCEEDED"]

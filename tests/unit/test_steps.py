@@ -3,6 +3,7 @@ instead of crashes for bad clients, checked objects, launcher-safe summaries, ch
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from pfedla import steps, storage
 from pfedla.config import config_from_dict
 from pfedla.data import build_federated_data
-from pfedla.dataplane import ObjectRef
+from pfedla.dataplane import ObjectRef, report_key
 from pfedla.errors import ArtifactError, PfedlaError
 from pfedla.rounds import RunAborted
 from pfedla.simulation import run_experiment
@@ -22,8 +23,20 @@ from pfedla.simulation import run_experiment
 STEPS = {"clients": 3, "rounds": 2, "algorithms": ["pfedla"], "pfedla": {"heur_k": 1}, "participation": 0.67}
 
 
+def published(config):
+    """The reference the steps get, with the config written where it points (what partition does)."""
+    ref = steps.config_reference(config)
+    steps.publish_config(config.to_json(), ref)
+    return ref
+
+
 def plane_of(cfg):
-    return steps.data_plane(steps.parse_config(cfg))
+    return steps.data_plane(steps.read_config(cfg))
+
+
+def put_report(cfg, round_idx, group, manifest):
+    """Leave ``manifest`` as the report of the pod of ``group``, where the server step reads it."""
+    storage.write_bytes(plane_of(cfg).uri(report_key(round_idx, group)), json.dumps(manifest).encode())
 
 
 def read(path):
@@ -39,7 +52,7 @@ def assert_launcher_safe(summary):
 def start(tmp_path, cfg):
     """Partition and round 0's plan: where client steps start. Returns (shards, plan) manifests."""
     shards, plan = tmp_path / "shards.json", tmp_path / "plan0.json"
-    assert_launcher_safe(steps.partition(cfg, shards))
+    assert_launcher_safe(steps.partition(steps.read_config(cfg).to_json(), cfg, shards))
     assert_launcher_safe(steps.server_init(cfg, shards, plan))
     return shards, plan
 
@@ -56,10 +69,9 @@ def train_all(tmp_path, cfg, plan, tag=""):
 def run_steps(tmp_path, cfg):
     shards, plan = start(tmp_path, cfg)
     for round_idx in range(2):
-        reports = train_all(tmp_path, cfg, plan, str(round_idx))
+        train_all(tmp_path, cfg, plan, str(round_idx))
         next_plan = tmp_path / f"plan{round_idx + 1}.json"
-        summary = steps.server_round(cfg, round_idx, round_idx == 0, shards, plan, list(reversed(reports)),
-                                     next_plan)
+        summary = steps.server_round(cfg, round_idx, round_idx == 0, shards, plan, next_plan)
         assert_launcher_safe(summary)
         plan = next_plan
     evaluation = tmp_path / "evaluation.json"
@@ -68,10 +80,10 @@ def run_steps(tmp_path, cfg):
 
 
 def test_steps_reproduce_the_simulation_exactly(tiny_config, tmp_path):
-    cfg = tiny_config(STEPS).to_json()
+    cfg = published(tiny_config(STEPS))
     _, final_plan, evaluation_manifest = run_steps(tmp_path, cfg)
-    evaluation, weights = steps.read_evaluation(steps.parse_config(cfg), evaluation_manifest)
-    simulated = run_experiment(steps.parse_config(cfg), progress=False, track=False).results["pfedla"]
+    evaluation, weights = steps.read_evaluation(steps.read_config(cfg), evaluation_manifest)
+    simulated = run_experiment(steps.read_config(cfg), progress=False, track=False).results["pfedla"]
     assert evaluation["client_accuracies"] == simulated.client_accuracies
     np.testing.assert_array_equal(weights.alpha, simulated.layer_weights)
     np.testing.assert_array_equal(weights.raw, simulated.raw_layer_weights)  # heur_k=1: both are kept
@@ -94,12 +106,12 @@ def test_steps_reproduce_the_simulation_exactly(tiny_config, tmp_path):
 def test_record_logs_both_final_means_and_both_alphas_to_mlflow(tiny_config, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    cfg = tiny_config(STEPS).to_json()
+    cfg = published(tiny_config(STEPS))
     shards, final_plan, evaluation_manifest = run_steps(tmp_path, cfg)
     steps.checkpoint(cfg, final_plan, tmp_path / "checkpoint.json")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     run_id = steps.record(cfg, shards, tmp_path / "checkpoint.json", evaluation_manifest, uri)
-    evaluation, weights = steps.read_evaluation(steps.parse_config(cfg), evaluation_manifest)
+    evaluation, weights = steps.read_evaluation(steps.read_config(cfg), evaluation_manifest)
     client = MlflowClient(uri)
     for metric, key in (("final_accuracy_mean", "mean_accuracy"),
                         ("final_accuracy_client_mean", "client_mean_accuracy")):
@@ -111,8 +123,9 @@ def test_record_logs_both_final_means_and_both_alphas_to_mlflow(tiny_config, tmp
 
 
 def test_partition_stores_one_train_and_one_test_object_per_client(tiny_config, tmp_path):
-    cfg = tiny_config(STEPS).to_json()
-    summary = steps.partition(cfg, tmp_path / "shards.json")
+    config = tiny_config(STEPS)
+    cfg = steps.config_reference(config)
+    summary = steps.partition(config.to_json(), cfg, tmp_path / "shards.json")
     assert summary["num_clients"] == 3 and summary["input_shape"] == "1x8x8"
     manifest = read(tmp_path / "shards.json")
     counts = [read_split(cfg, manifest, "train", c)["y"].numel() for c in range(3)]
@@ -120,7 +133,7 @@ def test_partition_stores_one_train_and_one_test_object_per_client(tiny_config, 
     for client in range(3):
         train, test = (read_split(cfg, manifest, split, client) for split in ("train", "test"))
         assert set(train) == set(test) == {"x", "y"} and test["y"].numel() > 0
-    built = build_federated_data(steps.parse_config(cfg))  # the very tensors `pfedla run` trains on
+    built = build_federated_data(steps.read_config(cfg))  # the very tensors `pfedla run` trains on
     for client, shard in enumerate(built.shards):
         for split, x in (("train", shard.train_x), ("test", shard.test_x)):
             assert torch.equal(read_split(cfg, manifest, split, client)["x"], x)
@@ -129,12 +142,34 @@ def test_partition_stores_one_train_and_one_test_object_per_client(tiny_config, 
     assert len(manifest["transfers"]["objects_written"]) == 7  # 3 train, 3 test, partition.json
 
 
+def test_steps_get_the_config_by_reference_and_refuse_one_that_does_not_match_it(tiny_config, tmp_path):
+    config = tiny_config(STEPS)
+    ref = steps.config_reference(config)
+    uri = json.loads(ref)["uri"]
+    assert uri.startswith(str(tmp_path / "plane"))
+    assert uri.endswith(f"/configs/{json.loads(ref)['sha256']}.json")
+    with pytest.raises(ArtifactError, match="config_json does not match config_ref"):
+        steps.partition(tiny_config(STEPS, lr=0.5).to_json(), ref, tmp_path / "shards.json")
+    assert not (tmp_path / "shards.json").exists() and not Path(uri).exists()
+    steps.partition(config.to_json(), ref, tmp_path / "shards.json")
+    assert storage.read_bytes(uri) == config.to_json().encode()
+    assert steps.read_config(ref).to_json() == config.to_json()
+    storage.write_bytes(uri, storage.read_bytes(uri).replace(b'"lr": 0.', b'"lr": 1.'))  # size kept
+    with pytest.raises(ArtifactError, match=r"configs/.*\.json does not match its manifest"):
+        steps.server_init(ref, tmp_path / "shards.json", tmp_path / "plan.json")
+    with pytest.raises(ArtifactError, match="config_ref is not JSON"):
+        steps.read_config(config.to_json()[:20])
+    with pytest.raises(ArtifactError, match="config_ref: not an object reference"):
+        steps.read_config(config.to_json())
+
+
 def read_split(cfg, manifest, split, client):
     return plane_of(cfg).get_tensors(ObjectRef.from_dict(manifest[split][client], split))[0]
 
 
 def test_a_changed_object_is_refused_naming_it(tiny_config, tmp_path):
-    cfg = tiny_config(STEPS, pfedla={"heur_k": 0}, participation=1.0).to_json()
+    cfg = published(tiny_config(STEPS, pfedla={"heur_k": 0}, participation=1.0,
+                                pipeline={"clients_per_pod": 2}))
     shards, plan = start(tmp_path, cfg)
     model = read(plan)["clients"]["1"]["model"]["uri"]
     storage.write_bytes(model, storage.read_bytes(model)[:-4] + b"\x00\x00\x00\x00")  # same size, other bytes
@@ -145,24 +180,28 @@ def test_a_changed_object_is_refused_naming_it(tiny_config, tmp_path):
     state = read(plan)["state"]["uri"]
     storage.write_bytes(state, storage.read_bytes(state) + b" ")
     with pytest.raises(ArtifactError, match="state.safetensors does not match its manifest"):
-        steps.server_round(cfg, 0, True, shards, plan, [tmp_path / "u.json"], tmp_path / "next.json")
+        steps.server_round(cfg, 0, True, shards, plan, tmp_path / "next.json")
     assert not (tmp_path / "next.json").exists()
 
 
 def test_unusable_reports_leave_their_client_out_and_structural_errors_stop_the_round(tiny_config, tmp_path):
-    cfg = tiny_config(STEPS, pfedla={"heur_k": 0}, participation=1.0, max_failed_fraction=1.0).to_json()
+    cfg = published(tiny_config(STEPS, pfedla={"heur_k": 0}, participation=1.0, max_failed_fraction=1.0))
     shards, plan = start(tmp_path, cfg)
     reports = train_all(tmp_path, cfg, plan)
+    # each pod's report is where the server step reads it, the same bytes as the pod's artifact
+    for client, report in enumerate(reports):
+        assert storage.read_bytes(plane_of(cfg).uri(report_key(0, [client]))) == report.read_bytes()
     with pytest.raises(ArtifactError, match="plans round 0, not 1"):
-        steps.server_round(cfg, 1, True, shards, plan, reports, tmp_path / "bad.json")
-    (tmp_path / "stale.json").write_text(json.dumps({**read(reports[1]), "round": 1}))
-    with pytest.raises(ArtifactError, match="stale.json reports round 1, not 0"):
-        steps.server_round(cfg, 0, True, shards, plan, [reports[0], tmp_path / "stale.json"],
-                           tmp_path / "bad.json")
-    with pytest.raises(ArtifactError, match=r"reports came from clients \[0, 2\], but the round selected"):
-        steps.server_round(cfg, 0, True, shards, plan, [reports[0], reports[2]], tmp_path / "bad.json")
-    with pytest.raises(ArtifactError, match=r"reports came from clients \[0, 0, 1, 2\]"):
-        steps.server_round(cfg, 0, True, shards, plan, [reports[0], *reports], tmp_path / "bad.json")
+        steps.server_round(cfg, 1, True, shards, plan, tmp_path / "bad.json")
+    put_report(cfg, 0, [1], {**read(reports[1]), "round": 1})
+    with pytest.raises(ArtifactError, match="pod_from_client_1.json reports round 1, not 0"):
+        steps.server_round(cfg, 0, True, shards, plan, tmp_path / "bad.json")
+    put_report(cfg, 0, [1], read(reports[2]))  # pod 1's key holds pod 2's report
+    with pytest.raises(ArtifactError, match=r"reports came from clients \[0, 2, 2\], but the round selected"):
+        steps.server_round(cfg, 0, True, shards, plan, tmp_path / "bad.json")
+    storage.delete(plane_of(cfg).uri(report_key(0, [1])))  # the pod never wrote one
+    with pytest.raises(PfedlaError, match="cannot read .*/rounds/00000/reports/pod_from_client_1.json"):
+        steps.server_round(cfg, 0, True, shards, plan, tmp_path / "bad.json")
     assert not (tmp_path / "bad.json").exists()
 
     plane = plane_of(cfg)
@@ -181,41 +220,40 @@ def test_unusable_reports_leave_their_client_out_and_structural_errors_stop_the_
         "type": "not a report",
     }
     for lie, report in lies.items():
-        forged = tmp_path / f"forged-{lie}.json"
-        forged.write_text(json.dumps({**manifest, "clients": {"1": report}}))
+        put_report(cfg, 0, [1], {**manifest, "clients": {"1": report}})
         metrics_plan = tmp_path / f"next-{lie}.json"
-        steps.server_round(cfg, 0, True, shards, plan, [reports[0], forged, reports[2]], metrics_plan)
+        steps.server_round(cfg, 0, True, shards, plan, metrics_plan)
         history = plane.get_json(ObjectRef.from_dict(read(metrics_plan)["history"], "history"))
         assert history[-1]["failed_clients"] == 1.0, lie
 
 
 def test_resume_checks_algorithm_and_round(tiny_config, tmp_path):
-    cfg = tiny_config(STEPS).to_json()
+    cfg = published(tiny_config(STEPS))
     shards, final_plan, _ = run_steps(tmp_path, cfg)
     saved = tmp_path / "checkpoint.json"
     steps.checkpoint(cfg, final_plan, saved)
     plane_root = str(tmp_path / "plane")
-    resumed = tiny_config(STEPS, rounds=4, pipeline={"data_root": plane_root, "start_round": 2}).to_json()
+    resumed = published(tiny_config(STEPS, rounds=4, pipeline={"data_root": plane_root, "start_round": 2}))
     steps.server_init(resumed, shards, tmp_path / "resumed.json")
     assert read(tmp_path / "resumed.json")["state"] == read(saved)["state"]  # used where it is, not copied
     folder = read(saved)["state"]["uri"].rsplit("/", 1)[0]
-    wrong_round = tiny_config(STEPS, rounds=4, pipeline={"data_root": plane_root, "start_round": 1,
-                                                            "resume_from": folder}).to_json()
+    wrong_round = published(tiny_config(STEPS, rounds=4, pipeline={"data_root": plane_root, "start_round": 1,
+                                                            "resume_from": folder}))
     with pytest.raises(ArtifactError, match="continues at round 2, but pipeline.start_round is 1"):
         steps.server_init(wrong_round, shards, tmp_path / "r2.json")
-    wrong_algorithm = tiny_config(STEPS, rounds=4, pipeline={"data_root": plane_root,
+    wrong_algorithm = published(tiny_config(STEPS, rounds=4, pipeline={"data_root": plane_root,
                                                                 "start_round": 2, "resume_from": folder,
-                                                                "algorithm": "local"}).to_json()
+                                                                "algorithm": "local"}))
     with pytest.raises(ArtifactError, match="holds 'pfedla' state"):
         steps.server_init(wrong_algorithm, shards, tmp_path / "r3.json")
-    missing = tiny_config(STEPS, rounds=4, pipeline={"data_root": plane_root, "start_round": 3}).to_json()
+    missing = published(tiny_config(STEPS, rounds=4, pipeline={"data_root": plane_root, "start_round": 3}))
     with pytest.raises(storage.StorageError, match="checkpoints/round_00003/manifest.json"):
         steps.server_init(missing, shards, tmp_path / "r4.json")
 
 
 def test_checkpoints_are_versioned_and_the_pointer_moves_last(tiny_config, tmp_path, monkeypatch):
-    cfg = tiny_config(STEPS, keep_checkpoints=2,
-                      pipeline={"data_root": str(tmp_path / "plane"), "keep_rounds": 3}).to_json()
+    cfg = published(tiny_config(STEPS, keep_checkpoints=2,
+                      pipeline={"data_root": str(tmp_path / "plane"), "keep_rounds": 3}))
     _, final_plan, _ = run_steps(tmp_path, cfg)
     for earlier in ("plan0.json", "plan1.json"):  # segments ending after rounds 0 and 1
         steps.checkpoint(cfg, tmp_path / earlier, tmp_path / f"checkpoint-{earlier}")
@@ -239,25 +277,25 @@ def test_checkpoints_are_versioned_and_the_pointer_moves_last(tiny_config, tmp_p
 
 
 def test_old_rounds_are_deleted_but_never_the_inputs_of_a_retried_step(tiny_config, tmp_path):
-    cfg = tiny_config(STEPS, rounds=3, participation=1.0, pipeline={"data_root": str(tmp_path / "plane"),
-                                                                       "keep_rounds": 1}).to_json()
+    cfg = published(tiny_config(STEPS, rounds=3, participation=1.0,
+                                pipeline={"data_root": str(tmp_path / "plane"), "keep_rounds": 1}))
     shards, plan = start(tmp_path, cfg)
     for round_idx in range(3):
-        reports = train_all(tmp_path, cfg, plan, str(round_idx))
+        train_all(tmp_path, cfg, plan, str(round_idx))
         next_plan = tmp_path / f"plan{round_idx + 1}.json"
-        steps.server_round(cfg, round_idx, round_idx < 2, shards, plan, reports, next_plan)
+        steps.server_round(cfg, round_idx, round_idx < 2, shards, plan, next_plan)
         rounds_dir = plane_of(cfg).uri("rounds")
-        kept = sorted(p.name for p in __import__("pathlib").Path(rounds_dir).iterdir())
+        kept = sorted(p.name for p in Path(rounds_dir).iterdir())
         assert kept == [f"{r:05d}" for r in range(max(0, round_idx), round_idx + 2)]
         # retrying the step (its pod died after writing) finds its inputs and writes the same outputs
-        steps.server_round(cfg, round_idx, round_idx < 2, shards, plan, reports, tmp_path / "retry.json")
+        steps.server_round(cfg, round_idx, round_idx < 2, shards, plan, tmp_path / "retry.json")
         assert read(tmp_path / "retry.json")["state"] == read(next_plan)["state"]
         plan = next_plan
 
 
 def test_a_diverging_client_is_reported_and_its_summary_stays_finite(tiny_config, tmp_path, monkeypatch):
     every_client_diverges = {"lr": 5e4}
-    cfg = tiny_config(STEPS, every_client_diverges, pfedla={"heur_k": 0}, participation=1.0).to_json()
+    cfg = published(tiny_config(STEPS, every_client_diverges, pfedla={"heur_k": 0}, participation=1.0))
     shards, plan = start(tmp_path, cfg)
     summary = steps.client_train(cfg, "0,1,2", plan, tmp_path / "u.json")
     assert_launcher_safe(summary)
@@ -268,16 +306,17 @@ def test_a_diverging_client_is_reported_and_its_summary_stays_finite(tiny_config
 
 
 def test_client_timeouts_in_the_pipeline_steps_are_failures_and_too_many_abort(tiny_config, tmp_path):
-    cfg = tiny_config(STEPS, participation=1.0, client_timeout=1e-9).to_json()
+    cfg = published(tiny_config(STEPS, participation=1.0, client_timeout=1e-9,
+                                pipeline={"clients_per_pod": 3}))
     shards, plan = start(tmp_path, cfg)
     assert steps.client_train(cfg, "0,1,2", plan, tmp_path / "u.json")["failed_clients"] == "0,1,2"
     with pytest.raises(RunAborted, match=r"round 0: 3 of 3 clients failed.*timed out: 0 of \d+ batches"):
-        steps.server_round(cfg, 0, True, shards, plan, [tmp_path / "u.json"], tmp_path / "next.json")
+        steps.server_round(cfg, 0, True, shards, plan, tmp_path / "next.json")
     assert not (tmp_path / "next.json").exists()
 
 
 def test_a_client_group_not_in_the_plan_is_refused(tiny_config, tmp_path):
-    cfg = tiny_config(STEPS, participation=1.0).to_json()
+    cfg = published(tiny_config(STEPS, participation=1.0))
     _, plan = start(tmp_path, cfg)
     with pytest.raises(ArtifactError, match=r"clients \[7\] are not part of round 0's plan"):
         steps.client_train(cfg, "0,7", plan, tmp_path / "u.json")
@@ -293,17 +332,18 @@ _META_VALUES = st.none() | st.booleans() | st.integers(-5, 5) | st.floats() | st
                        max_size=4))
 def test_random_reports_are_aggregated_or_left_out_and_the_state_stays_finite(tiny_config, tmp_path, fields):
     """FedAvg weights by the reported sample counts, so bad counts would reach every model."""
-    cfg = tiny_config(STEPS, participation=1.0, max_failed_fraction=1.0, pfedla={"heur_k": 0},
-                      pipeline={"algorithm": "fedavg", "data_root": str(tmp_path / "plane")}).to_json()
+    cfg = published(tiny_config(STEPS, participation=1.0, max_failed_fraction=1.0, pfedla={"heur_k": 0},
+                      pipeline={"algorithm": "fedavg", "data_root": str(tmp_path / "plane"),
+                                "clients_per_pod": 3}))
     if not (tmp_path / "reports.json").is_file():  # examples share the trained round
         shards, plan = start(tmp_path, cfg)
         steps.client_train(cfg, "0,1,2", plan, tmp_path / "reports.json")
     manifest = read(tmp_path / "reports.json")
     manifest["clients"]["1"] = {**manifest["clients"]["1"], **fields}
-    (tmp_path / "tampered.json").write_text(json.dumps(manifest))
+    put_report(cfg, 0, [0, 1, 2], manifest)
     try:
         summary = steps.server_round(cfg, 0, False, tmp_path / "shards.json", tmp_path / "plan0.json",
-                                     [tmp_path / "tampered.json"], tmp_path / "next.json")
+                                     tmp_path / "next.json")
     except PfedlaError:
         return
     assert_launcher_safe(summary)
@@ -318,13 +358,14 @@ def test_random_reports_are_aggregated_or_left_out_and_the_state_stays_finite(ti
 
 def test_fedprox_through_the_steps_equals_the_simulation(tiny_config, tmp_path):
     """The proximal coefficient travels with each client's start model to the client step."""
-    cfg = tiny_config(STEPS, algorithms=["fedprox"], fedprox={"mu": 0.5},
-                      pipeline={"data_root": str(tmp_path / "plane"), "algorithm": "fedprox"}).to_json()
+    cfg = published(tiny_config(STEPS, algorithms=["fedprox"], fedprox={"mu": 0.5},
+                      pipeline={"data_root": str(tmp_path / "plane"), "algorithm": "fedprox"}))
     _, _, evaluation_manifest = run_steps(tmp_path, cfg)
-    evaluation, _ = steps.read_evaluation(steps.parse_config(cfg), evaluation_manifest)
-    simulated = run_experiment(steps.parse_config(cfg), progress=False, track=False).results["fedprox"]
+    evaluation, _ = steps.read_evaluation(steps.read_config(cfg), evaluation_manifest)
+    simulated = run_experiment(steps.read_config(cfg), progress=False, track=False).results["fedprox"]
     assert evaluation["client_accuracies"] == simulated.client_accuracies
-    plain = config_from_dict({**json.loads(cfg), "fedprox": {"mu": 0.0}, "output_dir": str(tmp_path / "f")})
+    plain = config_from_dict({**steps.read_config(cfg).to_dict(), "fedprox": {"mu": 0.0},
+                              "output_dir": str(tmp_path / "f")})
     without_mu = run_experiment(plain, progress=False, track=False).results["fedprox"]
     assert [h["train_loss"] for h in without_mu.history] != [h["train_loss"] for h in simulated.history]
 
@@ -335,12 +376,12 @@ def test_every_baseline_through_the_steps_equals_the_simulation_and_keeps_its_pr
         tmp_path, name):
     """Client state (private layers, BatchNorm statistics, Ditto's personal model) lives in client-owned
     objects that the server step never reads; start models and updates leave the private layers out."""
-    cfg = tiny_config(STEPS, algorithms=[name], model="cnn_bn", pfedla={"heur_k": 0},
+    cfg = published(tiny_config(STEPS, algorithms=[name], model="cnn_bn", pfedla={"heur_k": 0},
                       fedper={"personal_layers": 2}, fedrep={"personal_layers": 2},
-                      pipeline={"data_root": str(tmp_path / "plane"), "algorithm": name}).to_json()
+                      pipeline={"data_root": str(tmp_path / "plane"), "algorithm": name}))
     _, final_plan, evaluation_manifest = run_steps(tmp_path, cfg)
-    evaluation, _ = steps.read_evaluation(steps.parse_config(cfg), evaluation_manifest)
-    simulated = run_experiment(steps.parse_config(cfg), progress=False, track=False).results[name]
+    evaluation, _ = steps.read_evaluation(steps.read_config(cfg), evaluation_manifest)
+    simulated = run_experiment(steps.read_config(cfg), progress=False, track=False).results[name]
     assert evaluation["client_accuracies"] == simulated.client_accuracies
     for ours, theirs in zip(evaluation["history"], simulated.history, strict=True):
         assert (ours["bytes_down"], ours["bytes_up"]) == (theirs["bytes_down"], theirs["bytes_up"])
@@ -369,11 +410,11 @@ def test_every_baseline_through_the_steps_equals_the_simulation_and_keeps_its_pr
 
 def test_pfedhn_through_the_steps_equals_the_simulation(tiny_config, tmp_path):
     """The hypernetwork and both Adam states travel in the server state; clients need nothing new."""
-    cfg = tiny_config(STEPS, algorithms=["pfedhn"], pipeline={"data_root": str(tmp_path / "plane"),
-                                                                 "algorithm": "pfedhn"}).to_json()
+    cfg = published(tiny_config(STEPS, algorithms=["pfedhn"], pipeline={"data_root": str(tmp_path / "plane"),
+                                                                 "algorithm": "pfedhn"}))
     _, _, evaluation_manifest = run_steps(tmp_path, cfg)
-    evaluation, weights = steps.read_evaluation(steps.parse_config(cfg), evaluation_manifest)
-    simulated = run_experiment(steps.parse_config(cfg), progress=False, track=False).results["pfedhn"]
+    evaluation, weights = steps.read_evaluation(steps.read_config(cfg), evaluation_manifest)
+    simulated = run_experiment(steps.read_config(cfg), progress=False, track=False).results["pfedhn"]
     assert evaluation["client_accuracies"] == simulated.client_accuracies
     assert [h["train_loss"] for h in evaluation["history"]] == [h["train_loss"] for h in simulated.history]
     assert weights is None  # no α: pFedHN generates whole models

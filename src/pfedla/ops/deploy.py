@@ -7,7 +7,8 @@ and waits until workloads are rolled out and Jobs have completed.
 Everything up to the cluster connection is a pure function of files on disk (resolving,
 rendering, credential override, namespace retargeting, ordering, reading object status),
 so it is tested without a cluster; ``connect``, ``apply_objects`` and ``wait_ready`` are the
-only parts that talk to an API server.
+only parts that talk to an API server. On multi-user Kubeflow, where a profile's pipeline steps
+run in the profile's namespace, ``for_profile`` adds what they need there.
 
 Credentials: the base kustomization generates the Secret ``pfedla-s3-identities`` (the S3
 identities of the admin, MLflow and the pipeline steps) from the committed
@@ -51,6 +52,10 @@ log = logging.getLogger(__name__)
 Manifest = dict[str, Any]
 
 OVERLAYS = ("kind", "gpu")
+STEP_NAMESPACE = "kubeflow"  # standalone Kubeflow Pipelines runs every step pod here
+# What pfedla puts in the step namespace that configures the cluster, not a namespace's steps
+CLUSTER_SETTINGS = {("ConfigMap", "workflow-controller-configmap")}
+STEP_POLICY = "pfedla-pipeline-steps"  # the step pods' NetworkPolicy; its podSelector names their labels
 LOCAL_OVERLAYS = ("kind",)  # overlays allowed to run on the placeholder credentials
 DEFAULT_NAMESPACE = "pfedla"
 CREDENTIALS_SECRET = "pfedla-s3-identities"  # the source every credential Secret is copied from
@@ -331,6 +336,55 @@ def retarget_namespace(
     return out
 
 
+def _namespace_peer(namespace: str) -> dict[str, Any]:
+    return {"namespaceSelector": {"matchLabels": {_NAMESPACE_NAME_LABEL: namespace}}}
+
+
+def for_profile(
+    objects: Iterable[Manifest], profile: str, *, services: str = DEFAULT_NAMESPACE
+) -> list[Manifest]:
+    """Add what pfedla's steps need in a multi-user Kubeflow profile namespace, where KFP runs that
+    profile's step pods instead of ``kubeflow``: copies of pfedla's objects in ``kubeflow`` (the S3
+    Secret, the endpoints ConfigMap, the runner ServiceAccount with its Role and RoleBinding, the
+    step pods' NetworkPolicy, whose same-namespace peers, KFP's own services, then name ``kubeflow``),
+    and, in ``services``, ingress for the profile's step pods wherever ``kubeflow``'s pods are let in.
+    The Argo retry defaults are the cluster's and are not copied."""
+    if not _DNS_LABEL.match(profile):
+        raise DeployError(f"invalid profile namespace {profile!r}: use a DNS label (a-z, 0-9, '-')")
+    if profile in (STEP_NAMESPACE, services):
+        raise DeployError(f"profile namespace {profile!r} must differ from {STEP_NAMESPACE} (standalone "
+                          f"KFP's steps) and from {services} (pfedla's services)")
+    objects = copy.deepcopy(list(objects))
+    ours = [o for o in objects if o["metadata"].get("namespace") == STEP_NAMESPACE
+            and (o["metadata"].get("labels") or {}).get("app.kubernetes.io/part-of") == "pfedla"
+            and (o["kind"], o["metadata"]["name"]) not in CLUSTER_SETTINGS]
+    policies = [o for o in ours if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == STEP_POLICY]
+    if not policies:
+        raise DeployError(f"the overlay has no NetworkPolicy {STEP_NAMESPACE}/{STEP_POLICY}: "
+                          "--profile-namespace needs an overlay with components/kfp-standalone")
+    step_labels = policies[0]["spec"]["podSelector"]["matchLabels"]
+    copies = []
+    for obj in copy.deepcopy(ours):
+        obj["metadata"]["namespace"] = profile
+        for subject in obj.get("subjects") or []:
+            if subject.get("namespace") == STEP_NAMESPACE:
+                subject["namespace"] = profile
+        if obj["kind"] == "NetworkPolicy":
+            for rule in obj["spec"].get("egress") or []:
+                for peer in rule.get("to") or []:
+                    if "podSelector" in peer and "namespaceSelector" not in peer:
+                        peer.update(_namespace_peer(STEP_NAMESPACE))
+        copies.append(obj)
+    for obj in objects:
+        if obj["kind"] != "NetworkPolicy" or obj["metadata"].get("namespace") != services:
+            continue
+        for rule in obj["spec"].get("ingress") or []:
+            peers = rule.get("from") or []
+            if any(p == _namespace_peer(STEP_NAMESPACE) for p in peers):
+                peers.append({**_namespace_peer(profile), "podSelector": {"matchLabels": dict(step_labels)}})
+    return objects + copies
+
+
 def apply_order(objects: Iterable[Manifest]) -> list[Manifest]:
     """Namespaces, CRDs, then config/identity/storage, RBAC, NetworkPolicies, Services,
     workloads, Jobs (stable within a group)."""
@@ -493,11 +547,14 @@ def apply_objects(api: ApiClient, objects: Sequence[Manifest], *, field_manager:
 
     dyn = DynamicClient(api)
     missing = _missing_namespaces(dyn, objects)
-    if missing:
+    if STEP_NAMESPACE in missing:
         raise DeployError(
             f"namespace(s) {', '.join(missing)} do not exist: install Kubeflow Pipelines first "
             "(k8s/kind/up.sh does) or use an overlay without components/kfp-standalone"
         )
+    if missing:
+        raise DeployError(f"namespace(s) {', '.join(missing)} do not exist: create the Kubeflow profile "
+                          "first (its namespace is made by Kubeflow's profile controller)")
     applied = []
     for obj in apply_order(objects):
         resource = _resource(dyn, obj)
@@ -608,13 +665,16 @@ def deploy(
     context: str | None = None,
     secrets_env: str | os.PathLike[str] | None = None,
     generate_secrets: bool = False,
+    profile_namespace: str | None = None,
 ) -> list[str]:
     """Deploy overlay ``kind``, ``gpu`` or a kustomization directory; return what was applied.
 
-    ``namespace`` moves pfedla's services out of ``pfedla``; ``secrets_env`` defaults to
-    ``k8s/base/secrets.env`` when that file exists, and ``generate_secrets`` creates it with
-    random values when it does not. Only the ``kind`` overlay may go out with the placeholder
-    credentials of secrets.env.example. ``wait_timeout=0`` skips waiting.
+    ``namespace`` moves pfedla's services out of ``pfedla``; ``profile_namespace`` also gives a
+    multi-user Kubeflow profile namespace what pfedla's steps need there (``for_profile``);
+    ``secrets_env`` defaults to ``k8s/base/secrets.env`` when that file exists, and
+    ``generate_secrets`` creates it with random values when it does not. Only the ``kind`` overlay
+    may go out with the placeholder credentials of secrets.env.example. ``wait_timeout=0`` skips
+    waiting.
     """
     overlay_dir = resolve_overlay(overlay)
     kubectl = find_kubectl()
@@ -647,6 +707,8 @@ def deploy(
             )
     if namespace and namespace != DEFAULT_NAMESPACE:
         objects = retarget_namespace(objects, namespace)
+    if profile_namespace:
+        objects = for_profile(objects, profile_namespace, services=namespace or DEFAULT_NAMESPACE)
 
     api = connect(kubeconfig, context)
     applied = apply_objects(api, objects)
