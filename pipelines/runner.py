@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import builtins
 import json
+import logging
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +24,7 @@ import numpy as np
 
 from pfedla import storage
 from pfedla.config import ExperimentConfig, experiment_key, single_seed
+from pfedla.errors import without_credentials
 from pfedla.simulation import AlgorithmResult
 from pfedla.steps import read_evaluation, round_traffic
 from pfedla_pipelines.fl_pipeline import (
@@ -133,19 +136,30 @@ def check_cluster_contract(config: ExperimentConfig) -> None:
 
 
 def connect(host: str) -> Any:
+    """A ``kfp.Client`` for ``host``; an unreachable API is one error, without the URL's password and
+    without kfp's version warning or urllib3's retry lines (the error says what they would)."""
     import kfp
 
+    retries = logging.getLogger("urllib3.connectionpool")
+    level = retries.level
+    retries.setLevel(logging.ERROR)
     try:
-        return kfp.Client(host=host)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "only works with Kubeflow Pipeline v2.0.0-b..."
+            return kfp.Client(host=host)
     except Exception as error:  # connection refused, DNS, TLS, auth: all surface here
-        raise PipelineError(f"cannot reach the Kubeflow Pipelines API at {host}: {error}") from None
+        raise PipelineError(without_credentials(f"cannot reach the Kubeflow Pipelines API at {host}: "
+                                                f"{error}")) from None
+    finally:
+        retries.setLevel(level)
 
 
 def _api(what: str, host: str, call: Callable[[], Any]) -> Any:
     try:
         return call()
     except Exception as error:
-        raise PipelineError(f"the Kubeflow Pipelines API at {host} failed to {what}: {error}") from None
+        raise PipelineError(without_credentials(f"the Kubeflow Pipelines API at {host} failed to {what}: "
+                                                f"{error}")) from None
 
 
 def _segment_runs(client: Any, host: str, experiment_id: str, key: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cli_errors import error_line, run_cli
+from pfedla.cli import main
 from pfedla.config import (
     MAXIMA,
     ExperimentConfig,
@@ -292,3 +293,29 @@ def test_random_aliased_configs_load_or_fail_with_a_short_config_error(tmp_path_
         load_config(path)
     except ConfigError as error:
         assert len(str(error)) <= MESSAGE_CHARS + 40
+
+
+@pytest.mark.parametrize(("raw", "key", "fragment"), [
+    ({"seed": 2**32}, "seed", "must be in [0, 4294967295], got 4294967296"),
+    ({"seed": -1}, "seed", "must be in [0, 4294967295], got -1"),
+    ({"heur_k": 100}, "heur_k", "model cnn has 4 layers: HeurpFedLA keeps at most 3 of them local"),
+    ({"heur_k": 4}, "heur_k", "(all 4 would be local training), got 4"),
+    ({"heur_k": 3, "model": "mlp"}, "heur_k", "model mlp has 3 layers: HeurpFedLA keeps at most 2"),
+])
+def test_a_seed_out_of_range_or_heur_k_past_the_models_layers_is_refused(raw, key, fragment, tmp_path,
+                                                                         capsys):
+    """Issue 21, cases 10 and 11: on main seed=4294967296 ran seed 0's numbers, seed=-1 made a folder
+    seed_-1/, and heur_k=100 on a 4-layer model was clamped to 4, which is local training."""
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict(raw)
+    assert caught.value.key == key and fragment in str(caught.value)
+    overrides = [item for k, v in raw.items() for item in ("--set", f"{k}={v}")]
+    out = tmp_path / "out"
+    code = main(["run", "--quiet", *overrides, "--set", f"output_dir={out}"])
+    line = error_line(code, capsys.readouterr().err)
+    assert f"config key '{key}'" in line and not out.exists()
+
+
+def test_the_largest_seed_and_heur_k_are_accepted():
+    assert config_from_dict({"seed": 2**32 - 1, "heur_k": 3}).heur_k == 3
+    assert config_from_dict({"model": "cnn_bn", "heur_k": 5}).heur_k == 5

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from pfedla.errors import ConfigError, shown
+from pfedla.errors import ConfigError, has_userinfo, shown
 
 DATASETS = ("digits", "mnist", "fmnist", "emnist", "cifar10", "cifar100", "synthetic")
 PARTITIONS = ("iid", "dirichlet", "pathological")
@@ -221,6 +221,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError, ValueError) as error:  # ValueError: a 5000-digit int
         raise ConfigError("--config", f"{path} is not valid YAML: {str(error)[:500]}") from None
+    except RecursionError:  # "[" * 100000: the parser recurses once per level
+        raise ConfigError("--config", f"{path} is not valid YAML: nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -234,7 +236,7 @@ def _parse_value(key: str, text: str) -> Any:
                                f"{MAX_OVERRIDE_CHARS}")
     try:
         return yaml.safe_load(text) if text.strip() else None
-    except (yaml.YAMLError, ValueError):
+    except (yaml.YAMLError, ValueError, RecursionError):
         raise ConfigError(key, f"cannot parse value {shown(text)}") from None
 
 
@@ -396,6 +398,9 @@ def validate(config: ExperimentConfig) -> None:
              f"model {config.model} has {layers} layers: keep between 1 and {layers - 1} on the clients, "
              f"got {config.personal_layers}")
     _require(config.heur_k >= 0, "heur_k", f"must be >= 0 (0 disables HeurpFedLA), got {config.heur_k}")
+    _require(config.heur_k < layers, "heur_k",
+             f"model {config.model} has {layers} layers: HeurpFedLA keeps at most {layers - 1} of them local "
+             f"(all {layers} would be local training), got {config.heur_k}")
     _require(
         0.0 < config.test_fraction < 1.0,
         "test_fraction",
@@ -455,7 +460,9 @@ def validate(config: ExperimentConfig) -> None:
                  f"must be >= 1 (or null for no relative limit), got {config.update_norm_ratio}")
     _require(config.checkpoint_every >= 1, "checkpoint_every",
              f"must be >= 1, got {config.checkpoint_every}")
+    _require(0 <= config.seed < SEED_LIMIT, "seed", f"must be in [0, {SEED_LIMIT - 1}], got {config.seed}")
     _validate_seeds(config.seeds)
+    _refuse_credentials(config)
     _validate_pipeline(config)
     if "fedbn" in (*config.algorithms, config.pipeline.algorithm):
         _require(config.model in ("cnn_bn", "mlp_bn"), "model", "fedbn keeps normalization layers local: "
@@ -463,6 +470,24 @@ def validate(config: ExperimentConfig) -> None:
     if config.dataset == "synthetic":
         _require(config.model in ("mlp", "mlp_bn"), "model",
                  "the synthetic dataset is a vector task: use model: mlp or mlp_bn")
+
+
+def _refuse_credentials(config: ExperimentConfig) -> None:
+    """No value may hold a URL with a user or password: the config is stored in run.json, MLflow
+    params and the pipeline YAML. The message never repeats the value."""
+    for key, value in _flatten(config.to_dict()).items():
+        texts = value if isinstance(value, list) else [value]
+        if not any(isinstance(text, str) and has_userinfo(text) for text in texts):
+            continue
+        if key == "pipeline.mlflow_tracking_uri":
+            source = "the Secret named by pipeline.mlflow_secret (MLFLOW_TRACKING_USERNAME, _PASSWORD)"
+        elif key.startswith("pipeline."):
+            source = "the Secret named by pipeline.s3_secret (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
+        else:
+            source = "the environment (MLFLOW_TRACKING_USERNAME, _PASSWORD; AWS_ACCESS_KEY_ID, ...)"
+        raise ConfigError(key, "holds a URL with a user name or password (user:password@host), which "
+                               "run.json, MLflow and the pipeline YAML would store: credentials come from "
+                               f"{source}")
 
 
 def _validate_seeds(seeds: list[int] | None) -> None:
