@@ -11,6 +11,7 @@ checkpoints the ``checkpoint`` step writes to the data plane (``pfedla_pipelines
 
 
 import json
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 from kfp import compiler, dsl, kubernetes
 
+from pfedla import storage
 from pfedla.config import ExperimentConfig, single_seed
 from pfedla.errors import PfedlaError
 from pfedla.images import step_image
@@ -194,8 +196,9 @@ def compile_pipeline(config: ExperimentConfig, output: str | Path) -> RoundRange
                             f"pipeline.clients_per_pod to at least "
                             f"{-(-pods * config.pipeline.clients_per_pod // MAX_PODS_PER_ROUND)}")
     pipeline = build_pipeline(config)
-    try:
-        compiler.Compiler().compile(pipeline, str(output))
-    except OSError as error:
-        raise PipelineError(f"cannot write {output}: {error.strerror}") from None
+    # compiled aside, then written under its name at once: a kill never leaves a truncated YAML there
+    with tempfile.TemporaryDirectory(prefix="pfedla-compile-") as folder:
+        compiled = Path(folder) / f"pipeline{output.suffix}"
+        compiler.Compiler().compile(pipeline, str(compiled))
+        storage.copy(compiled, output)  # a new file renamed over the name: a StorageError naming output
     return rounds

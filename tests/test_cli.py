@@ -211,3 +211,36 @@ def test_a_run_tracked_with_a_password_in_the_uri_never_prints_it(tmp_path, caps
     printed = capsys.readouterr()
     assert code == 0 and PASSWORD not in printed.out + printed.err
     assert "tracking: http://alice:***@127.0.0.1:" in printed.out
+
+
+# SIGKILLs `pfedla pipeline compile` after half of the YAML has reached its file: kfp writes the
+# document with yaml.dump_all into the open file, so the kill lands inside that write.
+KILLED_MID_WRITE = """
+import os, signal, sys
+import yaml
+dump_all = yaml.dump_all
+def half_then_kill(documents, stream, **options):
+    text = dump_all(documents, None, **options)
+    stream.write(text[: len(text) // 2])
+    stream.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+yaml.dump_all = half_then_kill
+from pfedla.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_pipeline_compile_killed_mid_write_leaves_the_previous_yaml_whole(tmp_path):
+    """Issue 21, case 19: on main a compile killed mid-write left a truncated YAML under the final
+    name (and a truncated YAML of many rounds still parses)."""
+    import signal
+
+    output = tmp_path / "pipeline.yaml"
+    args = ["pipeline", "compile", "--set", "pipeline.data_root=s3://pfedla", "-o", str(output)]
+    assert main([*args, "--set", "rounds=2"]) == 0
+    previous = output.read_bytes()
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, *args, "--set", "rounds=8"],
+                            capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert output.read_bytes() == previous
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["pipeline.yaml"]  # nothing left beside it

@@ -184,14 +184,20 @@ def wait_for(path_glob, root, timeout=240):
 
 
 # Runs the CLI with an audit hook that SIGKILLs the process at the first matching event: the
-# checkpoint's .partial file about to be opened (write started, nothing on disk yet) or renamed
-# (all bytes written, not yet committed), so the kill provably lands inside a checkpoint write.
+# checkpoint's temporary file ``<name>.<random>.partial`` about to be opened (write started, nothing
+# on disk yet) or renamed (all bytes written, not yet committed), so the kill provably lands inside
+# a checkpoint write. Both name the file relative to its folder's descriptor; a rename's folder is
+# read back from that descriptor, an open's is not given (the first algorithm writes first).
 KILL_AT_EVENT = """
 import os, signal, sys
 event_name, needle = sys.argv.pop(1), sys.argv.pop(1)
+folder, _, name = needle.rpartition("/")
 def kill_at(event, args):
-    if event == event_name and needle in str(args[0]):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if event != event_name or not (str(args[0]).startswith(name + ".") and str(args[0]).endswith(".partial")):
+        return
+    if event == "os.rename" and not os.readlink(f"/proc/self/fd/{args[2]}").endswith("/" + folder):
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
 sys.addaudithook(kill_at)
 from pfedla.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -229,10 +235,10 @@ def test_sigkill_mid_round_and_inside_checkpoint_writes_then_resume_gives_the_un
         assert process.wait(timeout=30) == -signal.SIGKILL
 
     def kill_inside_write(event, file):
-        killed = subprocess.run([sys.executable, "-c", KILL_AT_EVENT, event, f"{file}.partial", *resume],
+        killed = subprocess.run([sys.executable, "-c", KILL_AT_EVENT, event, file, *resume],
                                 env=env, capture_output=True, timeout=600)
         assert killed.returncode == -signal.SIGKILL
-        assert (rounds_dir / f"{file}.partial").is_file() == (event == "os.rename")
+        assert bool(list(rounds_dir.glob(f"{file}.*.partial"))) == (event == "os.rename")
         assert not (rounds_dir / file).exists() or file.endswith("LATEST")
 
     kill_when_written(["--config", str(tmp_path / "killed.yaml")], "pfedla/round_00002.safetensors")

@@ -11,6 +11,7 @@ import fcntl
 import os
 import re
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -43,21 +44,28 @@ class RunRecord:
 
 
 def read_record(output_dir: Path) -> RunRecord:
-    """``output_dir``'s run.json, checked; damage is an ArtifactError naming the file."""
+    """``output_dir``'s run.json, checked; damage is an ArtifactError naming the file.
+
+    Without a valid record pfedla cannot tell which files in the directory are that run's, so
+    the advice is to remove run.json by hand (--overwrite needs the record to know what it replaces).
+    """
     path = output_dir / RUN_FILE
-    recorded = storage.read_json(path)
+    advice = f" (to start over in {output_dir}, delete {path}; its other files are then left as they are)"
+    try:
+        recorded = storage.read_json(path)
+    except ArtifactError as error:
+        raise ArtifactError(f"{error}{advice}") from None
     if not isinstance(recorded, dict):
-        raise ArtifactError(f"{path} is damaged: not a JSON object")
+        raise ArtifactError(f"{path} is damaged: not a JSON object{advice}")
     identity, config = recorded.get("identity"), recorded.get("config")
     if not isinstance(identity, str) or not _IDENTITY.match(identity):
-        raise ArtifactError(f"{path} is damaged or from an older pfedla: no valid 'identity' "
-                            "(start over with --overwrite)")
+        raise ArtifactError(f"{path} is damaged or from an older pfedla: no valid 'identity'{advice}")
     if not isinstance(config, dict):
-        raise ArtifactError(f"{path} is damaged: 'config' is not an object")
+        raise ArtifactError(f"{path} is damaged: 'config' is not an object{advice}")
     try:
         return RunRecord(identity, config_from_dict(config))
     except ConfigError as error:
-        raise ArtifactError(f"{path} holds an invalid config: {error}") from None
+        raise ArtifactError(f"{path} holds an invalid config: {error}{advice}") from None
 
 
 def resumed_config(output_dir: Path, record: RunRecord) -> ExperimentConfig:
@@ -134,10 +142,46 @@ def seed_files(algorithms: list[str], seeds: list[int]) -> list[str]:
     return files
 
 
+def checkpoint_folders(identity: str | None, algorithms: list[str], seeds: list[int]) -> list[str]:
+    """The folders (relative to ``output_dir``) the default checkpoint locations of a run use: each
+    (seed, algorithm) folder of the run ``identity``, or only the locations themselves without one."""
+    roots = ["checkpoints/rounds", "checkpoints/fallback"]
+    if identity is None:
+        return roots
+    return [f"{root}/{identity}/seed_{seed}/{name}"
+            for root in roots for seed in seeds for name in algorithms]
+
+
 def remove_outputs(output_dir: Path, files: list[str]) -> None:
-    """Delete ``summary.json`` and ``files`` (relative to ``output_dir``): a replaced run's own files."""
+    """Delete ``summary.json`` and ``files`` (relative to ``output_dir``): a replaced run's own files,
+    never through a symbolic link on the way (``storage.delete``)."""
     for name in [SUMMARY_FILE, *files]:
-        (output_dir / name).unlink(missing_ok=True)
+        storage.delete(output_dir / name, root=output_dir)
+
+
+# Files in output_dir that MLflow's local store writes itself (sqlite and its journals, artifacts):
+# pfedla cannot make those writes refuse links, so a link there stops a run before it starts.
+TRACKING_NAMES = ("mlflow.db", "mlflow.db-journal", "mlflow.db-wal", "mlflow.db-shm", "mlartifacts")
+DATA_CACHE = "data-cache"  # where an s3:// data_dir is downloaded to
+
+
+def check_no_links(output_dir: Path, files: list[str], folders: list[str]) -> None:
+    """Refuse ``output_dir`` when a folder a run writes in (``folders`` and those of ``files``, relative
+    to it), one of the tracking store's files, or anything below ``mlartifacts`` is a symbolic link:
+    it could lead the run's writes or deletions outside ``output_dir``. A link at a file pfedla
+    writes itself is harmless (the write replaces it, ``storage.write_local``) and is not refused."""
+    for folder in sorted({*folders, *(str(Path(name).parent) for name in files)} - {"."}):
+        if (link := storage.first_link(output_dir, folder)) is not None:
+            raise PfedlaError(f"{link} is a symbolic link, and pfedla never writes through one (it could "
+                              f"lead outside {output_dir}): remove it, or choose another output_dir")
+    artifacts = output_dir / "mlartifacts"
+    links = [output_dir / name for name in (*TRACKING_NAMES, DATA_CACHE) if (output_dir / name).is_symlink()]
+    if not links and artifacts.is_dir():  # MLflow writes below it, following any link it meets
+        links = [Path(top, name) for top, below, names in os.walk(artifacts) for name in (*below, *names)
+                 if Path(top, name).is_symlink()]
+    if links:
+        raise PfedlaError(f"{links[0]} is a symbolic link, and MLflow or pfedla would write through it "
+                          f"(it could lead outside {output_dir}): remove it, or choose another output_dir")
 
 
 class RunLock:
@@ -152,10 +196,7 @@ class RunLock:
         self._file: IO[str] | None = None
 
     def __enter__(self) -> RunLock:
-        try:
-            handle = open(self.path, "a+")  # noqa: SIM115 - held until __exit__
-        except OSError as error:
-            raise PfedlaError(f"cannot write in {self.path.parent}: {error.strerror or error}") from None
+        handle = self._open()
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -169,6 +210,23 @@ class RunLock:
         handle.flush()
         self._file = handle
         return self
+
+    def _open(self) -> IO[str]:
+        """The lock file, opened without following a link, and only when it is a plain file of its own
+        (the lock writes the holder's pid into it: a link or a hard link would carry that elsewhere)."""
+        try:
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        except OSError as error:
+            if self.path.is_symlink():
+                raise PfedlaError(f"{self.path} is a symbolic link, and pfedla never writes through one: "
+                                  "remove it") from None
+            raise PfedlaError(f"cannot write in {self.path.parent}: {error.strerror or error}") from None
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1:
+            os.close(descriptor)
+            raise PfedlaError(f"{self.path} is not a plain file of its own (a hard link or a special file), "
+                              "and pfedla writes into it: remove it")
+        return os.fdopen(descriptor, "r+")
 
     def __exit__(self, *_: object) -> None:
         if self._file is not None:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pfedla import report, rundir, storage
+from pfedla import readback, report, rundir, storage
 from pfedla.algorithms import ClientRule, ClientState, FitInstruction, Strategy, make_strategy
 from pfedla.algorithms.base import Generators
 from pfedla.algorithms.pfedla import PFedLAStrategy
@@ -36,7 +36,7 @@ from pfedla.client import (
 )
 from pfedla.config import ExperimentConfig, experiment_key, run_seeds, seed_config
 from pfedla.data import FederatedData, build_federated_data
-from pfedla.errors import ArtifactError, PfedlaError, shown
+from pfedla.errors import ArtifactError, PfedlaError
 from pfedla.models import LayerLayout, build_model, initial_buffers, initial_layers
 from pfedla.progress import RoundProgress
 from pfedla.seeding import numpy_rng, torch_generator
@@ -402,16 +402,16 @@ class Simulation:
         model_path = self.output_dir / "models" / f"{result.name}.safetensors"
         storage.save_tensors(model_path, personalized_models(models, self.layout),
                              {"algorithm": result.name, "model": self.config.model,
-                              "clients": self.config.clients})
+                              "clients": self.config.clients}, root=self.output_dir)
         state_path = self.output_dir / "checkpoints" / f"{result.name}.safetensors"
         storage.save_tensors(state_path, state,
-                             {"algorithm": result.name, "rounds": result.rounds})
+                             {"algorithm": result.name, "rounds": result.rounds}, root=self.output_dir)
         for raw, weights in ((False, result.layer_weights), (True, result.raw_layer_weights)):
             if weights is not None:
                 buffer = io.BytesIO()
                 np.save(buffer, weights)
                 storage.write_bytes(self.output_dir / rundir.layer_weights_file(result.name, raw),
-                                    buffer.getvalue())
+                                    buffer.getvalue(), root=self.output_dir)
         if self.tracker:
             self.tracker.log_file(model_path, "models")
             self.tracker.log_file(state_path, "checkpoint")
@@ -420,7 +420,7 @@ class Simulation:
                 "wall_seconds": result.wall_seconds})
             self.tracker.end_run()
         storage.write_json(self.output_dir / "results" / f"{result.name}.json",
-                           {**result.summary(), "history": result.history})
+                           {**result.summary(), "history": result.history}, root=self.output_dir)
 
 
 def seed_spread(values: Sequence[float]) -> float | None:
@@ -482,23 +482,34 @@ def format_table(summary: dict) -> str:
     return "\n".join([*rows, TABLE_LEGEND, *([SPREAD_LEGEND] if several else [])])
 
 
-def _finished_result(output_dir: Path, name: str) -> AlgorithmResult | None:
+def _finished_result(output_dir: Path, name: str, config: ExperimentConfig) -> AlgorithmResult | None:
+    """A finished (algorithm, seed) of ``config``'s run read back from its seed folder, every value
+    checked against the run (``readback``); None when it has not finished."""
     path = output_dir / "results" / f"{name}.json"
     if not path.is_file():
         return None
-    saved = storage.read_json(path)
-    weights_file, raw_file = (output_dir / rundir.layer_weights_file(name, raw) for raw in (False, True))
+    weights_files = [output_dir / rundir.layer_weights_file(name, raw) for raw in (False, True)]
     try:
-        return AlgorithmResult(
-            name=name, client_accuracies=saved["client_accuracies"], mean_accuracy=saved["mean_accuracy"],
-            rounds=saved["rounds"], wall_seconds=saved["wall_seconds"], run_id=saved["mlflow_run_id"],
-            layer_weights=np.load(weights_file, allow_pickle=False) if weights_file.is_file() else None,
-            raw_layer_weights=np.load(raw_file, allow_pickle=False) if raw_file.is_file() else None,
-            history=saved["history"],
-        )
-    except (KeyError, TypeError, ValueError, OSError) as error:
-        raise ArtifactError(f"{path} (or {weights_file.name}, {raw_file.name}) is damaged: {shown(error)}; "
-                            "start over with --overwrite") from None
+        saved = readback.check_result(storage.read_json(path), path, config)
+        weights = [readback.load_alpha(file, config) if file.is_file() else None for file in weights_files]
+    except ArtifactError as error:
+        raise ArtifactError(f"{error}; start over with --overwrite") from None
+    return AlgorithmResult(
+        name=name, client_accuracies=saved["client_accuracies"], mean_accuracy=saved["mean_accuracy"],
+        rounds=saved["rounds"], wall_seconds=saved["wall_seconds"], run_id=saved["mlflow_run_id"],
+        layer_weights=weights[0], raw_layer_weights=weights[1], history=saved["history"],
+    )
+
+
+def _finished_results(config: ExperimentConfig, output_dir: Path) -> dict[tuple[int, str], AlgorithmResult]:
+    """Every finished (seed, algorithm) of ``config``'s run in ``output_dir``, read back and checked."""
+    done = {}
+    for seed in run_seeds(config):
+        seed_run = _seed_run_config(config, output_dir, seed)
+        for name in config.algorithms:
+            if (result := _finished_result(Path(seed_run.output_dir), name, seed_run)) is not None:
+                done[seed, name] = result
+    return done
 
 
 def load_run_config(output_dir: str | Path) -> ExperimentConfig:
@@ -548,6 +559,15 @@ def run_experiment(config: ExperimentConfig, progress: bool = True, track: bool 
         else:
             config, identity = _anchored(config), rundir.new_identity(config)
         seeds = run_seeds(config)
+        known = [config] + ([previous.config] if previous is not None else [])
+        algorithms = sorted({name for each in known for name in each.algorithms})
+        all_seeds = sorted({seed for each in known for seed in run_seeds(each)})
+        rundir.check_no_links(output_dir, rundir.seed_files(algorithms, all_seeds)
+                              + report.report_files(algorithms, all_seeds),
+                              rundir.checkpoint_folders(None if previous is None else previous.identity,
+                                                        algorithms, all_seeds))
+        # what a resume reads back is checked before anything is written
+        done = _finished_results(config, output_dir) if resume else {}
         # The other seeds' data is built when their turn comes: one dataset in memory at a time.
         data = build_federated_data(_seed_run_config(config, output_dir, seeds[0]))
         tracking_uri = default_tracking_uri(output_dir)
@@ -559,14 +579,13 @@ def run_experiment(config: ExperimentConfig, progress: bool = True, track: bool 
         if not existed:
             held.enter_context(rundir.RunLock(output_dir))
         if previous is not None and not resume:  # --overwrite: only the replaced run's own files go
-            algorithms = sorted({*previous.config.algorithms, *config.algorithms})
-            replaced = sorted({*run_seeds(previous.config), *seeds})
-            rundir.remove_outputs(output_dir, rundir.seed_files(algorithms, replaced)
-                                  + report.report_files(algorithms, replaced))
+            rundir.remove_outputs(output_dir, rundir.seed_files(algorithms, all_seeds)
+                                  + report.report_files(algorithms, all_seeds))
             _checkpoint_store(previous.config, output_dir, previous.identity).clear()
-        if resume and track and local_store:  # the directory may have been copied or moved since
+        if track and local_store:  # the directory may have been copied or moved since (resumed or replaced)
             relocate_local_store(tracking_uri, output_dir / "mlartifacts")
-        storage.write_json(output_dir / rundir.RUN_FILE, rundir.RunRecord(identity, config).to_dict())
+        storage.write_json(output_dir / rundir.RUN_FILE, rundir.RunRecord(identity, config).to_dict(),
+                           root=output_dir)
         if track and local_store:
             tracker = _tracker(config, output_dir, tracking_uri)
         parent = _open_parent(tracker, config, identity, resume) if tracker else None
@@ -578,16 +597,17 @@ def run_experiment(config: ExperimentConfig, progress: bool = True, track: bool 
             if len(seeds) > 1:
                 log.info("seed %d (%d of %d)", seed, index + 1, len(seeds))
             seed_folder = Path(seed_run.output_dir)
-            storage.write_json(seed_folder / rundir.PARTITION_FILE, {"clients": data.class_counts()})
+            storage.write_json(seed_folder / rundir.PARTITION_FILE, {"clients": data.class_counts()},
+                               root=output_dir)
             checkpoints = _checkpoint_store(config, output_dir, f"{identity}/seed_{seed}")
             simulation = Simulation(seed_run, data, device, tracker, progress, checkpoints, parent)
             runs[seed] = {}
             for name in config.algorithms:
-                finished = _finished_result(seed_folder, name) if resume else None
-                runs[seed][name] = finished or simulation.run(name, identity, resume)
+                runs[seed][name] = done.get((seed, name)) or simulation.run(name, identity, resume)
         summary = experiment_summary(runs, config.algorithms)
         # in the config's algorithm order (write_json would sort the keys)
-        storage.write_bytes(output_dir / rundir.SUMMARY_FILE, json.dumps(summary, indent=2).encode())
+        storage.write_bytes(output_dir / rundir.SUMMARY_FILE, json.dumps(summary, indent=2).encode(),
+                            root=output_dir)
         written = report.write_report(output_dir)
         if tracker and parent:
             shared = [output_dir / rundir.SUMMARY_FILE, *written]

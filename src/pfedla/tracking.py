@@ -51,6 +51,19 @@ def relocate_local_store(tracking_uri: str, artifact_root: Path) -> None:
                     f"UPDATE {table} SET {column} = ? || substr({column}, ?) "  # noqa: S608 - fixed names
                     f"WHERE substr({column}, 1, ?) = ?",
                     (new_root, len(old_root) + 1, len(old_root), old_root))
+        relocated = bool(roots - {new_root})
+        runs = [run_id for (run_id,) in connection.execute("SELECT run_uuid FROM runs")] if relocated else []
+    _forget_artifact_locations(runs)
+
+
+def _forget_artifact_locations(run_ids: list[str]) -> None:
+    """Drop MLflow's in-process memory of where these runs' artifacts go (it keeps one per run id for
+    the life of the process): after a relocation it would still name the old directory."""
+    from mlflow.tracking._tracking_service import utils
+
+    cache = getattr(utils, "_artifact_repos_cache", {})  # MLflow 2.x/3.x: an OrderedDict by run id
+    for run_id in run_ids:
+        cache.pop(run_id, None)
 
 
 def heatmap_png(alpha_layer: np.ndarray, title: str, path: Path) -> None:
