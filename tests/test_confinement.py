@@ -255,3 +255,22 @@ def test_a_failed_write_keeps_the_previous_content_and_leaves_no_temporary_file(
     with pytest.raises(KeyboardInterrupt):
         storage.write_local(path, failing)
     assert path.read_bytes() == b"before" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_the_folders_a_run_writes_besides_its_files_are_checked_too(tmp_path):
+    """A seed's data cache (an s3:// data_dir is downloaded into it) and the checkpoint folders of
+    the run being replaced: a link at any of them stops the run before anything is written."""
+    from pfedla import rundir
+    from pfedla.errors import PfedlaError
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    identity = "0123456789abcdef-01234567"
+    folders = rundir.written_folders(identity, ["local"], [3])
+    assert {"seed_3/data-cache", f"checkpoints/rounds/{identity}/seed_3/local"} <= set(folders)
+    for folder in ("seed_3/data-cache", f"checkpoints/rounds/{identity}", "checkpoints"):
+        out = tmp_path / f"out-{folder.count('/')}-{len(folder)}"
+        (out / folder).parent.mkdir(parents=True, exist_ok=True)
+        (out / folder).symlink_to(elsewhere, target_is_directory=True)
+        with pytest.raises(PfedlaError, match=f"{out / folder} is a symbolic link"):
+            rundir.check_no_links(out, [], folders)

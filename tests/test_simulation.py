@@ -183,26 +183,27 @@ def wait_for(path_glob, root, timeout=240):
     raise AssertionError(f"{path_glob} never appeared under {root}")
 
 
-# Runs the CLI with an audit hook that SIGKILLs the process at the first matching event: the
-# checkpoint's temporary file ``<name>.<random>.partial`` about to be opened (write started, nothing
-# on disk yet) or renamed (all bytes written, not yet committed), so the kill provably lands inside
-# a checkpoint write. Both name the file relative to its folder's descriptor; a rename's folder is
-# read back from that descriptor, an open's is not given (the first algorithm writes first).
+# Runs the CLI with an audit hook that SIGKILLs the process at the first event whose path matches
+# the glob ``*<needle>*``: e.g. a checkpoint's temporary file ``<name>.<random>.partial`` about to be
+# opened (write started, nothing on disk yet) or renamed (all bytes written, not yet committed), so
+# the kill provably lands inside that write. pfedla opens and renames a temporary file relative to
+# its folder's descriptor: a rename's folder is read back from that descriptor, an open's is not
+# given (needles for an open name the file alone).
 KILL_AT_EVENT = """
-import os, signal, sys
+import fnmatch, os, signal, sys
 event_name, needle = sys.argv.pop(1), sys.argv.pop(1)
-folder, _, name = needle.rpartition("/")
 def kill_at(event, args):
-    if event != event_name or not (str(args[0]).startswith(name + ".") and str(args[0]).endswith(".partial")):
+    if event != event_name:
         return
-    if event == "os.rename" and not os.readlink(f"/proc/self/fd/{args[2]}").endswith("/" + folder):
-        return
-    os.kill(os.getpid(), signal.SIGKILL)
+    where = str(args[0])
+    if event == "os.rename" and isinstance(args[2], int) and args[2] >= 0:
+        where = os.readlink(f"/proc/self/fd/{args[2]}") + "/" + where
+    if fnmatch.fnmatchcase(where, f"*{needle}*"):
+        os.kill(os.getpid(), signal.SIGKILL)
 sys.addaudithook(kill_at)
 from pfedla.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
 
 @pytest.mark.integration
 def test_sigkill_mid_round_and_inside_checkpoint_writes_then_resume_gives_the_uninterrupted_summary(
@@ -235,7 +236,9 @@ def test_sigkill_mid_round_and_inside_checkpoint_writes_then_resume_gives_the_un
         assert process.wait(timeout=30) == -signal.SIGKILL
 
     def kill_inside_write(event, file):
-        killed = subprocess.run([sys.executable, "-c", KILL_AT_EVENT, event, file, *resume],
+        # an open does not name the folder: pfedla (first in algorithms) writes each round first
+        needle = f"{file if event == 'os.rename' else file.rpartition('/')[2]}.*.partial"
+        killed = subprocess.run([sys.executable, "-c", KILL_AT_EVENT, event, needle, *resume],
                                 env=env, capture_output=True, timeout=600)
         assert killed.returncode == -signal.SIGKILL
         assert bool(list(rounds_dir.glob(f"{file}.*.partial"))) == (event == "os.rename")
@@ -556,12 +559,12 @@ def test_a_run_over_seeds_resumes_per_algorithm_and_seed_under_one_mlflow_parent
                 assert logged.value == entry[f"{key}{suffix}"]
 
 
-# Kills the CLI at the first `open` of a path containing the needle (see KILL_AT_EVENT).
+# Kills the CLI at the first `open` of a path matching the needle (see KILL_AT_EVENT).
 @pytest.mark.integration
 @pytest.mark.parametrize("needle", [
-    "round_00001.safetensors.partial",  # round 0 done and tracked, no checkpoint yet: an orphan run
+    "round_00001.safetensors.*.partial",  # round 0 done and tracked, no checkpoint yet: an orphan run
     "artifacts/models/.artifact.uploading",  # outputs being logged to MLflow, run not ended
-    "results/local.json.partial",  # MLflow run ended, result not yet written
+    "local.json.*.partial",  # results/local.json: MLflow run ended, result not yet written
 ])
 def test_mlflow_is_consistent_after_a_kill_at_any_point_of_the_finish(tmp_path, monkeypatch, needle):
     """On the old main results/<alg>.json was written before the MLflow run ended: a kill there left

@@ -24,6 +24,7 @@ RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
 PARTITION_FILE = "partition.json"
 LOCK_FILE = ".pfedla.lock"
+DATA_CACHE = "data-cache"  # in a seed's folder: where an s3:// data_dir is downloaded to
 _IDENTITY = re.compile(r"^[0-9a-f]{16}-[0-9a-f]{8}$")
 
 
@@ -142,14 +143,16 @@ def seed_files(algorithms: list[str], seeds: list[int]) -> list[str]:
     return files
 
 
-def checkpoint_folders(identity: str | None, algorithms: list[str], seeds: list[int]) -> list[str]:
-    """The folders (relative to ``output_dir``) the default checkpoint locations of a run use: each
-    (seed, algorithm) folder of the run ``identity``, or only the locations themselves without one."""
+def written_folders(identity: str | None, algorithms: list[str], seeds: list[int]) -> list[str]:
+    """Folders (relative to ``output_dir``) a run writes in besides those of its files: each seed's
+    data cache and the default checkpoint locations, down to each (seed, algorithm) folder of the
+    run ``identity`` when there is one."""
     roots = ["checkpoints/rounds", "checkpoints/fallback"]
+    caches = [f"seed_{seed}/{DATA_CACHE}" for seed in seeds]
     if identity is None:
-        return roots
-    return [f"{root}/{identity}/seed_{seed}/{name}"
-            for root in roots for seed in seeds for name in algorithms]
+        return roots + caches
+    return caches + [f"{root}/{identity}/seed_{seed}/{name}"
+                     for root in roots for seed in seeds for name in algorithms]
 
 
 def remove_outputs(output_dir: Path, files: list[str]) -> None:
@@ -162,12 +165,12 @@ def remove_outputs(output_dir: Path, files: list[str]) -> None:
 # Files in output_dir that MLflow's local store writes itself (sqlite and its journals, artifacts):
 # pfedla cannot make those writes refuse links, so a link there stops a run before it starts.
 TRACKING_NAMES = ("mlflow.db", "mlflow.db-journal", "mlflow.db-wal", "mlflow.db-shm", "mlartifacts")
-DATA_CACHE = "data-cache"  # where an s3:// data_dir is downloaded to
 
 
 def check_no_links(output_dir: Path, files: list[str], folders: list[str]) -> None:
     """Refuse ``output_dir`` when a folder a run writes in (``folders`` and those of ``files``, relative
-    to it), one of the tracking store's files, or anything below ``mlartifacts`` is a symbolic link:
+    to it, and each of their parents), one of the tracking store's files, or anything below
+    ``mlartifacts`` is a symbolic link:
     it could lead the run's writes or deletions outside ``output_dir``. A link at a file pfedla
     writes itself is harmless (the write replaces it, ``storage.write_local``) and is not refused."""
     for folder in sorted({*folders, *(str(Path(name).parent) for name in files)} - {"."}):
@@ -175,7 +178,7 @@ def check_no_links(output_dir: Path, files: list[str], folders: list[str]) -> No
             raise PfedlaError(f"{link} is a symbolic link, and pfedla never writes through one (it could "
                               f"lead outside {output_dir}): remove it, or choose another output_dir")
     artifacts = output_dir / "mlartifacts"
-    links = [output_dir / name for name in (*TRACKING_NAMES, DATA_CACHE) if (output_dir / name).is_symlink()]
+    links = [output_dir / name for name in TRACKING_NAMES if (output_dir / name).is_symlink()]
     if not links and artifacts.is_dir():  # MLflow writes below it, following any link it meets
         links = [Path(top, name) for top, below, names in os.walk(artifacts) for name in (*below, *names)
                  if Path(top, name).is_symlink()]

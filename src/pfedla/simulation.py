@@ -564,8 +564,8 @@ def run_experiment(config: ExperimentConfig, progress: bool = True, track: bool 
         all_seeds = sorted({seed for each in known for seed in run_seeds(each)})
         rundir.check_no_links(output_dir, rundir.seed_files(algorithms, all_seeds)
                               + report.report_files(algorithms, all_seeds),
-                              rundir.checkpoint_folders(None if previous is None else previous.identity,
-                                                        algorithms, all_seeds))
+                              rundir.written_folders(None if previous is None else previous.identity,
+                                                     algorithms, all_seeds))
         # what a resume reads back is checked before anything is written
         done = _finished_results(config, output_dir) if resume else {}
         # The other seeds' data is built when their turn comes: one dataset in memory at a time.
