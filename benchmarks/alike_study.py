@@ -130,7 +130,8 @@ def main() -> None:
     overrides = list(args.overrides) + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
     base = load_config(args.config, overrides)
     print(f"config {args.config.name} {' '.join(overrides)}: model {base.model}, {base.clients} clients, "
-          f"{base.rounds} rounds, E={base.local_epochs}, hn_lr={base.hn_lr}", flush=True)
+          f"{base.rounds} rounds, E={base.local_epochs}, pfedla.hn_lr={base.settings_of('pfedla').hn_lr}",
+          flush=True)
     everything: dict[str, dict[int, dict]] = {}
     for split in args.splits:
         everything[split] = {seed: run_split(SPLITS[split], seed, args.algorithms, args.config, overrides)

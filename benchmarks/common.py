@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 THREADS = 2
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # run.py --results chooses another
 ENTRY_POINT = Path(__file__).resolve().parent / "run.py"  # dispatches --worker specs to run.WORKERS
 MIB = 2**20
 # Paper-style CIFAR-10 CNN: conv 3->64->128 (5x5), fc 8192->2176->10: 18,059,530 parameters.
@@ -25,13 +25,18 @@ PAPER_CNN = {"width": 64, "hidden": 2176}
 # --quick: the same CNN with a quarter of fc1 (4,672,234 parameters), so the naive reference
 # at N=30 takes well under a minute.
 QUICK_CNN = {"width": 64, "hidden": 544}
+# --tiny: a CNN of a few thousand parameters; the numbers mean nothing, the code paths are all run.
+TINY_CNN = {"width": 4, "hidden": 16}
+MODES = ("full", "quick", "tiny")
 
 
 @dataclass(frozen=True)
 class Settings:
-    """How much work each section does: full (make bench) or quick (make bench QUICK=1)."""
+    """How much work each section does: full (make bench), quick (make bench QUICK=1), or tiny (the
+    test suite runs every section this way, so a change that breaks a section fails the tests)."""
 
-    quick: bool
+    mode: str = "full"
+    results_dir: Path = RESULTS_DIR
     server_model: tuple[tuple[str, int], ...] = tuple(PAPER_CNN.items())
     server_clients: tuple[int, ...] = (10, 30)
     server_repeats: int = 3
@@ -41,14 +46,28 @@ class Settings:
     overhead_rounds: int = 15
     scaling_clients: tuple[int, ...] = (10, 100, 1000)
     scaling_rounds: int = 3
+    pipeline_rounds: int = 2  # pipeline_overhead's experiment
+    pipeline_clients: int = 4
+    movement_clients: int = 30  # data_movement: CIFAR-10 split over 30 clients, 2,000 images each
+    movement_images: int = 2000
+    checkpoint_clients: int = 30
+    checkpoint_images: int = 2000  # images one client trains on in checkpointing's round
 
     @classmethod
-    def make(cls, quick: bool) -> Settings:
-        """The full settings, or the quick ones (smaller CNN, fewer repeats and rounds)."""
-        if quick:
-            return cls(quick=True, server_model=tuple(QUICK_CNN.items()), server_repeats=1,
-                       overhead_rounds=5, scaling_rounds=1)
-        return cls(quick=False)
+    def make(cls, mode: str, results_dir: Path = RESULTS_DIR) -> Settings:
+        """The settings of ``mode``: full, quick (smaller CNN, fewer repeats and rounds) or tiny."""
+        if mode == "quick":
+            return cls(mode, results_dir, server_model=tuple(QUICK_CNN.items()), server_repeats=1,
+                       overhead_rounds=5, scaling_rounds=1, pipeline_rounds=1, pipeline_clients=3,
+                       checkpoint_images=500)
+        if mode == "tiny":
+            return cls(mode, results_dir, server_model=tuple(TINY_CNN.items()), server_clients=(3,),
+                       server_repeats=1, server_budget_s=10.0, overhead_rounds=1, scaling_clients=(10,),
+                       scaling_rounds=1, pipeline_rounds=1, pipeline_clients=2, movement_clients=3,
+                       movement_images=8, checkpoint_clients=3, checkpoint_images=8)
+        if mode != "full":
+            raise ValueError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
+        return cls(mode, results_dir)
 
 
 def log(message: str) -> None:

@@ -14,13 +14,10 @@ from pathlib import Path
 import torch
 from common import Settings, log, measured_sizes, run_worker
 
-from pfedla.client import ClientUpdate
-from pfedla.config import config_from_dict
+from pfedla.algorithms import ClientRule, ClientState, FitInstruction
+from pfedla.client import ClientUpdate, LocalTrainer
+from pfedla.config import ExperimentConfig, config_from_dict
 from pfedla.models import CNN
-
-# CIFAR-10 split over 30 clients: 2,000 images each (60,000 in all), 3x32x32 float32 as pfedla stores them.
-MOVEMENT_CLIENTS = 30
-MOVEMENT_IMAGES_PER_CLIENT = 2000
 
 
 def worker(spec: dict) -> dict:
@@ -51,16 +48,20 @@ def worker(spec: dict) -> dict:
         torch.manual_seed(seed)
         return CNN(3, 32, 10, width=spec["width"], hidden=spec["hidden"])
 
-    def same_shaped_update(trainer, instruction, train, config, round_idx, client_id):
-        delta = [torch.full_like(layer, 1e-4) for layer in instruction.layers]
-        return ClientUpdate(client_id, len(train[1]), delta, 1.0)
+    def same_shaped_update(rule: ClientRule, trainer: LocalTrainer, instruction: FitInstruction,
+                           state: ClientState, train: tuple[torch.Tensor, torch.Tensor],
+                           config: ExperimentConfig, round_idx: int, client_id: int
+                           ) -> tuple[ClientUpdate, ClientState]:
+        """``rounds.fit_client``'s contract: the update (None for private layers) and the new state."""
+        delta = [None if layer is None else torch.full_like(layer, 1e-4) for layer in instruction.layers]
+        return ClientUpdate(client_id, len(train[1]), delta, 1.0), state
 
     steps.build_federated_data, steps.build_model = cifar_like, paper_cnn
     steps.fit_client = same_shaped_update
     root = Path(spec["root"])
     config = config_from_dict({"clients": clients, "participation": spec["participation"], "rounds": 2,
                                "device": "cpu", "pipeline": {"data_root": str(root / "plane")}})
-    cfg = json.dumps(config.to_dict())
+    cfg = config.to_json()
     out = root / "out"  # manifests named after the component outputs, as step_manifests expects
     shards_manifest, plan_manifest = out / "partition" / "shards", out / "server-init" / "plan"
     steps.partition(cfg, shards_manifest)
@@ -105,16 +106,15 @@ def bytes_before(sizes: dict, selected: int) -> dict:
 
 def bench(settings: Settings) -> dict:
     """Bytes per round through object storage: the data plane (measured) vs the earlier layout (derived)."""
-    model = dict(settings.server_model)
-    result: dict = {"clients": MOVEMENT_CLIENTS, "images_per_client": MOVEMENT_IMAGES_PER_CLIENT,
+    model, clients, images = dict(settings.server_model), settings.movement_clients, settings.movement_images
+    result: dict = {"clients": clients, "images_per_client": images,
                     "model": f"CNN(3, 32, 10, width={model['width']}, hidden={model['hidden']})",
                     "least": "clients: start model + train split in, update out; server: state + history "
                              "in and out, updates in, next round's start models out"}
     for participation in (0.5, 1.0):
         with tempfile.TemporaryDirectory() as tmp:
-            log(f"data_movement: N={MOVEMENT_CLIENTS}, participation {participation} (real steps, one round)")
-            measured = run_worker({"kind": "data_movement", "clients": MOVEMENT_CLIENTS,
-                                   "images_per_client": MOVEMENT_IMAGES_PER_CLIENT,
+            log(f"data_movement: N={clients}, participation {participation} (real steps, one round)")
+            measured = run_worker({"kind": "data_movement", "clients": clients, "images_per_client": images,
                                    "participation": participation, "root": tmp, **model})
         before = bytes_before(measured["sizes"], measured["selected"])
         after = measured["after"]

@@ -7,7 +7,6 @@ orchestration (a Python process per task) costs.
 from __future__ import annotations
 
 import builtins
-import json
 import os
 import tempfile
 import time
@@ -26,13 +25,13 @@ def bench(settings: Settings) -> dict:
     from pfedla import steps
     from pfedla_pipelines.runner import run_local
 
-    rounds, clients = (1, 3) if settings.quick else (2, 4)
+    rounds, clients = settings.pipeline_rounds, settings.pipeline_clients
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         config = config_from_dict({"clients": clients, "rounds": rounds, "device": "cpu",
                                    "algorithms": ["pfedla"], "output_dir": str(root / "out"),
                                    "pipeline": {"data_root": str(root / "plane")}})
-        cfg = json.dumps(config.to_dict())
+        cfg = config.to_json()
         log(f"pipeline_overhead: {rounds} round(s), {clients} clients in-process")
         started = time.perf_counter()
         training = 0.0

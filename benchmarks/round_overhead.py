@@ -22,6 +22,7 @@ from pfedla.seeding import torch_generator
 
 def bench(settings: Settings) -> dict:
     """A default simulation round (pfedla) vs the same forward/backward/SGD steps in a tight loop."""
+    import pfedla.rounds as rounds
     import pfedla.simulation as simulation
 
     config = load_config()
@@ -42,7 +43,7 @@ def bench(settings: Settings) -> dict:
     def batches(round_idx: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The round's (x, y, batch indices), drawn exactly like ``fit_client`` draws them."""
         out = []
-        for c in simulation.participants(config, round_idx):
+        for c in rounds.participants(config, round_idx):
             shard = sim.shards[c]
             generator = torch_generator(config.seed, "train", round_idx, c)
             for _ in range(config.local_epochs):

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """pfedla performance benchmarks: prints a table, writes benchmarks/results/latest.json.
 
-    python benchmarks/run.py [--quick] [--only SECTION ...]   (make bench / make bench QUICK=1)
+    python benchmarks/run.py [--quick | --tiny] [--only SECTION ...] [--results DIR]
+                                                             (make bench / make bench QUICK=1)
 
 Sections, one module each in benchmarks/ (``bench(settings)`` returns plain JSON data,
 ``table(result)`` its lines of the printed table; add new ones to ``SECTIONS``):
@@ -81,7 +82,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the sections (or, with --worker, one worker spec) and report; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and rounds (a few minutes)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="fewer repeats and rounds (a few minutes)")
+    size.add_argument("--tiny", action="store_true",
+                      help="every section at the smallest size that runs its code (what the tests run; "
+                           "the numbers mean nothing)")
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR,
+                        help="where latest.json and figures go (default: benchmarks/results)")
     parser.add_argument("--only", choices=sorted(SECTIONS), action="append",
                         help="run only these sections (repeatable)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -94,12 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps(WORKERS[spec["kind"]](spec)))
         return 0
 
-    settings = Settings.make(args.quick)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    settings = Settings.make("tiny" if args.tiny else "quick" if args.quick else "full", args.results)
+    settings.results_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results: dict = {
         "meta": {
-            "mode": "quick" if settings.quick else "full",
+            "mode": settings.mode,
             "torch": torch.__version__,
             "python": platform.python_version(),
             "threads": THREADS,
@@ -118,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results[name]["section_seconds"] = time.perf_counter() - section_started
     results["meta"]["total_seconds"] = time.perf_counter() - started
     results["meta"]["loadavg_end"] = os.getloadavg()
-    out = RESULTS_DIR / "latest.json"
+    out = settings.results_dir / "latest.json"
     out.write_text(json.dumps(results, indent=2))
     print()
     print(format_table(results))

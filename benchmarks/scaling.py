@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from common import MIB, RESULTS_DIR, PeakRss, Settings, log, measured_sizes, run_worker, timed_into
+from common import MIB, PeakRss, Settings, log, measured_sizes, run_worker, timed_into
 
 from pfedla.algorithms.pfedla import PFedLAStrategy
 from pfedla.config import config_from_dict
@@ -22,6 +22,7 @@ from pfedla.data import build_federated_data
 def worker(spec: dict) -> dict:
     """Synthetic pFedLA with N clients at 10% participation: seconds per round, peak RSS."""
     import pfedla.simulation as simulation
+    from pfedla.rounds import participants
 
     n, rounds = spec["clients"], spec["rounds"]
     config = config_from_dict({
@@ -49,7 +50,7 @@ def worker(spec: dict) -> dict:
             server_times.append(phase["server"])
     return {
         "clients": n,
-        "participants": len(simulation.participants(config, 1)),
+        "participants": len(participants(config, 1)),
         "round_s": statistics.median(times),
         "round_times_s": times,
         "server_s": statistics.median(server_times),
@@ -59,8 +60,8 @@ def worker(spec: dict) -> dict:
         "model_stack_mb": stack_bytes / MIB,
         "peak_rss_mb": round(max(peak.peak_mib, peak.setup_peak_mib), 1),
         "round_peak_delta_mb": round(peak.delta_mib, 1),
-        "embedding_dim": config.embedding_dim,
-        "hidden_dim": config.hidden_dim,
+        "embedding_dim": config.settings_of("pfedla").embedding_dim,
+        "hidden_dim": config.settings_of("pfedla").hidden_dim,
     }
 
 
@@ -80,7 +81,7 @@ def bench(settings: Settings) -> dict:
         log(f"  {measured['round_s']:.3f} s/round (server {measured['server_s']:.3f} s), "
             f"peak RSS {measured['peak_rss_mb']:.0f} MiB, HN params {measured['hn_param_mb']:.1f} MiB")
     result["fits_8gib"] = all(result[str(n)]["peak_rss_mb"] < 8 * 1024 for n in settings.scaling_clients)
-    plot_scaling(result, settings.scaling_clients, RESULTS_DIR / "scaling.png")
+    plot_scaling(result, settings.scaling_clients, settings.results_dir / "scaling.png")
     result["plot"] = "benchmarks/results/scaling.png"
     return result
 

@@ -17,11 +17,11 @@ from torch import nn
 
 from pfedla.algorithms.pfedla import PFedLAStrategy
 from pfedla.client import ClientUpdate
-from pfedla.config import ExperimentConfig
 from pfedla.models import CNN, LayerLayout, initial_layers
+from pfedla.registry import PFedLASettings
 from pfedla.seeding import torch_generator
 
-HN_DEFAULTS = ExperimentConfig()  # embedding_dim, hidden_dim and hn_lr as in the default config
+HN_DEFAULTS = PFedLASettings()  # embedding_dim, hidden_dim and hn_lr as in the default config
 
 PEAK_METHOD = (
     "fresh subprocess per (implementation, N); after imports, server state, synthetic deltas and one "

@@ -10,7 +10,6 @@ checkpoints the ``checkpoint`` step writes to the data plane (``pfedla_pipelines
 """
 
 
-import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -21,10 +20,10 @@ from kfp import compiler, dsl, kubernetes
 
 from pfedla import storage
 from pfedla.config import ExperimentConfig, single_seed
+from pfedla.dataplane import data_root
 from pfedla.errors import PfedlaError
 from pfedla.images import step_image
-from pfedla.simulation import participants
-from pfedla.steps import client_groups, group_label
+from pfedla.steps import round_pods
 from pfedla_components import Components, build_components
 
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -73,12 +72,6 @@ def segment_config(config: ExperimentConfig, first_round: int) -> ExperimentConf
     resume_from = config.pipeline.resume_from if first_round == config.pipeline.start_round else None
     pipeline = replace(config.pipeline, start_round=first_round, resume_from=resume_from)
     return replace(config, pipeline=pipeline)
-
-
-def round_groups(config: ExperimentConfig, round_idx: int) -> list[str]:
-    """The round's training pods as ParallelFor items: client ids, ``clients_per_pod`` per pod."""
-    groups = client_groups(participants(config, round_idx), config.pipeline.clients_per_pod)
-    return [group_label(group) for group in groups]
 
 
 class TaskOptions:
@@ -137,7 +130,7 @@ def build_pipeline(config: ExperimentConfig) -> Callable:
     options = TaskOptions(config)
     rounds = RoundRange.of(config)
     eval_every = config.pipeline.eval_every
-    config_json = json.dumps(config.to_dict(), sort_keys=True)
+    config_json = config.to_json()
     deadline = config.pipeline.segment_timeout or None  # the whole run, Pending pods included
 
     @dsl.pipeline(name="fl-round", description="One round: train its clients, aggregate, plan the next.")
@@ -162,7 +155,7 @@ def build_pipeline(config: ExperimentConfig) -> Callable:
         for round_idx in range(rounds.first, rounds.stop):
             done = round_idx + 1
             plan = fl_round(config_json=config_json, round_idx=round_idx, configure_next=done < rounds.stop,
-                            groups=round_groups(config, round_idx), shards=shards, plan=plan).output
+                            groups=round_pods(config, round_idx), shards=shards, plan=plan).output
             if eval_every and done % eval_every == 0 and done != rounds.stop:
                 plan = options.step(parts.evaluate(config_json=config_json, final=False, shards=shards,
                                                    plan=plan)).outputs["next_plan"]
@@ -180,16 +173,14 @@ def compile_pipeline(config: ExperimentConfig, output: str | Path) -> RoundRange
     """Write the pipeline YAML for ``config``'s segment; returns the rounds it covers. The pipeline runs
     one seed: a ConfigError when ``seeds`` lists several."""
     config = single_seed(config)
-    if not config.pipeline.data_root:
-        raise PipelineError("pipeline.data_root is not set: the pipeline keeps its tensors in an object "
-                            "store prefix, e.g. --set pipeline.data_root=s3://pfedla")
+    data_root(config)
     output = Path(output)
     if output.suffix not in (".yaml", ".yml"):  # KFP writes JSON too, but not with Kubernetes settings
         raise PipelineError(f"cannot write {output}: the pipeline file's name must end in .yaml or .yml")
     if not output.parent.is_dir():
         raise PipelineError(f"cannot write {output}: {output.parent} is not a directory")
     rounds = RoundRange.of(config)
-    pods = max(len(round_groups(config, r)) for r in range(rounds.first, rounds.stop))
+    pods = max(len(round_pods(config, r)) for r in range(rounds.first, rounds.stop))
     if pods > MAX_PODS_PER_ROUND:
         raise PipelineError(f"a round would run {pods} training pods; the server step's launcher cannot take "
                             f"more than about {MAX_PODS_PER_ROUND} collected updates: raise "

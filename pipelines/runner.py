@@ -20,12 +20,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pfedla import storage
 from pfedla.config import ExperimentConfig, experiment_key, single_seed
+from pfedla.dataplane import data_root
 from pfedla.errors import without_credentials
-from pfedla.simulation import AlgorithmResult
+from pfedla.results import AlgorithmResult, write_layer_weights, write_summary
 from pfedla.steps import read_evaluation, round_traffic
 from pfedla_pipelines.fl_pipeline import (
     PipelineError,
@@ -59,9 +58,9 @@ def run_local(config: ExperimentConfig, pipeline_root: str | Path | None = None)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     root = Path(pipeline_root) if pipeline_root else Path(tempfile.mkdtemp(prefix="pfedla-kfp-"))
-    data_root = config.pipeline.data_root or str((output_dir / "data-plane").resolve())
+    plane_root = config.pipeline.data_root or str((output_dir / "data-plane").resolve())
     # Locally, ParallelFor threads race on kfp's patched print: run a round's pods one at a time.
-    local_config = replace(config, pipeline=replace(config.pipeline, data_root=data_root, parallelism=1))
+    local_config = replace(config, pipeline=replace(config.pipeline, data_root=plane_root, parallelism=1))
     started = time.perf_counter()
     steps: list[dict[str, Any]] = []
     chain = segments(local_config)
@@ -89,13 +88,11 @@ def run_local(config: ExperimentConfig, pipeline_root: str | Path | None = None)
     rounds = sorted({m["step_round"] for m in steps if m["step"] == "server_round"})
     movement = {"steps": [_ledger(m) for m in steps],
                 "rounds": {str(r): round_traffic(steps, r) for r in rounds}}
-    summary = {result.name: {**result.summary(), "orchestration": "kfp.local", "data_plane": data_root,
+    summary = {result.name: {**result.summary(), "orchestration": "kfp.local", "data_plane": plane_root,
                              "segments": len(chain), "data_movement": movement}}
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_summary(output_dir, summary)
     if weights is not None:
-        np.save(output_dir / "layer_weights.npy", weights.alpha)
-        if weights.raw is not None:
-            np.save(output_dir / "layer_weights_raw.npy", weights.raw)
+        write_layer_weights(output_dir, result.name, weights.alpha, weights.raw)
     return summary
 
 
@@ -127,9 +124,7 @@ def run_name(config: ExperimentConfig, segment: RoundRange) -> str:
 def check_cluster_contract(config: ExperimentConfig) -> None:
     """What a cluster needs that a laptop does not: every location must be reachable from a pod."""
     pipe = config.pipeline
-    if not pipe.data_root or not storage.is_s3(pipe.data_root):
-        raise PipelineError(f"pipeline.data_root must be an s3:// prefix for a cluster run (pods cannot see "
-                            f"{pipe.data_root or 'a local directory'}), e.g. --set pipeline.data_root=s3://pfedla")
+    data_root(config, cluster=True)
     if pipe.resume_from and not storage.is_s3(pipe.resume_from):
         raise PipelineError(f"pipeline.resume_from must be an s3:// checkpoint folder for a cluster run, "
                             f"got {pipe.resume_from}")

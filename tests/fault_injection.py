@@ -9,9 +9,10 @@ or ``"*:raise@0"`` (every client, round 0 only):
 - ``diverge``: the client trains with a learning rate 1e5 times too large, so its loss and update
   blow up for real (NaN or Inf).
 
-``install(spec)`` wraps ``pfedla.simulation.fit_client`` in this process. Each kfp.local step is a
-fresh Python process, so ``sitecustomize_dir`` writes a ``sitecustomize.py`` that installs
-``PFEDLA_TEST_FAULTS`` in every process started with it on ``PYTHONPATH``.
+``install(spec)`` wraps the client training the simulation calls (``pfedla.simulation.fit_client``)
+in this process. Each kfp.local step is a fresh Python process, so ``sitecustomize_dir`` writes a
+``sitecustomize.py`` that installs ``PFEDLA_TEST_FAULTS`` in every process started with it on
+``PYTHONPATH``, there also in ``pfedla.rounds`` before the pipeline steps import it from there.
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ def _fault(faults: list[tuple[str, str, int | None]], client_id: int, round_idx:
     return None
 
 
-def install(spec: str) -> None:
-    """Wrap the real client training so the clients named in ``spec`` misbehave."""
-    from pfedla import simulation
+def install(spec: str, step_processes: bool = False) -> None:
+    """Wrap the real client training so the clients named in ``spec`` misbehave: in the simulation,
+    and with ``step_processes`` (a fresh process) also where the pipeline steps import it from."""
+    from pfedla import rounds, simulation
 
     faults, real_fit = parse(spec), simulation.fit_client
 
@@ -61,11 +63,13 @@ def install(spec: str) -> None:
             hook.remove()
 
     simulation.fit_client = fit_client
+    if step_processes:
+        rounds.fit_client = fit_client
 
 
 def install_from_env() -> None:
     if os.environ.get(ENV):
-        install(os.environ[ENV])
+        install(os.environ[ENV], step_processes=True)
 
 
 def sitecustomize_dir(folder: Path) -> Path:

@@ -1,16 +1,23 @@
-"""``pfedla ...``: parses arguments and calls the library; no logic of its own."""
+"""``pfedla ...``: parses arguments and calls the library; no logic of its own.
+
+``pfedla run``, ``report`` and ``deploy`` are defined here; packages built on the library add
+commands of their own through the ``pfedla.commands`` entry point group (the Kubeflow layer adds
+``pfedla pipeline``), so the library never imports them."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from pathlib import Path
+from importlib.metadata import entry_points
 
 from pfedla.errors import PfedlaError, one_line, without_credentials
 
+# Commands other packages add: each entry point is a function taking the parser's subcommands.
+COMMANDS_GROUP = "pfedla.commands"
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (default: the embedded defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set rounds=10 --set partition.kind=iid")
@@ -18,7 +25,8 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     from pfedla.config import load_config
-    from pfedla.simulation import format_table, load_run_config, run_experiment
+    from pfedla.results import format_table
+    from pfedla.simulation import load_run_config, run_experiment
 
     if args.resume:
         if args.config or args.overrides:
@@ -44,47 +52,8 @@ def _report(args: argparse.Namespace) -> None:
     print(f"wrote {written[0]} and {len(written) - 1} figures in {written[0].parent / 'figures'}/")
 
 
-def _pipeline_compile(args: argparse.Namespace) -> None:
-    from pfedla.config import load_config
-    from pfedla_pipelines.fl_pipeline import compile_pipeline, segments
-
-    config = load_config(args.config, args.overrides)
-    rounds = compile_pipeline(config, args.output)
-    size = Path(args.output).stat().st_size
-    print(f"wrote {args.output} ({size / 1024:.0f} KiB): rounds {rounds.first}..{rounds.stop - 1} "
-          f"of {rounds.total}")
-    if not rounds.finishes:
-        print(f"this is segment 1 of {len(segments(config))}: `pfedla pipeline submit` runs them all in turn")
-
-
-def _pipeline_run_local(args: argparse.Namespace) -> None:
-    from pfedla.config import load_config
-    from pfedla_pipelines.runner import run_local
-
-    config = load_config(args.config, args.overrides)
-    summary = run_local(config, args.pipeline_root)
-    for name, entry in summary.items():
-        print(f"{name}: mean accuracy {entry['mean_accuracy']:.4f} over test samples, "
-              f"{entry['client_mean_accuracy']:.4f} over clients, after {entry['rounds']} rounds "
-              f"(min {entry['min_accuracy']:.4f}, max {entry['max_accuracy']:.4f}), "
-              f"{entry['segments']} segment(s)")
-        for round_idx, traffic in entry["data_movement"]["rounds"].items():
-            print(f"  round {round_idx}: {traffic['moved_bytes'] / 2**20:.1f} MiB through the data plane, "
-                  f"{traffic['ratio']:.3f}x the least possible")
-    print(f"outputs: {config.output_dir}/summary.json")
-
-
-def _pipeline_submit(args: argparse.Namespace) -> None:
-    from pfedla.config import load_config
-    from pfedla_pipelines.runner import submit
-
-    config = load_config(args.config, args.overrides)
-    run_ids = submit(config, args.host, args.experiment, wait=args.wait, poll_seconds=args.poll_seconds)
-    print(f"{without_credentials(args.host)}: runs {', '.join(run_ids)}")
-
-
 def _deploy(args: argparse.Namespace) -> None:
-    from pfedla.deploy import deploy
+    from pfedla.ops.deploy import deploy
 
     applied = deploy(args.overlay, namespace=args.namespace, kubeconfig=args.kubeconfig,
                      context=args.context, wait_timeout=args.wait_timeout, secrets_env=args.secrets_env,
@@ -98,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pfedla", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the in-process simulation of every listed algorithm")
-    _add_config_args(run)
+    add_config_args(run)
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--resume", metavar="OUTPUT_DIR",
                      help="continue an interrupted run from its last complete round")
@@ -111,27 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("output_dir", metavar="OUTPUT_DIR", help="the output_dir of a finished pfedla run")
     report.set_defaults(handler=_report)
 
-    pipeline = commands.add_parser("pipeline", help="the Kubeflow pipeline: compile, run locally, submit")
-    actions = pipeline.add_subparsers(dest="action", required=True)
-    compile_cmd = actions.add_parser("compile", help="write the pipeline YAML")
-    _add_config_args(compile_cmd)
-    compile_cmd.add_argument("-o", "--output", default="pipeline.yaml", help="YAML file to write")
-    compile_cmd.set_defaults(handler=_pipeline_compile)
-    local_cmd = actions.add_parser("run-local", help="run the pipeline here with kfp.local (no cluster)")
-    _add_config_args(local_cmd)
-    local_cmd.add_argument("--pipeline-root", help="where step outputs go (default: a temp directory)")
-    local_cmd.set_defaults(handler=_pipeline_run_local)
-    submit_cmd = actions.add_parser("submit",
-                                    help="submit to a Kubeflow Pipelines API server, segment by segment")
-    _add_config_args(submit_cmd)
-    submit_cmd.add_argument("--host", required=True, help="KFP API URL, e.g. http://localhost:8080")
-    submit_cmd.add_argument("--experiment", help="KFP experiment (default: experiment_name)")
-    submit_cmd.add_argument("--wait", action=argparse.BooleanOptionalAction, default=None,
-                            help="follow each segment and submit the next when it succeeds (default: on when "
-                                 "rounds > pipeline.rounds_per_run)")
-    submit_cmd.add_argument("--poll-seconds", type=float, default=15.0,
-                            help="how often --wait asks for status")
-    submit_cmd.set_defaults(handler=_pipeline_submit)
+    for command in entry_points(group=COMMANDS_GROUP):  # e.g. `pfedla pipeline`, from the KFP layer
+        command.load()(commands)
 
     deploy_cmd = commands.add_parser("deploy", help="apply a kustomization (S3, MLflow, RBAC) to a cluster")
     deploy_cmd.add_argument("--overlay", required=True, help="kind, gpu, or a kustomization directory")

@@ -13,15 +13,26 @@ from typing import Any
 
 import yaml
 
+from pfedla import registry
 from pfedla.errors import ConfigError, has_userinfo, shown
+from pfedla.registry import require
 
-DATASETS = ("digits", "mnist", "fmnist", "emnist", "cifar10", "cifar100", "synthetic")
 PARTITIONS = ("iid", "dirichlet", "pathological")
-MODELS = ("cnn", "cnn_bn", "mlp", "mlp_bn")
-LAYER_COUNTS = {"cnn": 4, "cnn_bn": 6, "mlp": 3, "mlp_bn": 5}  # layers (see models.LayerLayout) of each model
 DEVICES = ("auto", "cpu", "cuda")
-ALGORITHMS = ("pfedla", "pfedla_frozen", "fedavg", "fedavg_ft", "fedprox", "fedper", "fedrep", "fedbn",
-              "ditto", "pfedhn", "local")
+# Keys that were flat before each algorithm got its own section: refused with where they went, never
+# read silently under the old name.
+MOVED_KEYS = {
+    "hn_lr": "pfedla.hn_lr",
+    "pfedhn_lr": "pfedhn.lr",
+    "embedding_dim": "pfedla.embedding_dim, pfedla_frozen.embedding_dim or pfedhn.embedding_dim",
+    "hidden_dim": "pfedla.hidden_dim, pfedla_frozen.hidden_dim or pfedhn.hidden_dim",
+    "heur_k": "pfedla.heur_k or pfedla_frozen.heur_k",
+    "mu": "fedprox.mu",
+    "finetune_epochs": "fedavg_ft.finetune_epochs",
+    "personal_layers": "fedper.personal_layers or fedrep.personal_layers",
+    "head_epochs": "fedrep.head_epochs",
+    "ditto_lambda": "ditto.lam",
+}
 
 
 @dataclass
@@ -91,16 +102,6 @@ class ExperimentConfig:
     local_epochs: int = 2
     batch_size: int = 32
     lr: float = 0.05
-    hn_lr: float = 3.0  # plain gradient steps on the scale-free surrogate (docs/study.md)
-    pfedhn_lr: float = 0.0003  # pfedhn: Adam learning rate of its model-generating hypernetwork
-    embedding_dim: int = 32
-    hidden_dim: int = 64
-    heur_k: int = 0
-    mu: float = 0.01  # fedprox: weight of the proximal term (mu/2)·‖θ − θ_global‖²
-    finetune_epochs: int = 1  # fedavg_ft: local epochs on the global model before each evaluation
-    personal_layers: int = 1  # fedper, fedrep: the last layers that stay on each client (the head)
-    head_epochs: int = 2  # fedrep: epochs on the head (body fixed) before the local epochs on the body
-    ditto_lambda: float = 0.1  # ditto: weight of (λ/2)·‖v − w‖² pulling a personal model v toward w
     model: str = "cnn"
     seed: int = 0
     seeds: list[int] | None = None  # the experiment once per seed; when set, `seed` is not used
@@ -118,9 +119,23 @@ class ExperimentConfig:
     update_norm_ratio: float | None = 100.0  # reject updates this many times the others' median norm
     client_timeout: float | None = None  # seconds of local training per client and round (no limit)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    # Each algorithm's own section (``pfedla: {hn_lr: 3.0, ...}``), by algorithm name; in YAML and in
+    # ``to_dict`` the sections are top-level keys. pfedla.registry defines them and their defaults.
+    settings: dict[str, Any] = field(default_factory=registry.sections)
+
+    def settings_of(self, algorithm: str) -> Any:
+        """The settings section of ``algorithm`` (None for one without settings)."""
+        return self.settings.get(algorithm)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain data, as YAML would hold it: every algorithm's section is a top-level key."""
+        tree = dataclasses.asdict(self)
+        sections = tree.pop("settings")
+        return {**tree, **sections}
+
+    def to_json(self) -> str:
+        """The config as the pipeline steps receive it (``steps.parse_config`` reads it back)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
 
     def flat_params(self) -> dict[str, str]:
         """The config as flat ``a.b -> str`` pairs, for MLflow params."""
@@ -201,7 +216,24 @@ def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     """Build and validate a config from plain data; unknown keys are errors."""
     if not isinstance(raw, dict):
         raise ConfigError("<root>", f"expected a mapping of keys to values, got {type(raw).__name__}")
-    config = _build(ExperimentConfig, raw, prefix="")
+    sections = registry.sections()
+    if clash := sorted(set(sections) & {f.name for f in fields(ExperimentConfig)}):
+        raise ValueError(f"algorithms {clash} have the names of config keys")  # a registration mistake
+    top = {key: value for key, value in raw.items() if key not in sections}
+    for key in map(str, top):  # YAML keys may be numbers
+        if key in MOVED_KEYS:
+            raise ConfigError(key, f"each algorithm has its own section now: set {MOVED_KEYS[key]} "
+                                   "(docs/configuration.md)")
+        if key == "settings":
+            raise ConfigError(key, "unknown key; each algorithm's settings are a top-level section named "
+                                   f"after it: {', '.join(sections)}")
+    config = _build(ExperimentConfig, top, prefix="")
+    for name, defaults in sections.items():
+        if name in raw:
+            if not isinstance(raw[name], dict):
+                raise ConfigError(name, "expected a section (mapping)")
+            sections[name] = _build(type(defaults), raw[name], prefix=f"{name}.", defaults=defaults)
+    config.settings = sections
     validate(config)
     return config
 
@@ -251,14 +283,18 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
-    known = {f.name: f for f in fields(cls)}
+def _build(cls: type, raw: dict[str, Any], prefix: str, defaults: Any = None) -> Any:
+    """An instance of dataclass ``cls``: ``raw``'s values, checked, over ``defaults`` (else cls())."""
+    known = {f.name: f for f in fields(cls) if f.name != "settings"}
     unknown = sorted(map(str, set(raw) - set(known)))  # YAML keys may be numbers
     if unknown:
         key = f"{prefix}{unknown[0]}"
-        raise ConfigError(key, f"unknown key; known keys here: {', '.join(sorted(known))}")
+        hint = f"known keys here: {', '.join(sorted(known))}"
+        if not prefix:
+            hint += f", and a section per algorithm ({', '.join(registry.sections())})"
+        raise ConfigError(key, f"unknown key; {hint}")
     values: dict[str, Any] = {}
-    defaults = cls()
+    defaults = cls() if defaults is None else defaults
     for name, spec in known.items():
         key = f"{prefix}{name}"
         if name not in raw:
@@ -271,7 +307,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
             values[name] = _build(type(default), value, prefix=f"{key}.")
         else:
             values[name] = _coerce(key, value, spec)
-    return cls(**values)
+    return dataclasses.replace(defaults, **values)
 
 
 def _coerce(key: str, value: Any, spec: dataclasses.Field) -> Any:
@@ -309,21 +345,16 @@ def _coerce(key: str, value: Any, spec: dataclasses.Field) -> Any:
     return value
 
 
-def _require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(key, message)
 
 
 def _choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
-    _require(value in allowed, key, f"got {shown(value)}; allowed: {', '.join(allowed)}")
+    require(value in allowed, key, f"got {shown(value)}; allowed: {', '.join(allowed)}")
 
 
 def num_classes_of(config: ExperimentConfig) -> int:
     """Number of classes of the configured dataset (known before loading it)."""
-    known = {"digits": 10, "mnist": 10, "fmnist": 10, "emnist": 62, "cifar10": 10, "cifar100": 100}
-    if config.dataset == "synthetic":
-        return config.synthetic.num_classes
-    return known[config.dataset]
+    known = registry.DATASETS[config.dataset].num_classes
+    return config.synthetic.num_classes if known is None else known
 
 
 # MLflow refuses longer experiment names (mlflow.utils.validation.MAX_EXPERIMENT_NAME_LENGTH).
@@ -337,11 +368,7 @@ MAXIMA = {
     "clients": 10_000,
     "rounds": 1_000_000,
     "local_epochs": 10_000,
-    "finetune_epochs": 10_000,
-    "head_epochs": 10_000,
     "batch_size": 1_000_000,
-    "embedding_dim": 4096,
-    "hidden_dim": 4096,
     "synthetic.dimension": 100_000,
     "synthetic.num_classes": 1_000,
     "synthetic.samples_per_client": 1_000_000,
@@ -357,8 +384,8 @@ def _value(config: ExperimentConfig, dotted: str) -> Any:
 
 
 def _validate_experiment_name(name: str) -> None:
-    _require(bool(name), "experiment_name", "must not be empty")
-    _require(len(name) <= MAX_EXPERIMENT_NAME_CHARS, "experiment_name",
+    require(bool(name), "experiment_name", "must not be empty")
+    require(len(name) <= MAX_EXPERIMENT_NAME_CHARS, "experiment_name",
              f"is {len(name)} characters; MLflow allows at most {MAX_EXPERIMENT_NAME_CHARS}")
     # MLflow itself takes any character, but a NUL is refused by PostgreSQL-backed tracking servers
     # and a line break or escape sequence garbles every log and error line that shows the name.
@@ -369,107 +396,96 @@ def _validate_experiment_name(name: str) -> None:
 
 def validate(config: ExperimentConfig) -> None:
     """Check every value; raise ConfigError naming the first bad key and what is allowed."""
-    _choice(config.dataset, "dataset", DATASETS)
+    _choice(config.dataset, "dataset", tuple(registry.DATASETS))
     _choice(config.partition.kind, "partition.kind", PARTITIONS)
-    _choice(config.model, "model", MODELS)
+    _choice(config.model, "model", tuple(registry.MODELS))
     _choice(config.device, "device", DEVICES)
-    _require(config.clients >= 2, "clients", f"need at least 2 clients, got {config.clients}")
-    _require(
+    require(config.clients >= 2, "clients", f"need at least 2 clients, got {config.clients}")
+    require(
         0.0 < config.participation <= 1.0,
         "participation",
         f"must be in (0, 1], got {config.participation}",
     )
-    _require(config.rounds >= 1, "rounds", f"must be >= 1, got {config.rounds}")
-    _require(config.local_epochs >= 1, "local_epochs", f"must be >= 1, got {config.local_epochs}")
-    _require(config.batch_size >= 1, "batch_size", f"must be >= 1, got {config.batch_size}")
-    _require(config.lr > 0, "lr", f"must be > 0, got {config.lr}")
-    _require(config.hn_lr >= 0, "hn_lr", f"must be >= 0 (0 freezes the hypernetworks), got {config.hn_lr}")
-    _require(config.pfedhn_lr > 0, "pfedhn_lr", f"must be > 0, got {config.pfedhn_lr}")
-    _require(config.embedding_dim >= 1, "embedding_dim", f"must be >= 1, got {config.embedding_dim}")
-    _require(config.hidden_dim >= 1, "hidden_dim", f"must be >= 1, got {config.hidden_dim}")
-    _require(config.mu >= 0, "mu", f"must be >= 0 (0: fedprox is fedavg), got {config.mu}")
-    _require(config.finetune_epochs >= 0, "finetune_epochs",
-             f"must be >= 0 (0: fedavg_ft is fedavg), got {config.finetune_epochs}")
-    _require(config.head_epochs >= 0, "head_epochs", f"must be >= 0, got {config.head_epochs}")
-    _require(config.ditto_lambda >= 0, "ditto_lambda",
-             f"must be >= 0 (0: personal models train like local), got {config.ditto_lambda}")
-    layers = LAYER_COUNTS[config.model]
-    _require(1 <= config.personal_layers < layers, "personal_layers",
-             f"model {config.model} has {layers} layers: keep between 1 and {layers - 1} on the clients, "
-             f"got {config.personal_layers}")
-    _require(config.heur_k >= 0, "heur_k", f"must be >= 0 (0 disables HeurpFedLA), got {config.heur_k}")
-    _require(config.heur_k < layers, "heur_k",
-             f"model {config.model} has {layers} layers: HeurpFedLA keeps at most {layers - 1} of them local "
-             f"(all {layers} would be local training), got {config.heur_k}")
-    _require(
+    require(config.rounds >= 1, "rounds", f"must be >= 1, got {config.rounds}")
+    require(config.local_epochs >= 1, "local_epochs", f"must be >= 1, got {config.local_epochs}")
+    require(config.batch_size >= 1, "batch_size", f"must be >= 1, got {config.batch_size}")
+    require(config.lr > 0, "lr", f"must be > 0, got {config.lr}")
+    require(
         0.0 < config.test_fraction < 1.0,
         "test_fraction",
         f"must be in (0, 1), got {config.test_fraction}",
     )
-    _require(config.eval_every >= 1, "eval_every", f"must be >= 1, got {config.eval_every}")
-    _require(config.heatmap_every >= 1, "heatmap_every", f"must be >= 1, got {config.heatmap_every}")
-    _require(bool(config.output_dir), "output_dir", "must not be empty")
+    require(config.eval_every >= 1, "eval_every", f"must be >= 1, got {config.eval_every}")
+    require(config.heatmap_every >= 1, "heatmap_every", f"must be >= 1, got {config.heatmap_every}")
+    require(bool(config.output_dir), "output_dir", "must not be empty")
     _validate_experiment_name(config.experiment_name)
-    _require(bool(config.algorithms), "algorithms", f"list at least one of: {', '.join(ALGORITHMS)}")
+    names = registry.algorithm_names()
+    require(bool(config.algorithms), "algorithms", f"list at least one of: {', '.join(names)}")
     for name in config.algorithms:
-        _choice(name, "algorithms", ALGORITHMS)
-    _require(
+        _choice(name, "algorithms", names)
+    require(
         len(set(config.algorithms)) == len(config.algorithms),
         "algorithms",
         f"each algorithm at most once, got {config.algorithms}",
     )
     part = config.partition
-    _require(part.alpha > 0, "partition.alpha", f"must be > 0, got {part.alpha}")
+    require(part.alpha > 0, "partition.alpha", f"must be > 0, got {part.alpha}")
     classes = num_classes_of(config)
-    _require(
+    require(
         1 <= part.classes_per_client <= classes,
         "partition.classes_per_client",
         f"must be between 1 and the dataset's {classes} classes, got {part.classes_per_client}",
     )
     syn = config.synthetic
-    _require(syn.alpha >= 0, "synthetic.alpha", f"must be >= 0, got {syn.alpha}")
-    _require(syn.beta >= 0, "synthetic.beta", f"must be >= 0, got {syn.beta}")
-    _require(syn.dimension >= 1, "synthetic.dimension", f"must be >= 1, got {syn.dimension}")
-    _require(syn.num_classes >= 2, "synthetic.num_classes", f"must be >= 2, got {syn.num_classes}")
-    _require(
+    require(syn.alpha >= 0, "synthetic.alpha", f"must be >= 0, got {syn.alpha}")
+    require(syn.beta >= 0, "synthetic.beta", f"must be >= 0, got {syn.beta}")
+    require(syn.dimension >= 1, "synthetic.dimension", f"must be >= 1, got {syn.dimension}")
+    require(syn.num_classes >= 2, "synthetic.num_classes", f"must be >= 2, got {syn.num_classes}")
+    require(
         syn.samples_per_client >= 4,
         "synthetic.samples_per_client",
         f"must be >= 4 (each client needs train and test samples), got {syn.samples_per_client}",
     )
     for key, maximum in MAXIMA.items():
         value = _value(config, key)
-        _require(value <= maximum, key, f"must be at most {maximum}, got {value}")
-    if config.dataset in ("mnist", "fmnist", "emnist", "cifar10", "cifar100"):
-        _require(
+        require(value <= maximum, key, f"must be at most {maximum}, got {value}")
+    if registry.DATASETS[config.dataset].needs_data_dir:
+        require(
             config.data_dir is not None,
             "data_dir",
             f"dataset {shown(config.dataset)} needs data_dir (a local directory or s3:// prefix)",
         )
-    _require(config.keep_checkpoints >= 1, "keep_checkpoints",
+    require(config.keep_checkpoints >= 1, "keep_checkpoints",
              f"must be >= 1, got {config.keep_checkpoints}")
-    _require(0.0 <= config.max_failed_fraction <= 1.0, "max_failed_fraction",
+    require(0.0 <= config.max_failed_fraction <= 1.0, "max_failed_fraction",
              f"must be in [0, 1], got {config.max_failed_fraction}")
     if config.client_timeout is not None:
-        _require(config.client_timeout > 0, "client_timeout",
+        require(config.client_timeout > 0, "client_timeout",
                  f"must be > 0 seconds (or null for no limit), got {config.client_timeout}")
     if config.max_update_norm is not None:
-        _require(config.max_update_norm > 0, "max_update_norm",
+        require(config.max_update_norm > 0, "max_update_norm",
                  f"must be > 0 (or null for no limit), got {config.max_update_norm}")
     if config.update_norm_ratio is not None:
-        _require(config.update_norm_ratio >= 1, "update_norm_ratio",
+        require(config.update_norm_ratio >= 1, "update_norm_ratio",
                  f"must be >= 1 (or null for no relative limit), got {config.update_norm_ratio}")
-    _require(config.checkpoint_every >= 1, "checkpoint_every",
+    require(config.checkpoint_every >= 1, "checkpoint_every",
              f"must be >= 1, got {config.checkpoint_every}")
-    _require(0 <= config.seed < SEED_LIMIT, "seed", f"must be in [0, {SEED_LIMIT - 1}], got {config.seed}")
+    require(0 <= config.seed < SEED_LIMIT, "seed", f"must be in [0, {SEED_LIMIT - 1}], got {config.seed}")
     _validate_seeds(config.seeds)
     _refuse_credentials(config)
     _validate_pipeline(config)
-    if "fedbn" in (*config.algorithms, config.pipeline.algorithm):
-        _require(config.model in ("cnn_bn", "mlp_bn"), "model", "fedbn keeps normalization layers local: "
-                 f"use model: cnn_bn or mlp_bn (got {config.model})")
+    model = registry.MODELS[config.model]
+    for name, settings in config.settings.items():
+        settings.validate(name, model)
+    for name in dict.fromkeys((*config.algorithms, config.pipeline.algorithm)):
+        if registry.algorithm(name).needs_norm_layers:
+            with_norm = [m for m, spec in registry.MODELS.items() if spec.norm_layers]
+            require(model.norm_layers > 0, "model", f"{name} keeps normalization layers local: use model: "
+                    f"{' or '.join(with_norm)} (got {config.model})")
     if config.dataset == "synthetic":
-        _require(config.model in ("mlp", "mlp_bn"), "model",
-                 "the synthetic dataset is a vector task: use model: mlp or mlp_bn")
+        vector = [m for m, spec in registry.MODELS.items() if not spec.images_only]
+        require(not model.images_only, "model",
+                f"the synthetic dataset is a vector task: use model: {' or '.join(vector)}")
 
 
 def _refuse_credentials(config: ExperimentConfig) -> None:
@@ -493,11 +509,11 @@ def _refuse_credentials(config: ExperimentConfig) -> None:
 def _validate_seeds(seeds: list[int] | None) -> None:
     if seeds is None:
         return
-    _require(bool(seeds), "seeds", "list at least one seed (or null to run `seed` alone)")
-    _require(len(seeds) <= MAX_SEEDS, "seeds", f"at most {MAX_SEEDS} seeds, got {len(seeds)}")
-    _require(all(0 <= s < SEED_LIMIT for s in seeds), "seeds",
+    require(bool(seeds), "seeds", "list at least one seed (or null to run `seed` alone)")
+    require(len(seeds) <= MAX_SEEDS, "seeds", f"at most {MAX_SEEDS} seeds, got {len(seeds)}")
+    require(all(0 <= s < SEED_LIMIT for s in seeds), "seeds",
              f"each seed must be in [0, {SEED_LIMIT - 1}], got {shown(seeds)}")
-    _require(len(set(seeds)) == len(seeds), "seeds", f"each seed at most once, got {shown(seeds)}")
+    require(len(set(seeds)) == len(seeds), "seeds", f"each seed at most once, got {shown(seeds)}")
 
 
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
@@ -506,27 +522,27 @@ _LABEL = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?=[-A-Za-z0-9_.]*
 
 def _validate_pipeline(config: ExperimentConfig) -> None:
     pipe = config.pipeline
-    _choice(pipe.algorithm, "pipeline.algorithm", ALGORITHMS)
+    _choice(pipe.algorithm, "pipeline.algorithm", registry.algorithm_names())
     for key in ("parallelism", "rounds_per_run", "clients_per_pod", "keep_rounds"):
         value = getattr(pipe, key)
-        _require(value >= 1, f"pipeline.{key}", f"must be >= 1, got {value}")
+        require(value >= 1, f"pipeline.{key}", f"must be >= 1, got {value}")
     for key in ("start_round", "eval_every", "gpus_per_client", "client_retries", "client_pod_timeout",
                 "segment_timeout"):
         value = getattr(pipe, key)
-        _require(value >= 0, f"pipeline.{key}", f"must be >= 0, got {value}")
-    _require(
+        require(value >= 0, f"pipeline.{key}", f"must be >= 0, got {value}")
+    require(
         pipe.start_round < config.rounds,
         "pipeline.start_round",
         f"must be below rounds ({config.rounds}), got {pipe.start_round}",
     )
     for key in ("data_root", "resume_from"):
         value = getattr(pipe, key)
-        _require(value is None or bool(value.strip()), f"pipeline.{key}", "must not be empty (use null)")
+        require(value is None or bool(value.strip()), f"pipeline.{key}", "must not be empty (use null)")
     for key in ("cpu_request", "memory_request"):
         value = getattr(pipe, key)
-        _require(bool(_QUANTITY.match(value)), f"pipeline.{key}",
+        require(bool(_QUANTITY.match(value)), f"pipeline.{key}",
                  f"not a Kubernetes quantity: {shown(value)} (e.g. 500m, 2, 4Gi)")
     if pipe.gpu_node_selector is not None:
-        _require(bool(_LABEL.match(pipe.gpu_node_selector)), "pipeline.gpu_node_selector",
+        require(bool(_LABEL.match(pipe.gpu_node_selector)), "pipeline.gpu_node_selector",
                  f"expected label=value, got {shown(pipe.gpu_node_selector)}")
-    _require(bool(pipe.registered_model), "pipeline.registered_model", "must not be empty")
+    require(bool(pipe.registered_model), "pipeline.registered_model", "must not be empty")

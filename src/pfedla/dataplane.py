@@ -33,9 +33,23 @@ import torch
 
 from pfedla import storage
 from pfedla.config import ExperimentConfig, experiment_key
-from pfedla.errors import ArtifactError
+from pfedla.errors import ArtifactError, ConfigError
 
 MANIFEST_VERSION = 1
+
+
+def data_root(config: ExperimentConfig, cluster: bool = False) -> str:
+    """``pipeline.data_root``, checked for where the pipeline runs: it must be set, and on a cluster
+    (``cluster``) be an ``s3://`` prefix, since a pod cannot see this machine's directories."""
+    root = config.pipeline.data_root
+    if not root:
+        raise ConfigError("pipeline.data_root", "is not set: the pipeline keeps its tensors in an object "
+                                                "store prefix (a directory for run-local), e.g. "
+                                                "--set pipeline.data_root=s3://pfedla")
+    if cluster and not storage.is_s3(root):
+        raise ConfigError("pipeline.data_root", f"must be an s3:// prefix for a cluster run (pods cannot see "
+                                                f"{root}), e.g. --set pipeline.data_root=s3://pfedla")
+    return root
 
 
 def run_prefix(config: ExperimentConfig, data_root: str) -> str:

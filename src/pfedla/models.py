@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pfedla.registry import MODELS
 from pfedla.seeding import derive_seed
 
 
@@ -90,12 +91,14 @@ class MLPBN(nn.Module):
 # The CNNs pool twice by 2: a side below 4 pixels pools down to nothing.
 CNN_MIN_SIDE = 4
 CONVOLUTIONAL = {"cnn": CNN, "cnn_bn": CNNBN}
+VECTOR = {"mlp": MLP, "mlp_bn": MLPBN}  # flatten any input
+# pfedla.registry.MODELS (torch-free, for the config) describes each of these; a test checks them
 
 
 def unsupported_input(name: str, input_shape: tuple[int, ...]) -> str | None:
     """Why model ``name`` cannot take one sample of ``input_shape``, or None when it can."""
-    if name not in CONVOLUTIONAL:
-        return None  # the MLP flattens any input
+    if not MODELS[name].images_only:
+        return None
     if len(input_shape) != 3:
         return f"model '{name}' needs image inputs [channels, height, width], got shape {input_shape}"
     _, height, width = input_shape
@@ -117,7 +120,7 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed:
             channels, height, _ = input_shape
             width, hidden = (16, 128) if height <= 8 else (32, 512)
             return CONVOLUTIONAL[name](channels, height, num_classes, width=width, hidden=hidden)
-        return (MLPBN if name == "mlp_bn" else MLP)(math.prod(input_shape), num_classes)
+        return VECTOR[name](math.prod(input_shape), num_classes)
 
 
 NORMALIZATION = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)

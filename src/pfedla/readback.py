@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from pfedla.config import LAYER_COUNTS, ExperimentConfig, num_classes_of, run_seeds
+from pfedla import registry
+from pfedla.config import ExperimentConfig, num_classes_of, run_seeds
 from pfedla.errors import ArtifactError, shown
 
 UNIT = (0.0, 1.0)
@@ -157,7 +158,7 @@ def check_partition(saved: Any, where: str | Path, config: ExperimentConfig) -> 
 
 def check_alpha(alpha: np.ndarray, where: str | Path, config: ExperimentConfig) -> np.ndarray:
     """A pFedLA variant's final α: floats of shape [clients, the model's layers, clients] in [0, 1]."""
-    shape = (config.clients, LAYER_COUNTS[config.model], config.clients)
+    shape = (config.clients, registry.MODELS[config.model].layers, config.clients)
     if alpha.shape != shape:
         raise ArtifactError(f"{where} holds shape {alpha.shape}, not the run's [clients, layers, clients] "
                             f"{shape}")

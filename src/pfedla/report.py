@@ -9,7 +9,6 @@ and ``figures/*.png`` beside them; nothing is recomputed from the models.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,9 @@ from matplotlib.ticker import MaxNLocator
 from pfedla import readback, rundir, storage
 from pfedla.config import ExperimentConfig, run_seeds
 from pfedla.errors import PfedlaError
+from pfedla.figures import alpha_heatmap_figure, png_bytes
 from pfedla.models import CONVOLUTIONAL, LayerLayout, build_model
+from pfedla.results import format_table
 
 REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
@@ -248,43 +249,10 @@ def layer_names(model: str, layers: int) -> list[str]:
     return list(names) if len(names) == layers else [f"layer {i}" for i in range(layers)]
 
 
-def alpha_heatmap_figure(alpha: np.ndarray, order: Sequence[int], names: Sequence[str], title: str) -> Figure:
-    """One heatmap per layer of α [client, layer, source client], rows and columns in ``order``."""
-    layers = alpha.shape[1]
-    figure = Figure(figsize=(3.6 * layers + 0.5, 3.8), layout="constrained")
-    axes = np.atleast_1d(figure.subplots(1, layers))
-    ticks = [str(c) for c in order] if len(order) <= 40 else None
-    top = max(float(alpha.max()), 1e-6)
-    for layer, ax in enumerate(axes):
-        image = ax.imshow(alpha[:, layer, :][np.ix_(order, order)], vmin=0.0, vmax=top, cmap="viridis")
-        ax.set_title(names[layer], fontsize=9)
-        ax.set(xlabel="source client j", ylabel="client i" if layer == 0 else None)
-        if ticks is not None:
-            ax.set_xticks(range(len(order)), ticks, fontsize=6, rotation=90)
-            ax.set_yticks(range(len(order)), ticks, fontsize=6)
-    figure.colorbar(image, ax=list(axes), fraction=0.02)
-    figure.suptitle(title, fontsize=10)
-    return figure
-
-
 # -- report.md ---------------------------------------------------------------------------------------------
 
 def _number(value: float | None) -> str:
     return "–" if value is None else f"{value:.4f}"
-
-
-def final_table(summary: dict) -> list[str]:
-    """The final accuracies per algorithm as Markdown: each mean and its standard deviation over
-    seeds in columns of their own (– for one seed)."""
-    rows = ["| algorithm | sample acc | sample acc std | client acc | client acc std | min acc | max acc "
-            "| seeds | rounds | wall s |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, e in summary.items():
-        rows.append(f"| {name} | {_number(e['mean_accuracy'])} | {_number(e['mean_accuracy_std'])} "
-                    f"| {_number(e['client_mean_accuracy'])} | {_number(e['client_mean_accuracy_std'])} "
-                    f"| {_number(e['min_accuracy'])} | {_number(e['max_accuracy'])} | {len(e['seeds'])} "
-                    f"| {e['rounds']} | {e['wall_seconds']:.1f} |")
-    return rows
 
 
 def seed_table(summary: dict) -> list[str]:
@@ -314,11 +282,11 @@ def markdown(data: RunData, figures: dict[str, str], heatmaps: list[tuple[str, s
         "",
         "*sample acc* is the personalized test accuracy over all clients' test samples (weighted by each "
         "client's test size); *client acc* is the unweighted mean of the clients' accuracies. "
-        + ("Each is the mean over seeds, *std* its sample standard deviation (n − 1); min/max are the worst "
+        + ("Each is the mean over seeds ± its sample standard deviation (n − 1); min/max are the worst "
            "and best client of any seed, wall s all seeds together." if several else
-           "One seed: no standard deviation (–)."),
+           "One seed: no standard deviation."),
         "",
-        *final_table(data.summary),
+        format_table(data.summary, markdown=True),
         "",
         "### Per seed",
         "",
@@ -356,12 +324,6 @@ def markdown(data: RunData, figures: dict[str, str], heatmaps: list[tuple[str, s
     return "\n".join(lines) + "\n"
 
 
-def _png(figure: Figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
-
-
 def _heatmaps(data: RunData) -> tuple[dict[str, Figure], list[tuple[str, str]], list[str]]:
     """Every pFedLA variant's α heatmaps per seed, their captions, and notes on what was left out."""
     figures, captions, notes = {}, [], []
@@ -397,7 +359,7 @@ def write_report(output_dir: str | Path) -> list[Path]:
     written = []
     for file, figure in {**figures, **heatmaps}.items():
         path = directory / FIGURES_DIR / file
-        storage.write_bytes(path, _png(figure), root=directory)  # never through a linked figures/
+        storage.write_bytes(path, png_bytes(figure), root=directory)  # never through a linked figures/
         written.append(path)
     text = markdown(data, {file: f"{FIGURES_DIR}/{file}" for file in figures}, captions, notes)
     storage.write_bytes(directory / REPORT_FILE, text.encode(), root=directory)

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from pfedla.algorithms import (
@@ -40,14 +39,12 @@ from pfedla.algorithms import (
     make_client_rule,
     make_strategy,
 )
-from pfedla.algorithms.pfedla import PFedLAStrategy
 from pfedla.client import (
     ClientFailure,
     ClientUpdate,
     LocalTrainer,
     ModelState,
     failure_reason,
-    screen_updates,
     select_device,
     update_problem,
 )
@@ -58,22 +55,24 @@ from pfedla.dataplane import (
     ObjectRef,
     checkpoint_folder,
     client_folder,
+    data_root,
     finite_summary,
     ref_at,
     round_folder,
     run_prefix,
 )
-from pfedla.errors import ArtifactError, ConfigError
+from pfedla.errors import ArtifactError
 from pfedla.models import LayerLayout, build_model, initial_buffers, initial_layers
-from pfedla.simulation import (
+from pfedla.results import LayerWeights
+from pfedla.rounds import (
     accuracy_metrics,
+    close_round,
     evaluate_models,
     fit_client,
+    layer_weights,
     participants,
     personalize_clients,
     personalized_models,
-    report_failures,
-    round_metrics,
 )
 
 SHARDS, PLAN, UPDATES, EVALUATION, CHECKPOINT = (
@@ -89,10 +88,7 @@ def parse_config(config_json: str) -> ExperimentConfig:
 
 def data_plane(config: ExperimentConfig) -> DataPlane:
     """The experiment's data plane under ``pipeline.data_root``."""
-    if not config.pipeline.data_root:
-        raise ConfigError("pipeline.data_root", "the pipeline needs a data root (an s3:// prefix on a "
-                                                "cluster, a directory for run-local)")
-    return DataPlane(run_prefix(config, config.pipeline.data_root))
+    return DataPlane(run_prefix(config, data_root(config)))
 
 
 def client_groups(clients: Sequence[int], clients_per_pod: int) -> list[list[int]]:
@@ -103,6 +99,12 @@ def client_groups(clients: Sequence[int], clients_per_pod: int) -> list[list[int
 def group_label(group: Sequence[int]) -> str:
     """A training pod's clients as the ParallelFor item: ``"3,7,9"``."""
     return ",".join(str(c) for c in group)
+
+
+def round_pods(config: ExperimentConfig, round_idx: int) -> list[str]:
+    """The round's training pods as ParallelFor items: its participants, ``clients_per_pod`` per pod."""
+    groups = client_groups(participants(config, round_idx), config.pipeline.clients_per_pod)
+    return [group_label(group) for group in groups]
 
 
 def parse_group(label: str) -> list[int]:
@@ -438,14 +440,10 @@ def server_round(config_json: str, round_idx: int, configure_next: bool, shards_
     if delivered != selected:
         raise ArtifactError(f"round {round_idx}: reports came from clients {delivered}, "
                             f"but the round selected {selected}")
-    updates, refused = screen_updates([o for o in outcomes if isinstance(o, ClientUpdate)],
-                                      config.max_update_norm, config.update_norm_ratio)
-    failures = sorted([o for o in outcomes if isinstance(o, ClientFailure)] + refused,
-                      key=lambda f: f.client_id)
-    report_failures(round_idx, failures, len(selected), config.max_failed_fraction)
-    metrics = strategy.aggregate_fit(round_idx, updates, failures)
     bytes_down = sum(entry["bytes_down"] for entry in _entries(plan, "clients", plan_in).values())
-    metrics.update(round_metrics(updates, failures, bytes_down))
+    closed = close_round(strategy, config, round_idx, [o for o in outcomes if isinstance(o, ClientUpdate)],
+                         [o for o in outcomes if isinstance(o, ClientFailure)], bytes_down)
+    metrics, failures = closed.metrics, closed.failures
     metrics.update({"clients_read_bytes": float(client_io["read_bytes"]),
                     "clients_written_bytes": float(client_io["written_bytes"]),
                     "server_read_bytes": float(plane.transfers.read_bytes)})
@@ -515,11 +513,12 @@ def evaluate(config_json: str, shards_in: str | Path, plan_in: str | Path, plan_
             about = {"algorithm": strategy.name, "model": config.model}
             named = personalized_models(models, context.layout)
             outcome["models"] = plane.put_tensors(f"{folder}/models.safetensors", named, about).to_dict()
-        if isinstance(strategy, PFedLAStrategy):
-            raw = strategy.raw_layer_weights()
-            weights = {"alpha": strategy.layer_weights(), **({"alpha_raw": raw} if raw is not None else {})}
+        if (weights := layer_weights(strategy)) is not None:
+            tensors = {"alpha": torch.from_numpy(weights.alpha)}
+            if weights.raw is not None:
+                tensors["alpha_raw"] = torch.from_numpy(weights.raw)
             outcome["layer_weights"] = plane.put_tensors(f"{folder}/layer_weights.safetensors",
-                                                         weights).to_dict()
+                                                         tensors).to_dict()
     plane.write_manifest(evaluation_out, EVALUATION, outcome)
     return finite_summary({"round": rounds_done, **metrics, **_io_summary(plane)})
 
@@ -549,14 +548,6 @@ def round_traffic(manifests: Sequence[dict[str, Any]], round_idx: int) -> dict[s
     least = client_least + server_least
     return {"moved_bytes": moved, "least_bytes": least, "ratio": moved / least,
             "client_pods": len(clients), "clients": len(plan["clients"])}
-
-
-@dataclass
-class LayerWeights:
-    """A final evaluation's α, and HeurpFedLA's α before its one-hot rows (None without HeurpFedLA)."""
-
-    alpha: np.ndarray
-    raw: np.ndarray | None
 
 
 def _final_evaluation(plane: DataPlane, evaluation_in: str | Path

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from pfedla.errors import PfedlaError, without_credentials
+from pfedla.figures import alpha_heatmap_figure, png_bytes
 
 METRIC_FLUSH_ROUNDS = 10  # one log_batch call per this many rounds (and at the end)
 SENTINEL_METRIC = "clients"  # logged every round by both orchestrations: tells how far a run got
@@ -64,24 +65,6 @@ def _forget_artifact_locations(run_ids: list[str]) -> None:
     cache = getattr(utils, "_artifact_repos_cache", {})  # MLflow 2.x/3.x: an OrderedDict by run id
     for run_id in run_ids:
         cache.pop(run_id, None)
-
-
-def heatmap_png(alpha_layer: np.ndarray, title: str, path: Path) -> None:
-    """Save an [N, N] (client x source client) weight matrix as a heatmap."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 4))
-    image = ax.imshow(alpha_layer, vmin=0.0, vmax=max(float(alpha_layer.max()), 1e-6), cmap="viridis")
-    ax.set_xlabel("source client j")
-    ax.set_ylabel("client i")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 class TrackingError(PfedlaError):
@@ -261,9 +244,10 @@ class Tracker:
             np.save(folder / "layer_weights.npy", alpha)
             if raw is not None:
                 np.save(folder / "layer_weights_raw.npy", raw)
+            clients = range(alpha.shape[0])
             for index, name in enumerate(layer_names):
-                heatmap_png(alpha[:, index, :], f"α, layer {name} ({label})",
-                            folder / f"layer{index:02d}_{name}.png")
+                figure = alpha_heatmap_figure(alpha[:, [index], :], clients, [name], f"α ({label})")
+                (folder / f"layer{index:02d}_{name}.png").write_bytes(png_bytes(figure, dpi=80))
             self.log_dir(folder, f"layer_weights/{label}")
 
     def register_models(self, name: str, artifact_path: str) -> str:
@@ -292,3 +276,16 @@ class Tracker:
         if self.run_id is None:
             raise RuntimeError("no MLflow run is active")
         return self.run_id
+
+
+def parent_metrics(summary: dict) -> dict[str, float]:
+    """The parent run's metrics: each algorithm's two final mean accuracies over seeds
+    (``<algorithm>/final_accuracy_mean``...), and their standard deviations when there are several."""
+    metrics = {}
+    for name, entry in summary.items():
+        for metric, key in ((FINAL_METRIC, "mean_accuracy"),
+                            (FINAL_CLIENT_MEAN_METRIC, "client_mean_accuracy")):
+            metrics[f"{name}/{metric}"] = entry[key]
+            if entry[f"{key}_std"] is not None:
+                metrics[f"{name}/{metric}_std"] = entry[f"{key}_std"]
+    return metrics

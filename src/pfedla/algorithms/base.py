@@ -12,6 +12,23 @@ import torch
 
 from pfedla.client import ClientFailure, ClientUpdate, LocalTrainer, ModelState, TrainSettings
 from pfedla.errors import ArtifactError
+from pfedla.models import LayerLayout
+from pfedla.seeding import torch_generator
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What every strategy is built from, besides its settings: the shared initial model (its layers
+    and layout), the number of clients and the experiment's seed (for the server's own draws)."""
+
+    init_layers: list[torch.Tensor]
+    layout: LayerLayout
+    num_clients: int
+    seed: int
+
+    def generator(self, purpose: str) -> torch.Generator:
+        """The server's random stream for ``purpose``, a pure function of the seed."""
+        return torch_generator(self.seed, purpose)
 
 
 @dataclass
@@ -65,6 +82,26 @@ class ClientState:
                                    for n, t in like.personal.buffers.items()})
         return cls({i: pick(f"layer.{i}", t) for i, t in like.layers.items()},
                    {n: pick(f"buffer.{n}", t) for n, t in like.buffers.items()}, personal)
+
+
+CLIENT_PREFIX = "client."
+
+
+def client_state_tensors(states: Sequence[ClientState]) -> dict[str, torch.Tensor]:
+    """Every client's state as named tensors ``client.<i>.<name>`` (beside the server state in a
+    simulation checkpoint: the simulation plays every client too)."""
+    return {f"{CLIENT_PREFIX}{i}.{name}": t
+            for i, state in enumerate(states) for name, t in state.tensors().items()}
+
+
+def load_client_states(tensors: dict[str, torch.Tensor], initial: Sequence[ClientState]) -> list[ClientState]:
+    """``client_state_tensors`` output back as states shaped like ``initial``."""
+    by_client: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if key.startswith(CLIENT_PREFIX):
+            client, _, name = key[len(CLIENT_PREFIX):].partition(".")
+            by_client.setdefault(client, {})[name] = tensor
+    return [ClientState.from_tensors(by_client.get(str(i), {}), like) for i, like in enumerate(initial)]
 
 
 # The generator for one named stream of the client's randomness this round (batch order).

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 
 import torch
 
-from pfedla.algorithms.base import ClientRule, ClientState, FitInstruction, Generators
+from pfedla.algorithms.base import BuildContext, ClientRule, ClientState, FitInstruction, Generators
 from pfedla.algorithms.fedavg import FedAvgStrategy
 from pfedla.client import LocalTrainer, ModelState, TrainSettings
+from pfedla.registry import DittoSettings
 
 
 class DittoClient(ClientRule):
@@ -50,3 +51,7 @@ class DittoStrategy(FedAvgStrategy):
 
     def __init__(self, init_layers: Sequence[torch.Tensor], lam: float):
         super().__init__(init_layers, DittoClient(lam))
+
+
+def build(settings: DittoSettings, context: BuildContext) -> DittoStrategy:
+    return DittoStrategy(context.init_layers, settings.lam)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pfedla.algorithms.base import ClientRule, FitInstruction, Strategy, checked_tensor
+from pfedla.algorithms.base import BuildContext, ClientRule, FitInstruction, Strategy, checked_tensor
 from pfedla.client import ClientFailure, ClientUpdate
 
 
@@ -50,3 +50,7 @@ class FedAvgStrategy(Strategy):
         for i, layer in enumerate(self.global_layers):
             if layer is not None:
                 layer.copy_(checked_tensor(state, f"global.{i}", layer))
+
+
+def build(settings: None, context: BuildContext) -> FedAvgStrategy:
+    return FedAvgStrategy(context.init_layers)

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 
 import torch
 
-from pfedla.algorithms.base import ClientRule, ClientState, Generators
+from pfedla.algorithms.base import BuildContext, ClientRule, ClientState, Generators
 from pfedla.algorithms.fedavg import FedAvgStrategy
 from pfedla.client import LocalTrainer, ModelState, TrainSettings
+from pfedla.registry import FineTuneSettings
 
 
 class FineTuneClient(ClientRule):
@@ -42,3 +43,7 @@ class FedAvgFTStrategy(FedAvgStrategy):
 
     def __init__(self, init_layers: Sequence[torch.Tensor], finetune_epochs: int):
         super().__init__(init_layers, FineTuneClient(finetune_epochs))
+
+
+def build(settings: FineTuneSettings, context: BuildContext) -> FedAvgFTStrategy:
+    return FedAvgFTStrategy(context.init_layers, settings.finetune_epochs)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pfedla.algorithms.base import ClientRule
+from pfedla.algorithms.base import BuildContext, ClientRule
 from pfedla.algorithms.fedavg import FedAvgStrategy
 
 
@@ -18,3 +18,7 @@ class FedBNStrategy(FedAvgStrategy):
 
     def __init__(self, init_layers: Sequence[torch.Tensor], norm_layers: frozenset[int]):
         super().__init__(init_layers, ClientRule(norm_layers))
+
+
+def build(settings: None, context: BuildContext) -> FedBNStrategy:
+    return FedBNStrategy(context.init_layers, context.layout.norm_layers)

@@ -6,8 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from pfedla.algorithms.base import ClientRule
+from pfedla.algorithms.base import BuildContext, ClientRule
 from pfedla.algorithms.fedavg import FedAvgStrategy
+from pfedla.registry import FedPerSettings
 
 
 def head_layers(num_layers: int, personal_layers: int) -> range:
@@ -23,3 +24,7 @@ class FedPerStrategy(FedAvgStrategy):
 
     def __init__(self, init_layers: Sequence[torch.Tensor], personal_layers: int):
         super().__init__(init_layers, ClientRule(head_layers(len(init_layers), personal_layers)))
+
+
+def build(settings: FedPerSettings, context: BuildContext) -> FedPerStrategy:
+    return FedPerStrategy(context.init_layers, settings.personal_layers)

@@ -6,8 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from pfedla.algorithms.base import FitInstruction
+from pfedla.algorithms.base import BuildContext, FitInstruction
 from pfedla.algorithms.fedavg import FedAvgStrategy
+from pfedla.registry import FedProxSettings
 
 
 class FedProxStrategy(FedAvgStrategy):
@@ -23,3 +24,7 @@ class FedProxStrategy(FedAvgStrategy):
     def configure_fit(self, round_idx: int, clients: Sequence[int]) -> dict[int, FitInstruction]:
         return {c: FitInstruction(i.layers, i.kept_local, proximal_mu=self.mu)
                 for c, i in super().configure_fit(round_idx, clients).items()}
+
+
+def build(settings: FedProxSettings, context: BuildContext) -> FedProxStrategy:
+    return FedProxStrategy(context.init_layers, settings.mu)

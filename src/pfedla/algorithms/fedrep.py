@@ -7,10 +7,11 @@ from collections.abc import Sequence
 
 import torch
 
-from pfedla.algorithms.base import ClientRule, ClientState, FitInstruction, Generators
+from pfedla.algorithms.base import BuildContext, ClientRule, ClientState, FitInstruction, Generators
 from pfedla.algorithms.fedavg import FedAvgStrategy
 from pfedla.algorithms.fedper import head_layers
 from pfedla.client import LocalTrainer, ModelState, TrainSettings
+from pfedla.registry import FedRepSettings
 
 
 class FedRepClient(ClientRule):
@@ -42,3 +43,7 @@ class FedRepStrategy(FedAvgStrategy):
     def __init__(self, init_layers: Sequence[torch.Tensor], personal_layers: int, head_epochs: int):
         head = head_layers(len(init_layers), personal_layers)
         super().__init__(init_layers, FedRepClient(head, head_epochs))
+
+
+def build(settings: FedRepSettings, context: BuildContext) -> FedRepStrategy:
+    return FedRepStrategy(context.init_layers, settings.personal_layers, settings.head_epochs)

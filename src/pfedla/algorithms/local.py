@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pfedla.algorithms.base import ClientRule, FitInstruction, Strategy
+from pfedla.algorithms.base import BuildContext, ClientRule, FitInstruction, Strategy
 from pfedla.client import ClientFailure, ClientUpdate
 
 
@@ -35,3 +35,7 @@ class LocalStrategy(Strategy):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         pass  # no server state
+
+
+def build(settings: None, context: BuildContext) -> LocalStrategy:
+    return LocalStrategy(context.layout.num_layers)

@@ -21,9 +21,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pfedla.algorithms.base import FitInstruction, Strategy, checked_tensor, stacked_deltas
+from pfedla.algorithms.base import BuildContext, FitInstruction, Strategy, checked_tensor, stacked_deltas
 from pfedla.algorithms.optim import RowwiseAdam, SharedAdam
 from pfedla.client import ClientFailure, ClientUpdate
+from pfedla.registry import PFedHNSettings
 
 
 class ModelHyperNetwork(nn.Module):
@@ -136,3 +137,9 @@ class PFedHNStrategy(Strategy):
                 param.copy_(checked_tensor(state, f"hn.{name}", param))
         self.shared_optimizer.load_state_dict(state)
         self.embedding_optimizer.load_state_dict(state)
+
+
+def build(settings: PFedHNSettings, context: BuildContext) -> PFedHNStrategy:
+    return PFedHNStrategy(context.init_layers, context.num_clients, lr=settings.lr,
+                          embedding_dim=settings.embedding_dim, hidden_dim=settings.hidden_dim,
+                          generator=context.generator("hypernetworks"))

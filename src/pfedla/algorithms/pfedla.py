@@ -24,8 +24,16 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pfedla.algorithms.base import FitInstruction, ModelStack, Strategy, checked_tensor, stacked_deltas
+from pfedla.algorithms.base import (
+    BuildContext,
+    FitInstruction,
+    ModelStack,
+    Strategy,
+    checked_tensor,
+    stacked_deltas,
+)
 from pfedla.client import ClientFailure, ClientUpdate
+from pfedla.registry import HyperNetworkSettings, PFedLASettings
 
 ALPHA_FLOOR = 1e-12  # keeps α defined (uniform) if every head output underflows to zero
 
@@ -242,3 +250,18 @@ def alpha_metrics(alpha: torch.Tensor, clients: torch.Tensor) -> dict[str, float
     entropy = -(alpha * alpha.clamp_min(1e-12).log()).sum(-1)
     return {"alpha_entropy": float(entropy.mean()),
             "alpha_self_weight": float(self_weights(alpha, clients).mean())}
+
+
+def build(settings: PFedLASettings, context: BuildContext) -> PFedLAStrategy:
+    return _strategy(settings, context, settings.hn_lr)
+
+
+def build_frozen(settings: HyperNetworkSettings, context: BuildContext) -> PFedLAStrategy:
+    """The ablation: α stays what the untrained hypernetworks output."""
+    return _strategy(settings, context, hn_lr=0.0)
+
+
+def _strategy(settings: HyperNetworkSettings, context: BuildContext, hn_lr: float) -> PFedLAStrategy:
+    return PFedLAStrategy(context.init_layers, context.num_clients, hn_lr=hn_lr,
+                          embedding_dim=settings.embedding_dim, hidden_dim=settings.hidden_dim,
+                          heur_k=settings.heur_k, generator=context.generator("hypernetworks"))

@@ -13,12 +13,13 @@ import numpy as np
 import torch
 
 from pfedla.errors import DataError
+from pfedla.registry import DATASETS
 
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-MNIST_CLASSES = 10
+MNIST_CLASSES = DATASETS["mnist"].num_classes
 
 
 @dataclass
@@ -171,15 +172,12 @@ def load_torchvision(name: str, directory: Path, download: bool) -> PooledDatase
     import torchvision.datasets as tvd
 
     makers = {
-        "fmnist": (lambda train: tvd.FashionMNIST(str(directory), train=train, download=download), 10),
-        "emnist": (
-            lambda train: tvd.EMNIST(str(directory), "byclass", train=train, download=download),
-            62,
-        ),
-        "cifar10": (lambda train: tvd.CIFAR10(str(directory), train=train, download=download), 10),
-        "cifar100": (lambda train: tvd.CIFAR100(str(directory), train=train, download=download), 100),
+        "fmnist": lambda train: tvd.FashionMNIST(str(directory), train=train, download=download),
+        "emnist": lambda train: tvd.EMNIST(str(directory), "byclass", train=train, download=download),
+        "cifar10": lambda train: tvd.CIFAR10(str(directory), train=train, download=download),
+        "cifar100": lambda train: tvd.CIFAR100(str(directory), train=train, download=download),
     }
-    make, num_classes = makers[name]
+    make, num_classes = makers[name], DATASETS[name].num_classes
     try:
         parts = [make(True), make(False)]
     except RuntimeError as error:  # torchvision's "Dataset not found" when download is off

@@ -1,0 +1,106 @@
+"""Running the pipeline: real kfp.local runs (faulty clients, pods of several clients, chained
+segments, the real SeaweedFS and MLflow servers) held to the cluster launcher's rules, and
+segment-by-segment submission to a KFP API."""
+
+import socket
+
+import pytest
+
+from pfedla.errors import PfedlaError
+from pfedla_pipelines.fl_pipeline import PipelineError, segments
+from pfedla_pipelines.runner import run_name, submit
+
+# client_timeout leaves honest clients (18 batches, well under a second alone) room on a loaded
+# machine: at 3 s, two honest clients timed out while other test suites shared the 2 cores.
+
+
+# -- submission to a KFP API --------------------------------------------------------------------------------
+
+# Submitted experiments: three one-round segments, the data plane on S3.
+CLUSTER = {"clients": 3, "experiment_name": "submitted",
+           "pipeline": {"rounds_per_run": 1, "data_root": "s3://pfedla"}}
+
+
+def test_submit_runs_every_segment_in_turn_and_a_rerun_continues_after_a_failed_one(tiny_config, kfp_api):
+    """The fake KFP API stands in for a cluster: it records runs and moves them through states."""
+    config = tiny_config(CLUSTER)
+    names = [run_name(config, segment) for segment in segments(config)]
+    attempts = {}
+
+    def second_segment_fails_once(name):
+        attempts[name] = attempts.get(name, 0) + 1
+        if name == names[1] and attempts[name] == 1:
+            return ["PENDING", "RUNNING", "FAILED"]
+        return ["PENDING", "RUNNING", "SUCCEEDED"]
+
+    kfp_api.script = second_segment_fails_once
+    lines = []
+    with pytest.raises(PipelineError, match=r"segment 2/3 \(rounds 1..1\) ended FAILED .*the same command"):
+        submit(config, kfp_api.url, poll_seconds=0.01, log=lines.append)
+    assert [run.display_name for run in kfp_api.runs] == names[:2]
+    run_ids = submit(config, kfp_api.url, poll_seconds=0.01, log=lines.append)
+    assert [run.display_name for run in kfp_api.runs] == [names[0], names[1], names[1], names[2]]
+    assert run_ids == [kfp_api.runs[i].run_id for i in (0, 2, 3)]
+    assert any(line.startswith("segment 1/3 (rounds 0..0): already done in run") for line in lines)
+    for run, first_round in zip(kfp_api.runs, (0, 1, 1, 2)):
+        submitted = kfp_api.submitted_config(run)["pipeline"]
+        assert submitted["start_round"] == first_round and submitted["resume_from"] is None
+        assert run.body["service_account"] == "pfedla-pipeline-runner"
+    for earlier, later in zip(kfp_api.runs, kfp_api.runs[1:]):  # each submitted after the previous ended
+        assert later.states_of_others[earlier.display_name] in ("SUCCEEDED", "FAILED")
+    assert kfp_api.runs[3].states_of_others[names[1]] == "SUCCEEDED"
+
+
+def test_submit_follows_a_segment_that_is_still_running_instead_of_duplicating_it(tiny_config, kfp_api):
+    config = tiny_config(CLUSTER)
+    kfp_api.script = lambda name: ["PENDING", "RUNNING", "RUNNING", "RUNNING", "SUCCEEDED"]
+    submit(config, kfp_api.url, wait=False, log=lambda line: None)
+    assert len(kfp_api.runs) == 1
+    submit(config, kfp_api.url, poll_seconds=0.01, log=lambda line: None)
+    assert [run.display_name for run in kfp_api.runs] == [run_name(config, s) for s in segments(config)]
+
+
+def test_a_segment_past_its_timeout_is_stopped_and_named(tiny_config, kfp_api):
+    """A segment whose pods stay Pending: KFP's run deadline (compiled from segment_timeout) would fail
+    it; were it not enforced, ``submit`` terminates the run itself."""
+    config = tiny_config(CLUSTER, pipeline={"segment_timeout": 1})
+    kfp_api.script = lambda name: ["PENDING"]  # never scheduled
+    with pytest.raises(PipelineError, match=r"segment 1/3 \(rounds 0..0\) ran past .*segment_timeout=1 s"):
+        submit(config, kfp_api.url, poll_seconds=0.05, log=lambda line: None)
+    (run,) = kfp_api.runs
+    assert kfp_api.terminated == [run.run_id]
+    assert kfp_api.platform(run)["pipelineConfig"]["activeDeadlineSeconds"] == 1
+    kfp_api.script = lambda name: ["PENDING"] * 28 + ["FAILED"]  # the backend's deadline fired (~1.4 s)
+    with pytest.raises(PipelineError, match=r"ended FAILED .*may have run past pipeline.segment_timeout=1 s"):
+        submit(tiny_config(CLUSTER, pipeline={"segment_timeout": 1}), kfp_api.url, poll_seconds=0.05,
+               log=lambda line: None)
+
+
+def test_the_cli_submits_one_segment_without_wait(kfp_api, capsys):
+    from pfedla.cli import main
+
+    code = main(["pipeline", "submit", "--host", kfp_api.url, "--no-wait", "--set", "rounds=2",
+                 "--set", "pipeline.rounds_per_run=1", "--set", "pipeline.data_root=s3://pfedla"])
+    assert code == 0 and len(kfp_api.runs) == 1
+    captured = capsys.readouterr()
+    assert "segment 1/2 (rounds 0..0): submitted run" in captured.err
+    assert "1 more segment(s)" in captured.err and kfp_api.runs[0].run_id in captured.out
+
+
+@pytest.mark.parametrize("pipeline, message", [
+    ({"data_root": None}, "config key 'pipeline.data_root': is not set"),
+    ({"data_root": "/home/me/plane"}, "s3:// prefix for a cluster run .pods cannot see /home/me/plane"),
+    ({"resume_from": "runs/x/checkpoints/round_00001"}, "pipeline.resume_from must be an s3:// checkpoint"),
+])
+def test_submit_refuses_locations_a_pod_cannot_reach_before_contacting_anyone(tiny_config, pipeline, message):
+    config = tiny_config(CLUSTER, pipeline=pipeline)
+    with pytest.raises(PfedlaError, match=message):
+        submit(config, "http://127.0.0.1:9")  # nothing is contacted
+
+
+def test_submit_to_an_unreachable_host_fails_clearly(tiny_config):
+    with socket.socket() as probe:  # a loopback port with nothing listening
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(PipelineError, match=f"cannot reach the Kubeflow Pipelines API at http://127.0.0.1:{port}"):
+        submit(tiny_config(CLUSTER), f"http://127.0.0.1:{port}")
