@@ -361,6 +361,8 @@ def num_classes_of(config: ExperimentConfig) -> int:
 MAX_EXPERIMENT_NAME_CHARS = 500
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
+INT32_MAX = 2**31 - 1
+
 # Upper bounds of size-like keys: far above any experiment this simulator can hold, low enough that
 # a typo fails here and not as an allocation error minutes later (hidden_dim=1000000 asks for N
 # hidden x hidden matrices: terabytes) or a run that never ends. docs/configuration.md lists them.
@@ -373,6 +375,13 @@ MAXIMA = {
     "synthetic.num_classes": 1_000,
     "synthetic.samples_per_client": 1_000_000,
     "pipeline.rounds_per_run": 1_000,
+    # KFP compiles these into int32 fields (parallelism, retries, a pod's deadline, a run's
+    # activeDeadlineSeconds) or a GPU limit; beyond them protobuf raises "Value out of range".
+    "pipeline.parallelism": 10_000,
+    "pipeline.client_retries": 100,
+    "pipeline.gpus_per_client": 64,
+    "pipeline.client_pod_timeout": INT32_MAX,
+    "pipeline.segment_timeout": INT32_MAX,
 }
 
 

@@ -96,6 +96,21 @@ def test_pipeline_compile_reports_size_and_the_segments(tmp_path, capsys):
     assert "is not a directory" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("key", ["parallelism", "client_retries", "gpus_per_client", "client_pod_timeout",
+                                 "segment_timeout"])
+def test_pipeline_compile_refuses_integers_kubernetes_cannot_hold(tmp_path, capsys, key):
+    """On the old main protobuf or the int32 check of activeDeadlineSeconds raised "Value out of range"
+    (a traceback) for 10**20, and 2**31 GPUs or a 2**31 s pod deadline compiled into a YAML."""
+    output = tmp_path / "p.yaml"
+    for value in (2**31, 10**20):
+        code = main(["pipeline", "compile", "--set", "pipeline.data_root=s3://pfedla", "--set",
+                     f"pipeline.{key}={value}", "-o", str(output)])
+        line = error_line(code, capsys.readouterr().err)
+        assert line.startswith(f"pfedla: error: config key 'pipeline.{key}': must be at most ")
+        assert line.endswith(f", got {value}")
+        assert not output.exists()
+
+
 def stored_files(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` with its bytes (the lock file's pid aside)."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))

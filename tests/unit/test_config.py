@@ -106,6 +106,10 @@ def test_flat_params_cover_nested_keys():
         ({"synthetic": {"num_classes": 1001}}, "synthetic.num_classes", "must be at most 1000"),
         ({"synthetic": {"samples_per_client": 10**7}}, "synthetic.samples_per_client", "at most 1000000"),
         ({"pipeline": {"rounds_per_run": 1001}}, "pipeline.rounds_per_run", "must be at most 1000"),
+        *[({"pipeline": {key: value}}, f"pipeline.{key}", f"must be at most {maximum}, got {value}")
+          for key, maximum in [("parallelism", 10_000), ("client_retries", 100), ("gpus_per_client", 64),
+                               ("client_pod_timeout", 2**31 - 1), ("segment_timeout", 2**31 - 1)]
+          for value in (2**31, 10**20)],
         ({"seeds": []}, "seeds", "list at least one seed"),
         ({"seeds": 3}, "seeds", "expected a list of integers, got 3"),
         ({"seeds": [0, "1"]}, "seeds", "expected a list of integers"),
