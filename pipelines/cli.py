@@ -35,7 +35,7 @@ def _pipeline_run_local(args: argparse.Namespace) -> None:
     from pfedla_pipelines.runner import run_local
 
     config = load_config(args.config, args.overrides)
-    summary = run_local(config, args.pipeline_root)
+    summary = run_local(config, args.pipeline_root, overwrite=args.overwrite)
     for name, entry in summary.items():
         print(f"{name}: mean accuracy {entry['mean_accuracy']:.4f} over test samples, "
               f"{entry['client_mean_accuracy']:.4f} over clients, after {entry['rounds']} rounds "
@@ -68,6 +68,8 @@ def register(commands: Any) -> None:
     local_cmd = actions.add_parser("run-local", help="run the pipeline here with kfp.local (no cluster)")
     add_config_args(local_cmd)
     local_cmd.add_argument("--pipeline-root", help="where step outputs go (default: a temp directory)")
+    local_cmd.add_argument("--overwrite", action="store_true",
+                           help="replace an earlier run-local's outputs in output_dir (never a `pfedla run`)")
     local_cmd.set_defaults(handler=_pipeline_run_local)
     submit_cmd = actions.add_parser("submit",
                                     help="submit to a Kubeflow Pipelines API server, segment by segment")

@@ -9,6 +9,7 @@ rerunning the same command finds the segments that already succeeded and continu
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 import logging
 import sys
@@ -20,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pfedla import storage
+from pfedla import registry, rundir, storage
 from pfedla.config import ExperimentConfig, experiment_key, single_seed
 from pfedla.dataplane import data_root
 from pfedla.errors import without_credentials
@@ -39,26 +40,56 @@ from pfedla_pipelines.fl_pipeline import (
 # v2beta1 run states; 2.17 reports a terminated run as CANCELING, then FAILED
 FINISHED_STATES = {"SUCCEEDED", "SKIPPED", "FAILED", "CANCELED"}
 MANIFEST_OUTPUTS = {"shards", "plan", "next_plan", "update", "evaluation", "checkpoint"}
+LOCAL_DATA_PLANE = "data-plane"  # run-local's data plane in output_dir, without pipeline.data_root
 
 
 # -- local ------------------------------------------------------------------------------------------------
 
-def run_local(config: ExperimentConfig, pipeline_root: str | Path | None = None) -> dict[str, Any]:
+def run_local(config: ExperimentConfig, pipeline_root: str | Path | None = None,
+              overwrite: bool = False) -> dict[str, Any]:
     """Run every segment of the pipeline here (kfp.local, one subprocess per step), one after another.
 
     Writes ``summary.json`` (the shape of ``pfedla run``'s, for the pipeline's algorithm, plus
     the bytes each step moved) and, for pFedLA, ``layer_weights.npy`` (and with HeurpFedLA
     ``layer_weights_raw.npy``) into ``config.output_dir``;
     returns the summary. Without ``pipeline.data_root`` the data plane is ``output_dir/data-plane``.
-    One seed only (``single_seed``).
+    One seed only (``single_seed``). Like ``pfedla run``, it holds the directory's lock while it
+    works, refuses a directory holding a run (an earlier run-local's is replaced with
+    ``overwrite``, a ``pfedla run``'s never) and a linked folder it would write in, all before
+    anything is written.
     """
-    from kfp import local
-
     config = single_seed(config)
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    rundir.check_writable(output_dir)
+    existed = output_dir.is_dir()
+    with contextlib.ExitStack() as held:
+        if existed:  # a concurrent writer must be ruled out before the state is read
+            held.enter_context(rundir.RunLock(output_dir))
+        rundir.check_pipeline_state(output_dir, overwrite)
+        own_plane = config.pipeline.data_root is None
+        rundir.check_no_links(output_dir, [rundir.SUMMARY_FILE, *alpha_files()],
+                              [LOCAL_DATA_PLANE] if own_plane else [])
+        rundir.create(output_dir)
+        if not existed:
+            held.enter_context(rundir.RunLock(output_dir))
+        if overwrite:
+            rundir.remove_outputs(output_dir, alpha_files())
+        plane = str((output_dir / LOCAL_DATA_PLANE).resolve()) if own_plane else config.pipeline.data_root
+        return _run_segments(config, output_dir, pipeline_root, plane)
+
+
+def alpha_files() -> list[str]:
+    """Every name ``run_local`` may give α in ``output_dir``, whichever algorithm ran (--overwrite
+    removes them all: an earlier algorithm's α would be left beside the new summary)."""
+    return [rundir.layer_weights_file(name, raw) for name in registry.algorithm_names()
+            for raw in (False, True)]
+
+
+def _run_segments(config: ExperimentConfig, output_dir: Path, pipeline_root: str | Path | None,
+                  plane_root: str) -> dict[str, Any]:
+    from kfp import local
+
     root = Path(pipeline_root) if pipeline_root else Path(tempfile.mkdtemp(prefix="pfedla-kfp-"))
-    plane_root = config.pipeline.data_root or str((output_dir / "data-plane").resolve())
     # Locally, ParallelFor threads race on kfp's patched print: run a round's pods one at a time.
     local_config = replace(config, pipeline=replace(config.pipeline, data_root=plane_root, parallelism=1))
     started = time.perf_counter()

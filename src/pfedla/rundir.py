@@ -118,6 +118,18 @@ def check_state(output_dir: Path, resume: bool, overwrite: bool) -> RunRecord | 
                       f"{output_dir}`, or start over there with --overwrite (deletes its checkpoints)")
 
 
+def check_pipeline_state(output_dir: Path, overwrite: bool) -> None:
+    """What ``pfedla pipeline run-local`` may do in ``output_dir``: never replace a ``pfedla run``
+    (its run.json names files run-local does not know), and replace an earlier run-local's
+    summary only with ``overwrite``."""
+    if os.path.lexists(output_dir / RUN_FILE):
+        raise PfedlaError(f"{output_dir} holds a run of `pfedla run` ({RUN_FILE}), which `pfedla pipeline "
+                          "run-local` never replaces: choose another output_dir")
+    if os.path.lexists(output_dir / SUMMARY_FILE) and not overwrite:
+        raise PfedlaError(f"{output_dir} holds a finished run: choose another output_dir, or replace it "
+                          "with --overwrite")
+
+
 def seed_dir(output_dir: Path, seed: int) -> Path:
     """Where one seed's outputs go: ``output_dir/seed_<seed>/``, for one seed as for several."""
     return output_dir / f"seed_{seed}"

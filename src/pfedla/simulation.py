@@ -44,6 +44,7 @@ from pfedla.tracking import (
     FINAL_CLIENT_MEAN_METRIC,
     FINAL_METRIC,
     Tracker,
+    artifact_root,
     default_tracking_uri,
     parent_metrics,
     relocate_local_store,
@@ -249,9 +250,7 @@ def _anchored(config: ExperimentConfig) -> ExperimentConfig:
 
 
 def _tracker(config: ExperimentConfig, output_dir: Path, tracking_uri: str) -> Tracker:
-    # A tracking server stores artifacts itself (e.g. proxied to S3); a file store keeps them beside us.
-    served = tracking_uri.startswith(("http://", "https://", "databricks"))
-    return Tracker(tracking_uri, config.experiment_name, None if served else output_dir / "mlartifacts")
+    return Tracker(tracking_uri, config.experiment_name, artifact_root(tracking_uri, output_dir))
 
 
 def run_experiment(config: ExperimentConfig, progress: bool = True, track: bool = True,

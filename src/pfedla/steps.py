@@ -607,7 +607,13 @@ def record(config_json: str, shards_in: str | Path, checkpoint_in: str | Path, e
     Only rounds the run does not hold yet are sent. The segment that finishes the experiment
     logs the personalized models, registers them as one model version and ends the run.
     """
-    from pfedla.tracking import FINAL_CLIENT_MEAN_METRIC, FINAL_METRIC, Tracker, default_tracking_uri
+    from pfedla.tracking import (
+        FINAL_CLIENT_MEAN_METRIC,
+        FINAL_METRIC,
+        Tracker,
+        artifact_root,
+        default_tracking_uri,
+    )
 
     config = parse_config(config_json)
     plane = data_plane(config)
@@ -615,7 +621,8 @@ def record(config_json: str, shards_in: str | Path, checkpoint_in: str | Path, e
     checkpoint_manifest = plane.read_manifest(checkpoint_in, CHECKPOINT)
     manifest, evaluation, weights = _final_evaluation(plane, evaluation_in)
     rounds_done, finished = evaluation["rounds"], evaluation["rounds"] >= config.rounds
-    tracker = Tracker(tracking_uri or default_tracking_uri(config.output_dir), config.experiment_name)
+    uri = tracking_uri or default_tracking_uri(config.output_dir)
+    tracker = Tracker(uri, config.experiment_name, artifact_root(uri, config.output_dir))
     name, key = config.pipeline.algorithm, experiment_key(config)
     run_id = tracker.find_run({"pfedla.experiment_key": key, "pfedla.orchestration": "kubeflow"})
     if run_id is None:

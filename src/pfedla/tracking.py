@@ -32,6 +32,14 @@ def default_tracking_uri(output_dir: str | Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output_dir).resolve()}/mlflow.db"
 
 
+def artifact_root(tracking_uri: str, output_dir: str | Path) -> Path | None:
+    """Where a run's artifacts go: ``output_dir/mlartifacts`` beside a local store (MLflow's own
+    default is ``./mlruns`` of the working directory, outside the run), None for a tracking server,
+    which stores artifacts itself (e.g. proxied to S3)."""
+    served = tracking_uri.startswith(("http://", "https://", "databricks"))
+    return None if served else Path(output_dir) / "mlartifacts"
+
+
 def relocate_local_store(tracking_uri: str, artifact_root: Path) -> None:
     """Point a local sqlite store's artifact locations at ``artifact_root`` after its output
     directory was copied or moved: MLflow keeps absolute ``file://`` URIs, which would still name

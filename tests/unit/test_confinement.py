@@ -19,21 +19,12 @@ import pytest
 from cli_errors import error_line
 from pfedla import storage
 from pfedla.cli import main
+from planted_links import plant_file_link, snapshot
 
 RUN = ["--set", "clients=3", "--set", "rounds=2", "--set", "algorithms=[pfedla, local]"]
 # Names where pfedla refuses a link instead of replacing it: the lock (held open, never renamed)
 # and what MLflow's local store writes itself (sqlite follows links; so does its artifact copy).
 REFUSED = (".pfedla.lock", "mlflow.db", "mlartifacts/")
-
-
-def snapshot(folder: Path) -> dict[str, str | bytes]:
-    """Everything under ``folder``: a file's bytes, a link's target, ``dir`` for a folder."""
-    found: dict[str, str | bytes] = {}
-    for path in sorted(folder.rglob("*")):
-        name = str(path.relative_to(folder))
-        found[name] = (f"-> {os.readlink(path)}" if path.is_symlink() else "dir" if path.is_dir()
-                       else path.read_bytes())
-    return found
 
 
 def files(folder: Path) -> list[str]:
@@ -92,19 +83,6 @@ def copy_of(finished, tmp_path):
 def outside_state(finished: Path, outside: Path) -> dict:
     """What must not change: the victims, and the finished run the copy was made from."""
     return {"victims": snapshot(outside), "original": snapshot(finished)}
-
-
-def plant_file_link(out: Path, outside: Path, name: str, index: int) -> None:
-    """Move ``name`` out (a reader following the link still finds valid content) and link to it,
-    or, where the name is not there yet, link to a file that does not exist (a write through the
-    link would create it); and plant a link at its old temporary name ``<name>.partial`` too."""
-    outside.mkdir(exist_ok=True)
-    victim, partial_victim = outside / f"victim-{index}", outside / f"victim-{index}.partial"
-    if (out / name).exists():
-        shutil.move(out / name, victim)
-    partial_victim.write_bytes(b"victim of the partial name")
-    (out / name).symlink_to(victim)
-    (out / f"{name}.partial").symlink_to(partial_victim)
 
 
 @pytest.mark.parametrize("writer", list(WRITERS))

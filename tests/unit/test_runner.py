@@ -6,9 +6,13 @@ import socket
 
 import pytest
 
+from cli_errors import error_line
+from pfedla.cli import main
 from pfedla.errors import PfedlaError
+from pfedla.simulation import run_experiment
 from pfedla_pipelines.fl_pipeline import PipelineError, segments
 from pfedla_pipelines.runner import run_name, submit
+from planted_links import snapshot
 
 # client_timeout leaves honest clients (18 batches, well under a second alone) room on a loaded
 # machine: at 3 s, two honest clients timed out while other test suites shared the 2 cores.
@@ -104,3 +108,50 @@ def test_submit_to_an_unreachable_host_fails_clearly(tiny_config):
         port = probe.getsockname()[1]
     with pytest.raises(PipelineError, match=f"cannot reach the Kubeflow Pipelines API at http://127.0.0.1:{port}"):
         submit(tiny_config(CLUSTER), f"http://127.0.0.1:{port}")
+
+
+# -- run-local's output directory (checked before kfp.local starts: no step runs in these tests) ----------
+
+def local_run(out, root, *extra):
+    return ["pipeline", "run-local", "--set", "clients=3", "--set", "rounds=1", "--set", f"output_dir={out}",
+            "--pipeline-root", str(root), *extra]
+
+
+def test_run_local_leaves_a_finished_pfedla_run_exactly_as_it_was(tiny_config, tmp_path, capsys):
+    """Issue 21, case 4: on 42ac5ca run-local took no lock and needed no --overwrite; it replaced the
+    finished run's summary.json (3 algorithms x 2 seeds) with its one entry and report then failed."""
+    out, root = tmp_path / "out", tmp_path / "root"
+    finished = tiny_config(clients=3, rounds=1, seeds=[0, 1], model="mlp",
+                           algorithms=["pfedla", "fedavg", "local"])
+    run_experiment(finished, progress=False, track=False)
+    stored = snapshot(out)
+    for extra in ([], ["--overwrite"]):
+        line = error_line(main(local_run(out, root, *extra)), capsys.readouterr().err)
+        assert line == (f"pfedla: error: {out} holds a run of `pfedla run` (run.json), which "
+                        "`pfedla pipeline run-local` never replaces: choose another output_dir")
+        assert snapshot(out) == stored
+        assert not root.exists()
+    assert main(["report", str(out)]) == 0
+
+
+def test_run_local_replaces_an_earlier_run_locals_outputs_only_when_told(tmp_path, capsys):
+    out, root = tmp_path / "out", tmp_path / "root"
+    out.mkdir()
+    (out / "summary.json").write_text('{"pfedla": {}}')
+    line = error_line(main(local_run(out, root)), capsys.readouterr().err)
+    assert line == f"pfedla: error: {out} holds a finished run: choose another output_dir, or replace it " \
+                   "with --overwrite"
+    assert (out / "summary.json").read_text() == '{"pfedla": {}}' and not root.exists()
+
+
+def test_run_local_into_a_file_is_one_error_line_and_the_file_stays(tmp_path, capsys):
+    """Issue 21, case 16: on 42ac5ca output_dir.mkdir raised FileExistsError (a traceback)."""
+    taken = tmp_path / "taken"
+    taken.write_text("precious\n")
+    below = taken / "below"
+    for out, problem in [(taken, f"output_dir {taken} exists and is not a directory"),
+                         (below, f"output_dir {below} cannot be created: {taken} is not a directory")]:
+        line = error_line(main(local_run(out, tmp_path / "root")), capsys.readouterr().err)
+        assert line == f"pfedla: error: {problem}"
+        assert taken.read_text() == "precious\n"
+        assert not (tmp_path / "root").exists()

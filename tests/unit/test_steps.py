@@ -91,14 +91,21 @@ def test_steps_reproduce_the_simulation_exactly(tiny_config, tmp_path):
     assert read(final_plan)["round"] == 2 and read(final_plan)["clients"] == {}
 
 
-def test_record_logs_both_final_means_and_both_alphas_to_mlflow(tiny_config, tmp_path):
+def test_record_logs_both_final_means_and_both_alphas_to_mlflow(tiny_config, tmp_path, monkeypatch):
+    """The artifacts of a local store go beside it in output_dir (on 42ac5ca: ./mlruns of wherever
+    run-local was started)."""
     from mlflow.tracking import MlflowClient
 
     cfg = tiny_config(STEPS).to_json()
     shards, final_plan, evaluation_manifest = run_steps(tmp_path, cfg)
     steps.checkpoint(cfg, final_plan, tmp_path / "checkpoint.json")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     run_id = steps.record(cfg, shards, tmp_path / "checkpoint.json", evaluation_manifest, uri)
+    assert list(elsewhere.iterdir()) == []
+    assert [path.parts[-3] for path in (tmp_path / "out" / "mlartifacts").rglob("evaluation.json")] == [run_id]
     evaluation, weights = steps.read_evaluation(steps.parse_config(cfg), evaluation_manifest)
     client = MlflowClient(uri)
     for metric, key in (("final_accuracy_mean", "mean_accuracy"),
