@@ -32,6 +32,7 @@ from pfedla.results import (
 )
 from pfedla.rounds import (
     accuracy_metrics,
+    check_finite,
     close_round,
     evaluate_models,
     fit_client,
@@ -90,6 +91,8 @@ class Simulation:
         evaluation: list[EvalResult] = []
         for round_idx in range(first_round, config.rounds):
             metrics = self.run_round(strategy, states, round_idx)
+            check_finite(strategy.state_dict(), "the server state", config, name, round_idx)
+            check_finite(client_state_tensors(states), "a client's state", config, name, round_idx)
             last = round_idx == config.rounds - 1
             if last or (round_idx + 1) % config.eval_every == 0:
                 models, evaluation = self.evaluate(strategy, states, round_idx + 1)
@@ -129,6 +132,8 @@ class Simulation:
         """Every client's evaluated model and its result on the client's own test split."""
         trains = [shard.train for shard in self.shards]
         models = personalize_clients(strategy, self.trainer, states, trains, self.config, rounds_done)
+        check_finite(personalized_models(models, self.layout), "a client's evaluated model", self.config,
+                     strategy.name, rounds_done - 1)
         return models, evaluate_models(self.model, self.layout, models, self.tests)
 
     @staticmethod

@@ -66,6 +66,7 @@ from pfedla.models import LayerLayout, build_model, initial_buffers, initial_lay
 from pfedla.results import LayerWeights
 from pfedla.rounds import (
     accuracy_metrics,
+    check_finite,
     close_round,
     evaluate_models,
     fit_client,
@@ -448,6 +449,7 @@ def server_round(config_json: str, round_idx: int, configure_next: bool, shards_
                     "clients_written_bytes": float(client_io["written_bytes"]),
                     "server_read_bytes": float(plane.transfers.read_bytes)})
     # No timings in the history: a retried step must write the very same objects (their keys are reused).
+    check_finite(strategy.state_dict(), "the server state", config, strategy.name, round_idx)
     entry = {"round": round_idx, **_finite(metrics)}
     table = {**_client_states(plane, ref_at(plan, "client_states")), **new_states}
     state, history_ref, table_ref = _save_state(plane, round_idx + 1, strategy, [*history, entry], table)
@@ -492,6 +494,8 @@ def evaluate(config_json: str, shards_in: str | Path, plan_in: str | Path, plan_
               for c in clients]
     trainer = LocalTrainer(context.model, context.layout)
     models = personalize_clients(strategy, trainer, states, trains, config, rounds_done)
+    check_finite(personalized_models(models, context.layout), "a client's evaluated model", config,
+                 strategy.name, rounds_done - 1)
     tests = [_split(plane, ref_at(shards, "test", c), c) for c in clients]
     results = evaluate_models(context.model, context.layout, models, tests)
     metrics = _finite(accuracy_metrics(results))

@@ -6,9 +6,11 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from pfedla import storage
+from pfedla.cli import main
 from pfedla.client import EvalResult
 from pfedla.config import config_from_dict
 from pfedla.results import AlgorithmResult, experiment_summary, format_table
@@ -253,3 +255,26 @@ def test_a_client_past_client_timeout_is_left_out_like_an_absent_one(tmp_path, m
     absent = run_experiment(config_from_dict(raw), progress=False, track=False,
                             overwrite=True).results["pfedla"]
     assert slow.client_accuracies == absent.client_accuracies  # tolerance: exact equality
+
+
+@pytest.mark.parametrize(("algorithm", "step_size"), [("ditto", "ditto.lam=1.0e+30"),
+                                                      ("pfedla", "pfedla.hn_lr=1.0e+30")])
+def test_a_diverging_run_stops_naming_algorithm_seed_and_round_and_keeps_no_diverged_checkpoint(
+        algorithm, step_size, tmp_path, capsys, monkeypatch):
+    """Issue 21, case 9: on 42ac5ca every personal model (Ditto) or personalized model (pFedLA) became
+    NaN, every accuracy was 0.0000 and the run ended with exit 0."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "out"
+    code = main(["run", "--quiet", "--set", "clients=3", "--set", "rounds=2", "--set", "model=mlp", "--set",
+                 "device=cpu", "--set", f"algorithms=[{algorithm}]", "--set", step_size, "--set",
+                 f"output_dir={out}"])
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("pfedla: error:")]
+    assert code == 2 and "Traceback" not in stderr and len(errors) == 1, stderr
+    assert re.fullmatch(rf"pfedla: error: {algorithm}, seed 0, round [01]: .+ became non-finite "
+                        r"\(NaN or Inf\), first at \S+: the run diverged; lower lr .*", errors[0]), errors[0]
+    assert not (out / "summary.json").exists() and not (out / "seed_0" / "results").exists()
+    for path in (out / "checkpoints").rglob("*.safetensors"):  # what a resume would continue from
+        tensors, _ = storage.load_tensors(path)
+        assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()), path
+

@@ -105,7 +105,8 @@ def test_record_logs_both_final_means_and_both_alphas_to_mlflow(tiny_config, tmp
     monkeypatch.chdir(elsewhere)
     run_id = steps.record(cfg, shards, tmp_path / "checkpoint.json", evaluation_manifest, uri)
     assert list(elsewhere.iterdir()) == []
-    assert [path.parts[-3] for path in (tmp_path / "out" / "mlartifacts").rglob("evaluation.json")] == [run_id]
+    stored = (tmp_path / "out" / "mlartifacts").rglob("evaluation.json")
+    assert [path.parts[-3] for path in stored] == [run_id]
     evaluation, weights = steps.read_evaluation(steps.parse_config(cfg), evaluation_manifest)
     client = MlflowClient(uri)
     for metric, key in (("final_accuracy_mean", "mean_accuracy"),
@@ -384,3 +385,13 @@ def test_pfedhn_through_the_steps_equals_the_simulation(tiny_config, tmp_path):
     assert evaluation["client_accuracies"] == simulated.client_accuracies
     assert [h["train_loss"] for h in evaluation["history"]] == [h["train_loss"] for h in simulated.history]
     assert weights is None  # no α: pFedHN generates whole models
+
+
+@pytest.mark.parametrize(("algorithm", "section"), [("ditto", {"ditto": {"lam": 1e30}}),
+                                                    ("pfedla", {"pfedla": {"hn_lr": 1e30}})])
+def test_a_diverging_pipeline_stops_naming_algorithm_seed_and_round(tiny_config, tmp_path, algorithm,
+                                                                    section):
+    """Issue 21, case 9 in the pipeline's steps: on 42ac5ca the evaluation step scored NaN models 0.0."""
+    cfg = tiny_config(STEPS, section, algorithms=[algorithm], pipeline={"algorithm": algorithm}).to_json()
+    with pytest.raises(RunAborted, match=rf"^{algorithm}, seed 0, round [01]: .+ became non-finite"):
+        run_steps(tmp_path, cfg)
