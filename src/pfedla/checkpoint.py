@@ -13,7 +13,8 @@ Locally a file is written to a new ``*.partial`` file and renamed, so a crash ne
 checkpoint under its final name, and never through a symbolic link below the checkpoint location
 (``storage.write_local``); on S3 a PUT is atomic and the pointer is updated after it.
 Loading walks from the newest checkpoint down and skips (with a warning) any that is
-damaged, so a corrupt newest checkpoint falls back to the previous good one.
+damaged, another run's, or holds a tensor no run may continue from (NaN, Inf, absurdly large),
+so a corrupt newest checkpoint falls back to the previous good one.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 from pfedla import storage
+from pfedla.algorithms.base import value_problem
 from pfedla.errors import ArtifactError
 
 log = logging.getLogger(__name__)
@@ -119,9 +121,21 @@ class CheckpointStore:
                 log.warning("checkpoint %s is not this run's (%s); falling back to the previous one",
                             location, problem)
                 continue
+            if problem := _unusable_tensor(tensors):
+                log.warning("checkpoint %s is unusable (%s); falling back to the previous one",
+                            location, problem)
+                continue
             return Checkpoint(tensors, meta, location)
         return None
 
+
+
+def _unusable_tensor(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The first tensor whose values a run must not continue from (NaN, Inf, absurd), or None."""
+    for name, tensor in tensors.items():
+        if problem := value_problem(tensor):
+            return f"tensor '{name}' {problem}"
+    return None
 
 
 def _foreign(meta: dict[str, Any], algorithm: str, run: str) -> str | None:

@@ -3,6 +3,7 @@ and the default experiment's headline result."""
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -278,3 +279,35 @@ def test_a_diverging_run_stops_naming_algorithm_seed_and_round_and_keeps_no_dive
         tensors, _ = storage.load_tensors(path)
         assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()), path
 
+
+@pytest.mark.parametrize("algorithm", ["fedper", "ditto", "fedbn"])
+def test_a_resume_never_continues_from_a_non_finite_or_absurd_client_state(algorithm, tiny_config, tmp_path,
+                                                                          caplog):
+    """Issue 21, case 8: on 42ac5ca a NaN in a client's checkpointed state (FedPer's head, Ditto's
+    personal model, FedBN's running variance), or a private layer x 1e30, resumed with exit 0 and that
+    client scored 0.0000. Now the newest checkpoint is skipped naming the tensor, and the resume from
+    the one before gives the uninterrupted run's numbers."""
+    config = tiny_config(algorithms=[algorithm], clients=3, rounds=2, model="mlp_bn")
+    finished = run_experiment(config, progress=False, track=False).results[algorithm]
+    out = Path(config.output_dir)
+    (newest,) = out.glob(f"checkpoints/rounds/*/seed_0/{algorithm}/round_00002.safetensors")
+    tensors, meta = storage.load_tensors(newest)
+    kept = {"fedper": ".layer.", "ditto": ".personal.", "fedbn": "running_var"}[algorithm]
+    name = next(key for key in sorted(tensors) if key.startswith("client.1.") and kept in key)
+    with_nan = tensors[name].clone()
+    with_nan.view(-1)[0] = float("nan")
+    for damaged, problem in [(with_nan, "holds NaN or Inf"),
+                             (tensors[name] * 1e30, "holds values beyond 1e+18 in magnitude")]:
+        (out / "summary.json").unlink(missing_ok=True)
+        (out / "seed_0" / "results" / f"{algorithm}.json").unlink()
+        storage.save_tensors(newest, {**tensors, name: damaged}, meta)
+        caplog.clear()
+        resumed = run_experiment(config, progress=False, track=False, resume=True).results[algorithm]
+        assert f"round_00002.safetensors is unusable (tensor '{name}' {problem}" in caplog.text
+        assert resumed.client_accuracies == finished.client_accuracies
+        assert [without_timing(entry) for entry in resumed.history] == \
+            [without_timing(entry) for entry in finished.history]
+
+
+def without_timing(entry: dict) -> dict:
+    return {key: value for key, value in entry.items() if key != "round_seconds"}
