@@ -395,3 +395,25 @@ def test_a_diverging_pipeline_stops_naming_algorithm_seed_and_round(tiny_config,
     cfg = tiny_config(STEPS, section, algorithms=[algorithm], pipeline={"algorithm": algorithm}).to_json()
     with pytest.raises(RunAborted, match=rf"^{algorithm}, seed 0, round [01]: .+ became non-finite"):
         run_steps(tmp_path, cfg)
+
+
+def test_a_client_state_object_with_non_finite_values_leaves_that_client_out_naming_the_tensor(tiny_config,
+                                                                                               tmp_path):
+    """Issue 21, case 8 in the pipeline: a client's own state object is checked like a checkpoint's
+    tensors (on 42ac5ca a NaN in Ditto's personal model was trained and evaluated as accuracy 0)."""
+    cfg = tiny_config(STEPS, algorithms=["ditto"], pipeline={"algorithm": "ditto"}).to_json()
+    shards, plan = start(tmp_path, cfg)
+    reports = train_all(tmp_path, cfg, plan)
+    steps.server_round(cfg, 0, True, shards, plan, reports, tmp_path / "plan1.json")
+    plan1 = read(tmp_path / "plan1.json")
+    client, entry = next((c, e) for c, e in sorted(plan1["clients"].items()) if "state" in e)
+    plane = plane_of(cfg)
+    tensors, _ = plane.get_tensors(ObjectRef.from_dict(entry["state"], "state"))
+    tensors["personal.0"] = torch.full_like(tensors["personal.0"], math.nan)
+    tampered = plane.put_tensors(f"clients/client_{client}/tampered/state.safetensors", tensors)
+    entry["state"] = tampered.to_dict()
+    (tmp_path / "plan1.json").write_text(json.dumps(plan1))
+    summary = steps.client_train(cfg, client, tmp_path / "plan1.json", tmp_path / "u1.json")
+    assert summary["failed_clients"] == client
+    reason = read(tmp_path / "u1.json")["clients"][client]["failed"]
+    assert f"{tampered.uri}: state tensor 'personal.0' holds NaN or Inf" in reason
