@@ -102,6 +102,28 @@ def _tag_filter(tags: dict[str, str]) -> str:
     return " and ".join(f"tags.`{key}` = '{value}'" for key, value in sorted(tags.items()))
 
 
+# How long the first request to a tracking server may take. MLflow's own client retries a refused
+# connection 7 times with a doubling backoff (minutes, a urllib3 warning line each), so a server
+# that does not answer is found by one direct request before any work starts.
+PROBE_SECONDS = 10.0
+
+
+def check_reachable(tracking_uri: str, timeout: float = PROBE_SECONDS) -> None:
+    """Raise ``TrackingError`` unless the tracking server at ``tracking_uri`` answers within ``timeout``
+    seconds; a local store (sqlite, file) needs no probe. Any HTTP answer will do: authentication and
+    everything else is MLflow's to check on its first call."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    where = without_credentials(tracking_uri)
+    try:
+        requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=timeout, allow_redirects=False)
+    except requests.RequestException as error:
+        reason = without_credentials((str(error) or repr(error)).splitlines()[0])
+        raise TrackingError(f"MLflow at {where} failed to answer: {reason[:500]}") from None
+
+
 class _GuardedClient:
     """An ``MlflowClient`` whose failures become one ``TrackingError`` naming the store without
     credentials: MLflow's own messages quote the full tracking URI, password included."""
@@ -127,6 +149,7 @@ class Tracker:
         import mlflow
 
         self.tracking_uri = tracking_uri
+        check_reachable(tracking_uri)
         if without_credentials(tracking_uri) != tracking_uri:
             # MLflow prints each finished run's link to stdout, password included
             os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
