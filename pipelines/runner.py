@@ -12,6 +12,7 @@ import builtins
 import contextlib
 import json
 import logging
+import re
 import sys
 import tempfile
 import time
@@ -27,6 +28,7 @@ from pfedla.dataplane import data_root
 from pfedla.errors import without_credentials
 from pfedla.results import AlgorithmResult, write_layer_weights, write_summary
 from pfedla.steps import read_evaluation, round_traffic
+from pfedla.tracking import check_reachable, default_tracking_uri
 from pfedla_pipelines.fl_pipeline import (
     PipelineError,
     RoundRange,
@@ -40,6 +42,10 @@ from pfedla_pipelines.fl_pipeline import (
 # v2beta1 run states; 2.17 reports a terminated run as CANCELING, then FAILED
 FINISHED_STATES = {"SUCCEEDED", "SKIPPED", "FAILED", "CANCELED"}
 MANIFEST_OUTPUTS = {"shards", "plan", "next_plan", "update", "evaluation", "checkpoint"}
+# What kfp.local warns about every step of a run-local, as expected here: resource requests only a
+# cluster applies, and the step image that the subprocess runner stands in for.
+LOCAL_RUNNER_WARNINGS = (".*have no effect in the current local runner", ".*custom or non-Python base image")
+ANSI_CODE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 LOCAL_DATA_PLANE = "data-plane"  # run-local's data plane in output_dir, without pipeline.data_root
 
 
@@ -60,7 +66,7 @@ def run_local(config: ExperimentConfig, pipeline_root: str | Path | None = None,
     """
     config = single_seed(config)
     output_dir = Path(config.output_dir)
-    rundir.check_writable(output_dir)
+    preflight(config, pipeline_root)
     existed = output_dir.is_dir()
     with contextlib.ExitStack() as held:
         if existed:  # a concurrent writer must be ruled out before the state is read
@@ -76,6 +82,19 @@ def run_local(config: ExperimentConfig, pipeline_root: str | Path | None = None,
             rundir.remove_outputs(output_dir, alpha_files())
         plane = str((output_dir / LOCAL_DATA_PLANE).resolve()) if own_plane else config.pipeline.data_root
         return _run_segments(config, output_dir, pipeline_root, plane)
+
+
+def preflight(config: ExperimentConfig, pipeline_root: str | Path | None) -> None:
+    """What run-local checks before any step runs, as ``pfedla run`` does: every local location it
+    writes can be a directory, and the MLflow store the record step logs to answers (found only
+    after all the training otherwise)."""
+    rundir.check_writable(Path(config.output_dir))
+    if pipeline_root is not None:
+        rundir.check_writable(Path(pipeline_root), "--pipeline-root")
+    plane = config.pipeline.data_root
+    if plane is not None and not storage.is_s3(plane):
+        rundir.check_writable(Path(plane), "pipeline.data_root")
+    check_reachable(config.pipeline.mlflow_tracking_uri or default_tracking_uri(config.output_dir))
 
 
 def alpha_files() -> list[str]:
@@ -99,12 +118,16 @@ def _run_segments(config: ExperimentConfig, output_dir: Path, pipeline_root: str
         segment_root = root / f"segment-{segment.first:05d}"
         original_print = builtins.print  # kfp.local patches print during ParallelFor
         try:
-            local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(segment_root),
-                       raise_on_error=True)
-            task = build_pipeline(segment_config(local_config, segment.first))()
+            with warnings.catch_warnings():
+                for expected in LOCAL_RUNNER_WARNINGS:
+                    warnings.filterwarnings("ignore", message=expected)
+                local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(segment_root),
+                           raise_on_error=True)
+                task = build_pipeline(segment_config(local_config, segment.first))()
         except Exception as error:  # kfp raises plain RuntimeError with the failing task's name
             raise PipelineError(f"local pipeline run failed in rounds {segment.first}..{segment.stop - 1}: "
-                                f"{error}") from error
+                                f"{without_colours(str(error))} The step's own error ends its log on stdout; "
+                                f"its outputs are in {segment_root}") from error
         finally:
             builtins.print = original_print
         # this run's own folder: a reused pipeline root also holds earlier runs
@@ -125,6 +148,11 @@ def _run_segments(config: ExperimentConfig, output_dir: Path, pipeline_root: str
     if weights is not None:
         write_layer_weights(output_dir, result.name, weights.alpha, weights.raw)
     return summary
+
+
+def without_colours(text: str) -> str:
+    """``text`` without the ANSI colour codes kfp.local puts into its messages."""
+    return ANSI_CODE.sub("", text)
 
 
 def step_manifests(root: Path) -> list[dict[str, Any]]:

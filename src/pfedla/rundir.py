@@ -78,18 +78,19 @@ def resumed_config(output_dir: Path, record: RunRecord) -> ExperimentConfig:
     return config_from_dict({**record.config.to_dict(), "output_dir": str(output_dir)})
 
 
-def check_writable(output_dir: Path) -> None:
-    """Refuse an output location that cannot hold a run, without creating anything."""
+def check_writable(output_dir: Path, key: str = "output_dir") -> None:
+    """Refuse an output location (named ``key`` in errors) that cannot hold a run, without creating
+    anything."""
     resolved = output_dir.resolve()
     if resolved == Path(resolved.anchor):
-        raise PfedlaError(f"output_dir {output_dir} is the filesystem root: choose a directory of its own")
+        raise PfedlaError(f"{key} {output_dir} is the filesystem root: choose a directory of its own")
     if resolved.exists() and not resolved.is_dir():
-        raise PfedlaError(f"output_dir {output_dir} exists and is not a directory")
+        raise PfedlaError(f"{key} {output_dir} exists and is not a directory")
     existing = next(p for p in (resolved, *resolved.parents) if p.exists())
     if not existing.is_dir():
-        raise PfedlaError(f"output_dir {output_dir} cannot be created: {existing} is not a directory")
+        raise PfedlaError(f"{key} {output_dir} cannot be created: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise PfedlaError(f"output_dir {output_dir} is not writable ({existing} refuses writes)")
+        raise PfedlaError(f"{key} {output_dir} is not writable ({existing} refuses writes)")
 
 
 def create(output_dir: Path) -> None:

@@ -155,3 +155,33 @@ def test_run_local_into_a_file_is_one_error_line_and_the_file_stays(tmp_path, ca
         assert line == f"pfedla: error: {problem}"
         assert taken.read_text() == "precious\n"
         assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.parametrize("where", ["--pipeline-root", "pipeline.data_root"])
+def test_run_local_checks_its_locations_before_any_step_runs(tmp_path, capsys, where):
+    """Issue 21, case 17: on 42ac5ca a file as the pipeline root or the data plane surfaced from inside
+    a step as "Inner task failed: 'partition'" in ANSI colours, the cause somewhere in stdout."""
+    taken = tmp_path / "taken"
+    taken.write_text("precious\n")
+    out, root = tmp_path / "out", tmp_path / "root"
+    args = local_run(out, taken if where == "--pipeline-root" else root)
+    if where == "pipeline.data_root":
+        args += ["--set", f"pipeline.data_root={taken}"]
+    code = main(args)
+    stderr = capsys.readouterr().err
+    assert error_line(code, stderr) == f"pfedla: error: {where} {taken} exists and is not a directory"
+    assert "\x1b" not in stderr
+    assert taken.read_text() == "precious\n" and not out.exists() and not root.exists()
+
+
+def test_run_local_finds_an_unreachable_mlflow_before_any_step_runs(tmp_path, capsys, monkeypatch):
+    """Issue 21, cases 17 and 18: on 42ac5ca the record step found it after all the training, after
+    MLflow's retries (minutes, a urllib3 warning each)."""
+    with socket.socket() as probe:  # a loopback port with nothing listening
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    out, root = tmp_path / "out", tmp_path / "root"
+    line = error_line(main(local_run(out, root)), capsys.readouterr().err)
+    assert line.startswith(f"pfedla: error: MLflow at http://127.0.0.1:{port} failed to answer: ")
+    assert not out.exists() and not root.exists()
