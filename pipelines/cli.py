@@ -37,7 +37,7 @@ def _pipeline_run_local(args: argparse.Namespace) -> None:
     from pfedla_pipelines.runner import run_local
 
     config = load_config(args.config, args.overrides)
-    summary = run_local(config, args.pipeline_root, runner=args.runner)
+    summary = run_local(config, args.pipeline_root, runner=args.runner, overwrite=args.overwrite)
     for name, entry in summary.items():
         print(f"{name}: mean accuracy {entry['mean_accuracy']:.4f} over test samples, "
               f"{entry['client_mean_accuracy']:.4f} over clients, after {entry['rounds']} rounds "
@@ -51,12 +51,13 @@ def _pipeline_run_local(args: argparse.Namespace) -> None:
 
 def _pipeline_submit(args: argparse.Namespace) -> None:
     from pfedla.config import load_config
+    from pfedla.errors import without_credentials
     from pfedla_pipelines.runner import submit
 
     config = load_config(args.config, args.overrides)
     run_ids = submit(config, args.host, args.experiment, wait=args.wait, poll_seconds=args.poll_seconds,
                      namespace=args.namespace, token_file=args.token_file)
-    print(f"{args.host}: runs {', '.join(run_ids)}")
+    print(f"{without_credentials(args.host)}: runs {', '.join(run_ids)}")
 
 
 def register(commands: Any) -> None:
@@ -74,6 +75,8 @@ def register(commands: Any) -> None:
                            help="run each step as a subprocess here, or in the step image (pipeline.image, "
                                 "default: `make image`'s) as a pod would: user 10001, read-only root, "
                                 "host network, endpoints and credentials from the environment")
+    local_cmd.add_argument("--overwrite", action="store_true",
+                           help="replace an earlier run-local's outputs in output_dir (never a `pfedla run`)")
     local_cmd.set_defaults(handler=_pipeline_run_local)
     submit_cmd = actions.add_parser("submit",
                                     help="submit to a Kubeflow Pipelines API server, segment by segment")

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 from kfp import compiler, dsl, kubernetes
 
+from pfedla import storage
 from pfedla.cluster import CLIENT_RETRY_BACKOFF_FACTOR, CLIENT_RETRY_BACKOFF_SECONDS, client_retry_window
 from pfedla.config import ExperimentConfig, single_seed
 from pfedla.dataplane import data_root
@@ -226,10 +227,8 @@ def compile_pipeline(config: ExperimentConfig, output: str | Path) -> tuple[Roun
                                 f"(now {config.pipeline.clients_per_pod})")
         if problem := workflow_problem(sizes.workflow):
             raise PipelineError(_too_big(config, rounds, sizes, problem))
-        try:
-            shutil.copyfile(compiled, output)
-        except OSError as error:
-            raise PipelineError(f"cannot write {output}: {error.strerror}") from None
+        with open(compiled, "rb") as yaml_file:  # a new file renamed over the name: never a torn YAML
+            storage.write_local(output, lambda out: shutil.copyfileobj(yaml_file, out))
     return rounds, sizes
 
 

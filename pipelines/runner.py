@@ -12,21 +12,25 @@ rerunning the same command finds the segments that already succeeded and continu
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pfedla import storage
+from pfedla import registry, rundir, storage
 from pfedla.config import ExperimentConfig, experiment_key, single_seed
 from pfedla.dataplane import data_root
 from pfedla.results import AlgorithmResult, write_layer_weights, write_summary
 from pfedla.steps import read_evaluation, round_traffic
+from pfedla.tracking import check_reachable, default_tracking_uri
 from pfedla_pipelines.fl_pipeline import (
     ENDPOINT_KEYS,
     MLFLOW_AUTH_KEYS,
@@ -48,12 +52,17 @@ MANIFEST_OUTPUTS = {"shards", "plan", "next_plan", "update", "evaluation", "chec
 RUNNERS = ("subprocess", "docker")
 # The step image's USER: pods run as it, and so do the local step containers.
 STEP_UID = 10001
+# What kfp.local warns about every step of a run-local, as expected here: resource requests only a
+# cluster applies, and the step image that the subprocess runner stands in for.
+LOCAL_RUNNER_WARNINGS = (".*have no effect in the current local runner", ".*custom or non-Python base image")
+ANSI_CODE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+LOCAL_DATA_PLANE = "data-plane"  # run-local's data plane in output_dir, without pipeline.data_root
 
 
 # -- local ------------------------------------------------------------------------------------------------
 
 def run_local(config: ExperimentConfig, pipeline_root: str | Path | None = None, runner: str = "subprocess",
-              run_args: dict[str, Any] | None = None) -> dict[str, Any]:
+              run_args: dict[str, Any] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Run every segment of the pipeline here with kfp.local, one after another.
 
     ``runner="subprocess"`` runs each step as a Python process beside this one; ``runner="docker"``
@@ -63,24 +72,71 @@ def run_local(config: ExperimentConfig, pipeline_root: str | Path | None = None,
     the pipeline's algorithm, plus the bytes each step moved) and, for pFedLA,
     ``layer_weights.npy`` (and with HeurpFedLA ``layer_weights_raw.npy``) into ``config.output_dir``;
     returns the summary. Without ``pipeline.data_root`` the data plane is ``output_dir/data-plane``
-    (subprocess runner only). One seed only (``single_seed``).
+    (subprocess runner only). One seed only (``single_seed``). Like ``pfedla run``, it holds the
+    directory's lock while it works, refuses a directory holding a run (an earlier run-local's is
+    replaced with ``overwrite``, a ``pfedla run``'s never) and a linked folder it would write in,
+    all before anything is written.
     """
+    config = single_seed(config)
+    output_dir = Path(config.output_dir)
+    step_runner = _step_runner(config, runner, run_args)  # the config's own checks come first
+    preflight(config, pipeline_root)
+    existed = output_dir.is_dir()
+    with contextlib.ExitStack() as held:
+        if existed:  # a concurrent writer must be ruled out before the state is read
+            held.enter_context(rundir.RunLock(output_dir))
+        rundir.check_pipeline_state(output_dir, overwrite)
+        own_plane = config.pipeline.data_root is None
+        rundir.check_no_links(output_dir, [rundir.SUMMARY_FILE, *alpha_files()],
+                              [LOCAL_DATA_PLANE] if own_plane else [])
+        rundir.create(output_dir)
+        if not existed:
+            held.enter_context(rundir.RunLock(output_dir))
+        if overwrite:
+            rundir.remove_outputs(output_dir, alpha_files())
+        plane = str((output_dir / LOCAL_DATA_PLANE).resolve()) if own_plane else config.pipeline.data_root
+        return _run_segments(config, output_dir, pipeline_root, plane, step_runner, runner)
+
+
+def _step_runner(config: ExperimentConfig, runner: str, run_args: dict[str, Any] | None) -> Any:
+    """The kfp.local runner for ``runner``: a subprocess here, or the step image as a pod runs it."""
     from kfp import local
 
-    config = single_seed(config)
     if runner not in RUNNERS:
         raise PipelineError(f"unknown runner {runner!r}: expected one of {', '.join(RUNNERS)}")
-    if runner == "docker":
-        check_container_contract(config)
-        extra = dict(run_args or {})
-        environment = {**pod_environment(config), **extra.pop("environment", {})}
-        step_runner = docker_runner(default_image(config), {**step_container_args(environment), **extra})
-    else:
-        step_runner = local.SubprocessRunner(use_venv=False)
-    output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if runner == "subprocess":
+        return local.SubprocessRunner(use_venv=False)
+    check_container_contract(config)
+    extra = dict(run_args or {})
+    environment = {**pod_environment(config), **extra.pop("environment", {})}
+    return docker_runner(default_image(config), {**step_container_args(environment), **extra})
+
+
+def preflight(config: ExperimentConfig, pipeline_root: str | Path | None) -> None:
+    """What run-local checks before any step runs, as ``pfedla run`` does: every local location it
+    writes can be a directory, and the MLflow store the record step logs to answers (found only
+    after all the training otherwise)."""
+    rundir.check_writable(Path(config.output_dir))
+    if pipeline_root is not None:
+        rundir.check_writable(Path(pipeline_root), "--pipeline-root")
+    plane = config.pipeline.data_root
+    if plane is not None and not storage.is_s3(plane):
+        rundir.check_writable(Path(plane), "pipeline.data_root")
+    check_reachable(config.pipeline.mlflow_tracking_uri or default_tracking_uri(config.output_dir))
+
+
+def alpha_files() -> list[str]:
+    """Every name ``run_local`` may give α in ``output_dir``, whichever algorithm ran (--overwrite
+    removes them all: an earlier algorithm's α would be left beside the new summary)."""
+    return [rundir.layer_weights_file(name, raw) for name in registry.algorithm_names()
+            for raw in (False, True)]
+
+
+def _run_segments(config: ExperimentConfig, output_dir: Path, pipeline_root: str | Path | None,
+                  plane_root: str, step_runner: Any, runner: str) -> dict[str, Any]:
+    from kfp import local
+
     root = Path(pipeline_root).resolve() if pipeline_root else Path(tempfile.mkdtemp(prefix="pfedla-kfp-"))
-    plane_root = config.pipeline.data_root or str((output_dir / "data-plane").resolve())
     # Locally, ParallelFor threads race on kfp's patched print: run a round's pods one at a time.
     local_config = replace(config, pipeline=replace(config.pipeline, data_root=plane_root, parallelism=1))
     started = time.perf_counter()
@@ -92,11 +148,15 @@ def run_local(config: ExperimentConfig, pipeline_root: str | Path | None = None,
             writable_by_step_user(segment_root)
         original_print = builtins.print  # kfp.local patches print during ParallelFor
         try:
-            local.init(runner=step_runner, pipeline_root=str(segment_root), raise_on_error=True)
-            task = build_pipeline(segment_config(local_config, segment.first))()
+            with warnings.catch_warnings():
+                for expected in LOCAL_RUNNER_WARNINGS:
+                    warnings.filterwarnings("ignore", message=expected)
+                local.init(runner=step_runner, pipeline_root=str(segment_root), raise_on_error=True)
+                task = build_pipeline(segment_config(local_config, segment.first))()
         except Exception as error:  # kfp raises plain RuntimeError with the failing task's name
             raise PipelineError(f"local pipeline run failed in rounds {segment.first}..{segment.stop - 1}: "
-                                f"{error}") from error
+                                f"{without_colours(str(error))} The step's own error ends its log on stdout; "
+                                f"its outputs are in {segment_root}") from error
         finally:
             builtins.print = original_print
         # this run's own folder: a reused pipeline root also holds earlier runs
@@ -182,6 +242,11 @@ def writable_by_step_user(folder: Path) -> None:
         os.chown(folder, STEP_UID, STEP_UID)
     else:
         folder.chmod(0o777)
+
+
+def without_colours(text: str) -> str:
+    """``text`` without the ANSI colour codes kfp.local puts into its messages."""
+    return ANSI_CODE.sub("", text)
 
 
 def step_manifests(root: Path) -> list[dict[str, Any]]:

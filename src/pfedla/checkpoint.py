@@ -9,10 +9,12 @@ Layout under the checkpoint location (a local directory or an ``s3://`` prefix):
 checkpoint's metadata: runs (and seeds) that share a checkpoint location never read, prune or
 clear each other's checkpoints; a store of ``<identity>`` alone clears all its seeds.
 
-Locally a file is written to ``*.partial`` and renamed, so a crash never leaves a torn
-checkpoint under its final name; on S3 a PUT is atomic and the pointer is updated after it.
+Locally a file is written to a new ``*.partial`` file and renamed, so a crash never leaves a torn
+checkpoint under its final name, and never through a symbolic link below the checkpoint location
+(``storage.write_local``); on S3 a PUT is atomic and the pointer is updated after it.
 Loading walks from the newest checkpoint down and skips (with a warning) any that is
-damaged, so a corrupt newest checkpoint falls back to the previous good one.
+damaged, another run's, or holds a tensor no run may continue from (NaN, Inf, absurdly large),
+so a corrupt newest checkpoint falls back to the previous good one.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 
 from pfedla import storage
+from pfedla.algorithms.base import value_problem
 from pfedla.errors import ArtifactError
 
 log = logging.getLogger(__name__)
@@ -64,15 +67,16 @@ class CheckpointStore:
         name = f"round_{rounds_done:05d}.safetensors"
         full_meta = {**meta, "algorithm": algorithm, "rounds_done": rounds_done, "run": self.run}
         try:
-            storage.save_tensors(f"{folder}/{name}", tensors, full_meta)
-            storage.write_bytes(f"{folder}/LATEST", name.encode())
+            # locally, only inside the checkpoint location: never through a link on the way
+            storage.save_tensors(f"{folder}/{name}", tensors, full_meta, root=self.location)
+            storage.write_bytes(f"{folder}/LATEST", name.encode(), root=self.location)
             self._prune(folder)
         except storage.StorageError as error:
             saved = ""
             if self.fallback is not None and storage.is_s3(self.location):
                 local = self._folder(str(self.fallback), algorithm)
-                storage.save_tensors(f"{local}/{name}", tensors, full_meta)
-                storage.write_bytes(f"{local}/LATEST", name.encode())
+                storage.save_tensors(f"{local}/{name}", tensors, full_meta, root=self.fallback)
+                storage.write_bytes(f"{local}/LATEST", name.encode(), root=self.fallback)
                 saved = f"; this round's checkpoint was saved locally in {local}"
             raise storage.StorageError(
                 f"checkpoint after round {rounds_done} could not be stored: {error}{saved}. "
@@ -83,7 +87,7 @@ class CheckpointStore:
     def _prune(self, folder: str) -> None:
         names = sorted(self._round_files(folder))
         for old in names[: max(0, len(names) - self.keep)]:
-            storage.delete(f"{folder}/{old}")
+            storage.delete(f"{folder}/{old}", root=self.location)
 
     @property
     def _roots(self) -> list[str]:
@@ -117,9 +121,21 @@ class CheckpointStore:
                 log.warning("checkpoint %s is not this run's (%s); falling back to the previous one",
                             location, problem)
                 continue
+            if problem := _unusable_tensor(tensors):
+                log.warning("checkpoint %s is unusable (%s); falling back to the previous one",
+                            location, problem)
+                continue
             return Checkpoint(tensors, meta, location)
         return None
 
+
+
+def _unusable_tensor(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The first tensor whose values a run must not continue from (NaN, Inf, absurd), or None."""
+    for name, tensor in tensors.items():
+        if problem := value_problem(tensor):
+            return f"tensor '{name}' {problem}"
+    return None
 
 
 def _foreign(meta: dict[str, Any], algorithm: str, run: str) -> str | None:

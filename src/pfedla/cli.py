@@ -11,7 +11,7 @@ import logging
 import sys
 from importlib.metadata import entry_points
 
-from pfedla.errors import PfedlaError, without_credentials
+from pfedla.errors import PfedlaError, one_line, without_credentials
 
 # Commands other packages add: each entry point is a function taking the parser's subcommands.
 COMMANDS_GROUP = "pfedla.commands"
@@ -102,14 +102,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _MaskedCredentials(logging.Filter):
+    """Log lines (pfedla's and the libraries') without the password of any URL they quote."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = without_credentials(record.getMessage()), None
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _MaskedCredentials) for f in handler.filters):  # main() may run again
+            handler.addFilter(_MaskedCredentials())
     logging.getLogger("pfedla").setLevel(logging.INFO)
     try:
         args.handler(args)
     except PfedlaError as error:
-        print(f"pfedla: error: {error}", file=sys.stderr)
+        # one line whatever the message quotes (a path with a line break), and no URL's password
+        print(f"pfedla: error: {one_line(without_credentials(str(error)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pfedla: interrupted", file=sys.stderr)

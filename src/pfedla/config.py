@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from pfedla import registry
-from pfedla.errors import ConfigError, shown
+from pfedla.errors import ConfigError, has_userinfo, shown
 from pfedla.registry import choice, require
 
 PARTITIONS = ("iid", "dirichlet", "pathological")
@@ -255,6 +255,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError, ValueError) as error:  # ValueError: a 5000-digit int
         raise ConfigError("--config", f"{path} is not valid YAML: {str(error)[:500]}") from None
+    except RecursionError:  # "[" * 100000: the parser recurses once per level
+        raise ConfigError("--config", f"{path} is not valid YAML: nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -268,7 +270,7 @@ def _parse_value(key: str, text: str) -> Any:
                                f"{MAX_OVERRIDE_CHARS}")
     try:
         return yaml.safe_load(text) if text.strip() else None
-    except (yaml.YAMLError, ValueError):
+    except (yaml.YAMLError, ValueError, RecursionError):
         raise ConfigError(key, f"cannot parse value {shown(text)}") from None
 
 
@@ -355,6 +357,8 @@ def num_classes_of(config: ExperimentConfig) -> int:
 MAX_EXPERIMENT_NAME_CHARS = 500
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
+INT32_MAX = 2**31 - 1
+
 # Upper bounds of size-like keys: far above any experiment this simulator can hold, low enough that
 # a typo fails here and not as an allocation error minutes later (hidden_dim=1000000 asks for N
 # hidden x hidden matrices: terabytes) or a run that never ends. docs/configuration.md lists them.
@@ -367,6 +371,13 @@ MAXIMA = {
     "synthetic.num_classes": 1_000,
     "synthetic.samples_per_client": 1_000_000,
     "pipeline.rounds_per_run": 1_000,
+    # KFP compiles these into int32 fields (parallelism, retries, a pod's deadline, a run's
+    # activeDeadlineSeconds) or a GPU limit; beyond them protobuf raises "Value out of range".
+    "pipeline.parallelism": 10_000,
+    "pipeline.client_retries": 100,
+    "pipeline.gpus_per_client": 64,
+    "pipeline.client_pod_timeout": INT32_MAX,
+    "pipeline.segment_timeout": INT32_MAX,
 }
 
 
@@ -465,7 +476,9 @@ def validate(config: ExperimentConfig) -> None:
                  f"must be >= 1 (or null for no relative limit), got {config.update_norm_ratio}")
     require(config.checkpoint_every >= 1, "checkpoint_every",
              f"must be >= 1, got {config.checkpoint_every}")
+    require(0 <= config.seed < SEED_LIMIT, "seed", f"must be in [0, {SEED_LIMIT - 1}], got {config.seed}")
     _validate_seeds(config.seeds)
+    _refuse_credentials(config)
     _validate_pipeline(config)
     model = registry.MODELS[config.model]
     for name, settings in config.settings.items():
@@ -479,6 +492,24 @@ def validate(config: ExperimentConfig) -> None:
         vector = [m for m, spec in registry.MODELS.items() if not spec.images_only]
         require(not model.images_only, "model",
                 f"the synthetic dataset is a vector task: use model: {' or '.join(vector)}")
+
+
+def _refuse_credentials(config: ExperimentConfig) -> None:
+    """No value may hold a URL with a user or password: the config is stored in run.json, MLflow
+    params and the pipeline YAML. The message never repeats the value."""
+    for key, value in _flatten(config.to_dict()).items():
+        texts = value if isinstance(value, list) else [value]
+        if not any(isinstance(text, str) and has_userinfo(text) for text in texts):
+            continue
+        if key == "pipeline.mlflow_tracking_uri":
+            source = "the Secret named by pipeline.mlflow_secret (MLFLOW_TRACKING_USERNAME, _PASSWORD)"
+        elif key.startswith("pipeline."):
+            source = "the Secret named by pipeline.s3_secret (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
+        else:
+            source = "the environment (MLFLOW_TRACKING_USERNAME, _PASSWORD; AWS_ACCESS_KEY_ID, ...)"
+        raise ConfigError(key, "holds a URL with a user name or password (user:password@host), which "
+                               "run.json, MLflow and the pipeline YAML would store: credentials come from "
+                               f"{source}")
 
 
 def _validate_seeds(seeds: list[int] | None) -> None:

@@ -18,12 +18,27 @@ def shown(value: object) -> str:
     return _SHORT.repr(value)
 
 
-_URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*):[^/\s@]*@")
+# The password runs to the authority's last '@' (a password may hold '@'; the host never does), and
+# the authority ends at the first '/', '?', '#' or blank.
+_URL_PASSWORD = re.compile(r"(?P<user>[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s:]*):[^/?#\s]*@")
+_URL_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]*@")
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def without_credentials(text: str) -> str:
     """``text`` with the password of every ``scheme://user:password@host`` URL replaced by ***."""
-    return _URL_PASSWORD.sub(r"\g<scheme>:***@", text)
+    return _URL_PASSWORD.sub(r"\g<user>:***@", text)
+
+
+def has_userinfo(text: str) -> bool:
+    """Whether ``text`` holds a URL with a user name or password before its host (``user[:pw]@host``)."""
+    return _URL_USERINFO.search(text) is not None
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks, escape sequences and other control characters written as escapes
+    (``\\n``, ``\\x1b``), so that a message quoting a path or name stays one plain line."""
+    return _CONTROL_CHARACTER.sub(lambda found: repr(found.group())[1:-1], text)
 
 
 def _bounded(text: str) -> str:

@@ -18,9 +18,9 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from pfedla import rundir, storage
-from pfedla.config import ExperimentConfig
-from pfedla.errors import ArtifactError, PfedlaError, shown
+from pfedla import readback, rundir, storage
+from pfedla.config import ExperimentConfig, run_seeds
+from pfedla.errors import PfedlaError
 from pfedla.figures import alpha_heatmap_figure, png_bytes
 from pfedla.models import CONVOLUTIONAL, LayerLayout, build_model
 from pfedla.results import format_table
@@ -70,54 +70,44 @@ class RunData:
 
 
 def load_run(output_dir: str | Path) -> RunData:
-    """Read a finished run of ``pfedla run`` from ``output_dir``."""
+    """Read a finished run of ``pfedla run`` from ``output_dir``: only the algorithms and seeds its
+    run.json records, every value checked (``readback``) before anything is drawn."""
     directory = Path(output_dir)
     summary_path = directory / rundir.SUMMARY_FILE
     if not summary_path.is_file():
         raise PfedlaError(f"{directory} holds no finished pfedla run (no {rundir.SUMMARY_FILE}); an "
                           f"interrupted one finishes with `pfedla run --resume {directory}`")
     record = rundir.read_record(directory)
-    summary = storage.read_json(summary_path)
-    try:
-        seeds = [int(seed) for seed in next(iter(summary.values()))["seeds"]]
-        histories = {name: {seed: _history(directory, name, seed) for seed in seeds} for name in summary}
-        counts = {seed: _class_counts(directory, seed) for seed in seeds}
-    except (AttributeError, KeyError, StopIteration, TypeError, ValueError) as error:
-        raise ArtifactError(f"{summary_path} or a seed's results or partition is damaged, or from an older "
-                            f"pfedla without seed folders: {shown(error)}") from None
+    config = record.config
+    summary = readback.check_summary(storage.read_json(summary_path), summary_path, config)
+    seeds = run_seeds(config)
+    histories = {name: {seed: _history(directory, name, seed, config) for seed in seeds} for name in summary}
+    counts = {seed: _class_counts(directory, seed, config) for seed in seeds}
     alphas: dict[str, dict[int, tuple[np.ndarray, bool]]] = {}
     for name in summary:
         for seed in seeds:
-            if (found := _alpha(directory, name, seed)) is not None:
+            if (found := _alpha(directory, name, seed, config)) is not None:
                 alphas.setdefault(name, {})[seed] = found
-    return RunData(record.config, record.identity, summary, seeds, histories, counts, alphas)
+    return RunData(config, record.identity, summary, seeds, histories, counts, alphas)
 
 
-def _history(directory: Path, name: str, seed: int) -> History:
-    history = storage.read_json(rundir.seed_dir(directory, seed) / "results" / f"{name}.json")["history"]
-    if not isinstance(history, list) or not all(isinstance(entry, dict) for entry in history):
-        raise ValueError(f"results/{name}.json of seed {seed} holds no per-round history")
-    return history
+def _history(directory: Path, name: str, seed: int, config: ExperimentConfig) -> History:
+    path = rundir.seed_dir(directory, seed) / "results" / f"{name}.json"
+    return readback.check_result(storage.read_json(path), path, config)["history"]
 
 
-def _class_counts(directory: Path, seed: int) -> np.ndarray:
-    clients = storage.read_json(rundir.seed_dir(directory, seed) / rundir.PARTITION_FILE)["clients"]
-    return np.array([client["train"] for client in clients], dtype=float)
+def _class_counts(directory: Path, seed: int, config: ExperimentConfig) -> np.ndarray:
+    path = rundir.seed_dir(directory, seed) / rundir.PARTITION_FILE
+    return readback.check_partition(storage.read_json(path), path, config)
 
 
-def _alpha(directory: Path, name: str, seed: int) -> tuple[np.ndarray, bool] | None:
+def _alpha(directory: Path, name: str, seed: int, config: ExperimentConfig) -> tuple[np.ndarray, bool] | None:
     """A pFedLA variant's final α, HeurpFedLA's before its one-hot rows when there is one (the trust
     the hypernetworks learned); None for an algorithm without α."""
     for raw in (True, False):
         path = rundir.seed_dir(directory, seed) / rundir.layer_weights_file(name, raw)
         if path.is_file():
-            try:
-                alpha = np.load(path, allow_pickle=False)
-            except (OSError, ValueError) as error:
-                raise ArtifactError(f"{path} is damaged: {shown(error)}") from None
-            if alpha.ndim != 3 or alpha.shape[0] != alpha.shape[2]:
-                raise ArtifactError(f"{path} holds shape {alpha.shape}, not [clients, layers, clients]")
-            return alpha, raw
+            return readback.load_alpha(path, config), raw
     return None
 
 
@@ -369,8 +359,8 @@ def write_report(output_dir: str | Path) -> list[Path]:
     written = []
     for file, figure in {**figures, **heatmaps}.items():
         path = directory / FIGURES_DIR / file
-        storage.write_bytes(path, png_bytes(figure))
+        storage.write_bytes(path, png_bytes(figure), root=directory)  # never through a linked figures/
         written.append(path)
     text = markdown(data, {file: f"{FIGURES_DIR}/{file}" for file in figures}, captions, notes)
-    storage.write_bytes(directory / REPORT_FILE, text.encode())
+    storage.write_bytes(directory / REPORT_FILE, text.encode(), root=directory)
     return [directory / REPORT_FILE, *written]

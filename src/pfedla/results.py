@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pfedla import rundir, storage
-from pfedla.errors import ArtifactError, shown
+from pfedla import readback, rundir, storage
+from pfedla.config import ExperimentConfig
+from pfedla.errors import ArtifactError
 
 
 def client_mean(accuracies: Sequence[float]) -> float:
@@ -165,7 +166,7 @@ def format_table(summary: dict, markdown: bool = False) -> str:
 def write_summary(output_dir: Path, summary: dict) -> Path:
     """``summary.json`` in ``output_dir``, algorithms in the config's order (not sorted)."""
     path = output_dir / rundir.SUMMARY_FILE
-    storage.write_bytes(path, json.dumps(summary, indent=2).encode())
+    storage.write_bytes(path, json.dumps(summary, indent=2).encode(), root=output_dir)
     return path
 
 
@@ -177,7 +178,7 @@ def write_layer_weights(folder: Path, name: str, alpha: np.ndarray | None, raw_a
         if array is not None:
             buffer = io.BytesIO()
             np.save(buffer, array)
-            storage.write_bytes(folder / rundir.layer_weights_file(name, raw), buffer.getvalue())
+            storage.write_bytes(folder / rundir.layer_weights_file(name, raw), buffer.getvalue(), root=folder)
 
 
 def result_file(folder: Path, name: str) -> Path:
@@ -187,24 +188,24 @@ def result_file(folder: Path, name: str) -> Path:
 def write_result(folder: Path, result: AlgorithmResult) -> None:
     """``results/<algorithm>.json``: the result with its per-round history. Its presence marks the
     (algorithm, seed) run finished, so it is written last."""
-    storage.write_json(result_file(folder, result.name), {**result.summary(), "history": result.history})
+    storage.write_json(result_file(folder, result.name), {**result.summary(), "history": result.history},
+                       root=folder)
 
 
-def read_result(folder: Path, name: str) -> AlgorithmResult | None:
-    """A finished run's result read back from ``folder`` (None when it has not finished)."""
+def read_result(folder: Path, name: str, config: ExperimentConfig) -> AlgorithmResult | None:
+    """A finished run's result read back from ``folder`` (None when it has not finished), every value
+    checked against ``config``, the (algorithm, seed) run's own config (``readback``)."""
     path = result_file(folder, name)
     if not path.is_file():
         return None
-    saved = storage.read_json(path)
-    weights_file, raw_file = (folder / rundir.layer_weights_file(name, raw) for raw in (False, True))
+    weights_files = [folder / rundir.layer_weights_file(name, raw) for raw in (False, True)]
     try:
-        return AlgorithmResult(
-            name=name, client_accuracies=saved["client_accuracies"], mean_accuracy=saved["mean_accuracy"],
-            rounds=saved["rounds"], wall_seconds=saved["wall_seconds"], run_id=saved["mlflow_run_id"],
-            layer_weights=np.load(weights_file, allow_pickle=False) if weights_file.is_file() else None,
-            raw_layer_weights=np.load(raw_file, allow_pickle=False) if raw_file.is_file() else None,
-            history=saved["history"],
-        )
-    except (KeyError, TypeError, ValueError, OSError) as error:
-        raise ArtifactError(f"{path} (or {weights_file.name}, {raw_file.name}) is damaged: {shown(error)}; "
-                            "start over with --overwrite") from None
+        saved = readback.check_result(storage.read_json(path), path, config)
+        weights = [readback.load_alpha(file, config) if file.is_file() else None for file in weights_files]
+    except ArtifactError as error:
+        raise ArtifactError(f"{error}; start over with --overwrite") from None
+    return AlgorithmResult(
+        name=name, client_accuracies=saved["client_accuracies"], mean_accuracy=saved["mean_accuracy"],
+        rounds=saved["rounds"], wall_seconds=saved["wall_seconds"], run_id=saved["mlflow_run_id"],
+        layer_weights=weights[0], raw_layer_weights=weights[1], history=saved["history"],
+    )

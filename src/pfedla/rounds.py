@@ -10,7 +10,7 @@ why both orchestrations give the same numbers.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,7 +84,7 @@ def fit_client(
 # -- screen, failures, aggregate, metrics ------------------------------------------------------------------
 
 class RunAborted(PfedlaError):
-    """Too many clients failed in one round to trust its aggregate."""
+    """Too many clients failed in one round to trust its aggregate, or the run diverged."""
 
 
 def report_failures(round_idx: int, failures: Sequence[ClientFailure], selected: int,
@@ -133,6 +133,18 @@ def close_round(strategy: Strategy, config: ExperimentConfig, round_idx: int,
     metrics = strategy.aggregate_fit(round_idx, updates, failures)
     metrics.update(round_metrics(updates, failures, bytes_down))
     return RoundResult(metrics, failures)
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str, config: ExperimentConfig, algorithm: str,
+                 round_idx: int) -> None:
+    """Stop a diverged run: a NaN or Inf in ``what`` (the server state, the client states, the evaluated
+    models) would otherwise evaluate as accuracy 0 and end with success. Called before the round is
+    checkpointed, so a resume never continues a diverged state."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise RunAborted(f"{algorithm}, seed {config.seed}, round {round_idx}: {what} became non-finite "
+                             f"(NaN or Inf), first at {name}: the run diverged; lower lr or the algorithm's "
+                             "own step sizes (e.g. pfedla.hn_lr, ditto.lam)")
 
 
 # -- personalize and evaluate ------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from pfedla.results import (
 )
 from pfedla.rounds import (
     accuracy_metrics,
+    check_finite,
     close_round,
     evaluate_models,
     fit_client,
@@ -44,6 +45,7 @@ from pfedla.tracking import (
     FINAL_CLIENT_MEAN_METRIC,
     FINAL_METRIC,
     Tracker,
+    artifact_root,
     default_tracking_uri,
     parent_metrics,
     relocate_local_store,
@@ -89,6 +91,8 @@ class Simulation:
         evaluation: list[EvalResult] = []
         for round_idx in range(first_round, config.rounds):
             metrics = self.run_round(strategy, states, round_idx)
+            check_finite(strategy.state_dict(), "the server state", config, name, round_idx)
+            check_finite(client_state_tensors(states), "a client's state", config, name, round_idx)
             last = round_idx == config.rounds - 1
             if last or (round_idx + 1) % config.eval_every == 0:
                 models, evaluation = self.evaluate(strategy, states, round_idx + 1)
@@ -128,6 +132,8 @@ class Simulation:
         """Every client's evaluated model and its result on the client's own test split."""
         trains = [shard.train for shard in self.shards]
         models = personalize_clients(strategy, self.trainer, states, trains, self.config, rounds_done)
+        check_finite(personalized_models(models, self.layout), "a client's evaluated model", self.config,
+                     strategy.name, rounds_done - 1)
         return models, evaluate_models(self.model, self.layout, models, self.tests)
 
     @staticmethod
@@ -205,10 +211,10 @@ class Simulation:
         model_path = self.output_dir / "models" / f"{result.name}.safetensors"
         storage.save_tensors(model_path, personalized_models(models, self.layout),
                              {"algorithm": result.name, "model": self.config.model,
-                              "clients": self.config.clients})
+                              "clients": self.config.clients}, root=self.output_dir)
         state_path = self.output_dir / "checkpoints" / f"{result.name}.safetensors"
         storage.save_tensors(state_path, state,
-                             {"algorithm": result.name, "rounds": result.rounds})
+                             {"algorithm": result.name, "rounds": result.rounds}, root=self.output_dir)
         write_layer_weights(self.output_dir, result.name, result.layer_weights, result.raw_layer_weights)
         if self.tracker:
             self.tracker.log_file(model_path, "models")
@@ -218,6 +224,17 @@ class Simulation:
                 "wall_seconds": result.wall_seconds})
             self.tracker.end_run()
         write_result(self.output_dir, result)
+
+
+def _finished_results(config: ExperimentConfig, output_dir: Path) -> dict[tuple[int, str], AlgorithmResult]:
+    """Every finished (seed, algorithm) of ``config``'s run in ``output_dir``, read back and checked."""
+    done = {}
+    for seed in run_seeds(config):
+        seed_run = _seed_run_config(config, output_dir, seed)
+        for name in config.algorithms:
+            if (result := read_result(Path(seed_run.output_dir), name, seed_run)) is not None:
+                done[seed, name] = result
+    return done
 
 
 def load_run_config(output_dir: str | Path) -> ExperimentConfig:
@@ -238,9 +255,7 @@ def _anchored(config: ExperimentConfig) -> ExperimentConfig:
 
 
 def _tracker(config: ExperimentConfig, output_dir: Path, tracking_uri: str) -> Tracker:
-    # A tracking server stores artifacts itself (e.g. proxied to S3); a file store keeps them beside us.
-    served = tracking_uri.startswith(("http://", "https://", "databricks"))
-    return Tracker(tracking_uri, config.experiment_name, None if served else output_dir / "mlartifacts")
+    return Tracker(tracking_uri, config.experiment_name, artifact_root(tracking_uri, output_dir))
 
 
 def run_experiment(config: ExperimentConfig, progress: bool = True, track: bool = True,
@@ -267,6 +282,15 @@ def run_experiment(config: ExperimentConfig, progress: bool = True, track: bool 
         else:
             config, identity = _anchored(config), rundir.new_identity(config)
         seeds = run_seeds(config)
+        known = [config] + ([previous.config] if previous is not None else [])
+        algorithms = sorted({name for each in known for name in each.algorithms})
+        all_seeds = sorted({seed for each in known for seed in run_seeds(each)})
+        rundir.check_no_links(output_dir, rundir.seed_files(algorithms, all_seeds)
+                              + report.report_files(algorithms, all_seeds),
+                              rundir.written_folders(None if previous is None else previous.identity,
+                                                     algorithms, all_seeds))
+        # what a resume reads back is checked before anything is written
+        done = _finished_results(config, output_dir) if resume else {}
         # The other seeds' data is built when their turn comes: one dataset in memory at a time.
         data = build_federated_data(_seed_run_config(config, output_dir, seeds[0]))
         tracking_uri = default_tracking_uri(output_dir)
@@ -278,14 +302,13 @@ def run_experiment(config: ExperimentConfig, progress: bool = True, track: bool 
         if not existed:
             held.enter_context(rundir.RunLock(output_dir))
         if previous is not None and not resume:  # --overwrite: only the replaced run's own files go
-            algorithms = sorted({*previous.config.algorithms, *config.algorithms})
-            replaced = sorted({*run_seeds(previous.config), *seeds})
-            rundir.remove_outputs(output_dir, rundir.seed_files(algorithms, replaced)
-                                  + report.report_files(algorithms, replaced))
+            rundir.remove_outputs(output_dir, rundir.seed_files(algorithms, all_seeds)
+                                  + report.report_files(algorithms, all_seeds))
             _checkpoint_store(previous.config, output_dir, previous.identity).clear()
-        if resume and track and local_store:  # the directory may have been copied or moved since
+        if track and local_store:  # the directory may have been copied or moved since (resumed or replaced)
             relocate_local_store(tracking_uri, output_dir / "mlartifacts")
-        storage.write_json(output_dir / rundir.RUN_FILE, rundir.RunRecord(identity, config).to_dict())
+        storage.write_json(output_dir / rundir.RUN_FILE, rundir.RunRecord(identity, config).to_dict(),
+                           root=output_dir)
         if track and local_store:
             tracker = _tracker(config, output_dir, tracking_uri)
         parent = _open_parent(tracker, config, identity, resume) if tracker else None
@@ -297,13 +320,13 @@ def run_experiment(config: ExperimentConfig, progress: bool = True, track: bool 
             if len(seeds) > 1:
                 log.info("seed %d (%d of %d)", seed, index + 1, len(seeds))
             seed_folder = Path(seed_run.output_dir)
-            storage.write_json(seed_folder / rundir.PARTITION_FILE, {"clients": data.class_counts()})
+            storage.write_json(seed_folder / rundir.PARTITION_FILE, {"clients": data.class_counts()},
+                               root=output_dir)
             checkpoints = _checkpoint_store(config, output_dir, f"{identity}/seed_{seed}")
             simulation = Simulation(seed_run, data, device, tracker, progress, checkpoints, parent)
             runs[seed] = {}
             for name in config.algorithms:
-                finished = read_result(seed_folder, name) if resume else None
-                runs[seed][name] = finished or simulation.run(name, identity, resume)
+                runs[seed][name] = done.get((seed, name)) or simulation.run(name, identity, resume)
         summary = experiment_summary(runs, config.algorithms)
         summary_path = write_summary(output_dir, summary)
         written = report.write_report(output_dir)

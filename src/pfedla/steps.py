@@ -71,6 +71,7 @@ from pfedla.models import LayerLayout, build_model, initial_buffers, initial_lay
 from pfedla.results import LayerWeights
 from pfedla.rounds import (
     accuracy_metrics,
+    check_finite,
     close_round,
     evaluate_models,
     fit_client,
@@ -496,6 +497,7 @@ def server_round(config_ref: str, round_idx: int, configure_next: bool, shards_i
                     "clients_written_bytes": float(client_io["written_bytes"]),
                     "server_read_bytes": float(plane.transfers.read_bytes)})
     # No timings in the history: a retried step must write the very same objects (their keys are reused).
+    check_finite(strategy.state_dict(), "the server state", config, strategy.name, round_idx)
     entry = {"round": round_idx, **_finite(metrics)}
     table = {**_client_states(plane, ref_at(plan, "client_states")), **new_states}
     state, history_ref, table_ref = _save_state(plane, round_idx + 1, strategy, [*history, entry], table)
@@ -540,6 +542,8 @@ def evaluate(config_ref: str, shards_in: str | Path, plan_in: str | Path, plan_o
               for c in clients]
     trainer = LocalTrainer(context.model, context.layout)
     models = personalize_clients(strategy, trainer, states, trains, config, rounds_done)
+    check_finite(personalized_models(models, context.layout), "a client's evaluated model", config,
+                 strategy.name, rounds_done - 1)
     tests = [_split(plane, ref_at(shards, "test", c), c) for c in clients]
     results = evaluate_models(context.model, context.layout, models, tests)
     metrics = _finite(accuracy_metrics(results))
@@ -655,7 +659,13 @@ def record(config_ref: str, shards_in: str | Path, checkpoint_in: str | Path, ev
     Only rounds the run does not hold yet are sent. The segment that finishes the experiment
     logs the personalized models, registers them as one model version and ends the run.
     """
-    from pfedla.tracking import FINAL_CLIENT_MEAN_METRIC, FINAL_METRIC, Tracker, default_tracking_uri
+    from pfedla.tracking import (
+        FINAL_CLIENT_MEAN_METRIC,
+        FINAL_METRIC,
+        Tracker,
+        artifact_root,
+        default_tracking_uri,
+    )
 
     config = read_config(config_ref)
     plane = data_plane(config)
@@ -663,7 +673,8 @@ def record(config_ref: str, shards_in: str | Path, checkpoint_in: str | Path, ev
     checkpoint_manifest = plane.read_manifest(checkpoint_in, CHECKPOINT)
     manifest, evaluation, weights = _final_evaluation(plane, evaluation_in)
     rounds_done, finished = evaluation["rounds"], evaluation["rounds"] >= config.rounds
-    tracker = Tracker(tracking_uri or default_tracking_uri(config.output_dir), config.experiment_name)
+    uri = tracking_uri or default_tracking_uri(config.output_dir)
+    tracker = Tracker(uri, config.experiment_name, artifact_root(uri, config.output_dir))
     name, key = config.pipeline.algorithm, experiment_key(config)
     run_id = tracker.find_run({"pfedla.experiment_key": key, "pfedla.orchestration": "kubeflow"})
     if run_id is None:

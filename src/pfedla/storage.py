@@ -6,13 +6,16 @@ MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), never from co
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
 import os
+import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError
@@ -108,9 +111,10 @@ def _transfer_config() -> Any:
     return TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES)
 
 
-def write_bytes(location: str | Path, data: bytes) -> None:
-    """Write atomically: a local file via write-then-rename, an S3 object by one (multipart) upload,
-    which becomes visible only when complete."""
+def write_bytes(location: str | Path, data: bytes, root: str | Path | None = None) -> None:
+    """Write atomically: a local file via an exclusive temporary file renamed into place
+    (``write_local``, confined to ``root``), an S3 object by one (multipart) upload, which becomes
+    visible only when complete."""
     if is_s3(location):
         bucket, key = split_s3(str(location))
         if len(data) <= MULTIPART_BYTES:
@@ -120,14 +124,102 @@ def write_bytes(location: str | Path, data: bytes) -> None:
             _s3_call("write", str(location), lambda: s3_client().upload_fileobj(
                 io.BytesIO(data), bucket, key, Config=_transfer_config()))
         return
-    path = Path(location)
-    partial = path.with_name(path.name + ".partial")
+    write_local(Path(location), lambda out: out.write(data), root)
+
+
+def _parts_below(path: Path, root: Path, action: str) -> list[str]:
+    """``path``'s names below ``root``, refusing one that is not plainly inside it (``..``)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_bytes(data)
-        os.replace(partial, path)
-    except OSError as error:  # a full or read-only disk: the file keeps its previous content
-        raise StorageError(f"cannot write {location}: {error.strerror or error}") from None
+        parts = path.relative_to(root).parts
+    except ValueError:
+        parts = ()
+    if not parts or ".." in parts:
+        raise StorageError(f"refusing to {action} {path}: it is not a file inside {root}")
+    return list(parts)
+
+
+def _open_folder(root: Path, parts: list[str], location: Path, create: bool, action: str) -> int | None:
+    """An open descriptor of ``root/parts...``, each of ``parts`` a real folder (created when
+    ``create``; otherwise a missing one gives None), never a symbolic link: what is opened below it
+    stays inside ``root``. The caller closes it."""
+    reached = root
+    try:
+        if create:
+            root.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        for part in parts:
+            reached = reached / part
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, dir_fd=descriptor)
+            try:
+                child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                dir_fd=descriptor)
+            finally:
+                os.close(descriptor)
+            descriptor = child
+    except FileNotFoundError:
+        if create:
+            raise StorageError(f"cannot {action} {location}: {reached} vanished meanwhile") from None
+        return None
+    except OSError as error:
+        if reached.is_symlink():
+            raise StorageError(f"cannot {action} {location}: {reached} is a symbolic link, and pfedla never "
+                               f"goes through one (it could lead outside {root}): remove it") from None
+        raise StorageError(f"cannot {action} {location}: {error.strerror or error}") from None
+    return descriptor
+
+
+def write_local(path: Path, fill: Callable[[BinaryIO], object], root: str | Path | None = None) -> None:
+    """Write a local file through ``fill(file)``, atomically and only inside ``root`` (default: the
+    file's folder).
+
+    The bytes go to a new temporary file beside ``path``, created exclusively (never an existing
+    file, never through a link), which is then renamed over ``path``: a kill leaves the previous
+    content under the final name, and a symbolic link at ``path`` is replaced, not followed. Every
+    folder between ``root`` and the file must be a real folder (a link is refused), so nothing is
+    written outside ``root``. A failure is a StorageError and the file keeps its previous content.
+    """
+    base = path.parent if root is None else Path(root)
+    *folders, name = _parts_below(path, base, "write")
+    folder = _open_folder(base, folders, path, create=True, action="write")
+    try:
+        for _ in range(100):
+            temporary = f"{name}.{secrets.token_hex(6)}.partial"
+            try:
+                descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                     | os.O_CLOEXEC, 0o666, dir_fd=folder)
+                break
+            except FileExistsError:
+                continue
+            except OSError as error:  # a full or read-only disk, a name too long
+                raise StorageError(f"cannot write {path}: {error.strerror or error}") from None
+        else:
+            raise StorageError(f"cannot write {path}: no free temporary name beside it")
+        try:
+            with os.fdopen(descriptor, "wb") as out:
+                fill(out)
+            os.replace(temporary, name, src_dir_fd=folder, dst_dir_fd=folder)
+        except BaseException as error:  # an error or Ctrl-C removes it; a kill leaves it, never a torn file
+            with contextlib.suppress(OSError):
+                os.unlink(temporary, dir_fd=folder)
+            if isinstance(error, OSError):
+                raise StorageError(f"cannot write {path}: {error.strerror or error}") from None
+            raise
+    finally:
+        os.close(folder)
+
+
+def first_link(root: Path, relative: str) -> Path | None:
+    """The first of ``root/relative``'s names below ``root`` that is a symbolic link, or None."""
+    reached = root
+    for part in Path(relative).parts:
+        reached = reached / part
+        if reached.is_symlink():
+            return reached
+        if not reached.exists():
+            return None
+    return None
 
 
 def read_bytes(location: str | Path) -> bytes:
@@ -175,13 +267,24 @@ def list_folders(folder: str | Path) -> list[str]:
     return sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
 
 
-def delete(location: str | Path) -> None:
-    """Remove one object or file; missing is fine."""
+def delete(location: str | Path, root: str | Path | None = None) -> None:
+    """Remove one object or file; missing is fine. A local file is removed only inside ``root``
+    (default: its folder), never through a symbolic link to a folder on the way."""
     if is_s3(location):
         bucket, key = split_s3(str(location))
         _s3_call("delete", str(location), lambda: s3_client().delete_object(Bucket=bucket, Key=key))
         return
-    Path(location).unlink(missing_ok=True)
+    path = Path(location)
+    base = path.parent if root is None else Path(root)
+    *folders, name = _parts_below(path, base, "delete")
+    folder = _open_folder(base, folders, path, create=False, action="delete")
+    if folder is None:  # its folder is gone: so is the file
+        return
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=folder)
+    finally:
+        os.close(folder)
 
 
 def copy(source: str | Path, target: str | Path) -> None:
@@ -194,14 +297,11 @@ def copy(source: str | Path, target: str | Path) -> None:
     if is_s3(source) or is_s3(target):
         write_bytes(target, read_bytes(source))
         return
-    path = Path(target)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
     try:
-        shutil.copyfile(source, partial)
+        with open(source, "rb") as original:
+            write_local(Path(target), lambda out: shutil.copyfileobj(original, out))
     except OSError as error:
         raise StorageError(f"cannot copy {source} to {target}: {error.strerror}") from None
-    os.replace(partial, path)
 
 
 def delete_prefix(prefix: str | Path) -> int:
@@ -215,6 +315,9 @@ def delete_prefix(prefix: str | Path) -> int:
                      lambda b=batch: s3_client().delete_objects(Bucket=bucket, Delete=b))
         return len(keys)
     path = Path(prefix)
+    if path.is_symlink():
+        raise StorageError(f"refusing to delete what {prefix} holds: it is a symbolic link, and pfedla never "
+                           "deletes through one (it could lead anywhere): remove it")
     if not path.is_dir():
         return 0
     count = sum(1 for p in path.rglob("*") if p.is_file())
@@ -238,15 +341,19 @@ def tensors_from_bytes(data: bytes, where: str | Path) -> tuple[dict[str, torch.
         metadata = json.loads(header.get("__metadata__", {}).get("pfedla", "{}"))
     except (SafetensorError, ValueError, UnicodeDecodeError, OverflowError) as error:
         raise ArtifactError(f"{where} is not a valid safetensors file: {error}") from None
+    except RecursionError:  # metadata JSON nested thousands of levels deep
+        raise ArtifactError(f"{where} is not a valid safetensors file: its metadata is nested too deeply") \
+            from None
     if not isinstance(metadata, dict):
         raise ArtifactError(f"{where}: metadata is not a JSON object")
     return tensors, metadata
 
 
 def save_tensors(location: str | Path, tensors: dict[str, torch.Tensor],
-                 metadata: dict[str, Any] | None = None) -> None:
-    """Store named tensors as safetensors; ``metadata`` (JSON-able) rides in the header."""
-    write_bytes(location, tensor_bytes(tensors, metadata))
+                 metadata: dict[str, Any] | None = None, root: str | Path | None = None) -> None:
+    """Store named tensors as safetensors (locally only inside ``root``, see ``write_local``);
+    ``metadata`` (JSON-able) rides in the header."""
+    write_bytes(location, tensor_bytes(tensors, metadata), root)
 
 
 def load_tensors(location: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -254,8 +361,9 @@ def load_tensors(location: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors_from_bytes(read_bytes(location), location)
 
 
-def write_json(location: str | Path, payload: Any) -> None:
-    write_bytes(location, json.dumps(payload, indent=2, sort_keys=True).encode())
+def write_json(location: str | Path, payload: Any, root: str | Path | None = None) -> None:
+    """``payload`` as JSON with sorted keys, written like ``write_bytes``."""
+    write_bytes(location, json.dumps(payload, indent=2, sort_keys=True).encode(), root)
 
 
 def json_from_bytes(data: bytes, where: str | Path) -> Any:
@@ -264,6 +372,8 @@ def json_from_bytes(data: bytes, where: str | Path) -> Any:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as error:
         raise ArtifactError(f"{where} is not valid JSON: {error}") from None
+    except RecursionError:  # "[" * 200000: Python's parser recurses once per level
+        raise ArtifactError(f"{where} is not valid JSON: nested too deeply") from None
 
 
 def read_json(location: str | Path) -> Any:
@@ -294,5 +404,5 @@ def download_prefix(prefix: str, destination: Path) -> Path:
     for item, target in targets:
         if target.is_file() and target.stat().st_size == item["Size"]:
             continue
-        write_bytes(target, read_bytes(f"s3://{bucket}/{item['Key']}"))
+        write_bytes(target, read_bytes(f"s3://{bucket}/{item['Key']}"), root=destination)
     return destination

@@ -32,6 +32,14 @@ def default_tracking_uri(output_dir: str | Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output_dir).resolve()}/mlflow.db"
 
 
+def artifact_root(tracking_uri: str, output_dir: str | Path) -> Path | None:
+    """Where a run's artifacts go: ``output_dir/mlartifacts`` beside a local store (MLflow's own
+    default is ``./mlruns`` of the working directory, outside the run), None for a tracking server,
+    which stores artifacts itself (e.g. proxied to S3)."""
+    served = tracking_uri.startswith(("http://", "https://", "databricks"))
+    return None if served else Path(output_dir) / "mlartifacts"
+
+
 def relocate_local_store(tracking_uri: str, artifact_root: Path) -> None:
     """Point a local sqlite store's artifact locations at ``artifact_root`` after its output
     directory was copied or moved: MLflow keeps absolute ``file://`` URIs, which would still name
@@ -52,6 +60,19 @@ def relocate_local_store(tracking_uri: str, artifact_root: Path) -> None:
                     f"UPDATE {table} SET {column} = ? || substr({column}, ?) "  # noqa: S608 - fixed names
                     f"WHERE substr({column}, 1, ?) = ?",
                     (new_root, len(old_root) + 1, len(old_root), old_root))
+        relocated = bool(roots - {new_root})
+        runs = [run_id for (run_id,) in connection.execute("SELECT run_uuid FROM runs")] if relocated else []
+    _forget_artifact_locations(runs)
+
+
+def _forget_artifact_locations(run_ids: list[str]) -> None:
+    """Drop MLflow's in-process memory of where these runs' artifacts go (it keeps one per run id for
+    the life of the process): after a relocation it would still name the old directory."""
+    from mlflow.tracking._tracking_service import utils
+
+    cache = getattr(utils, "_artifact_repos_cache", {})  # MLflow 2.x/3.x: an OrderedDict by run id
+    for run_id in run_ids:
+        cache.pop(run_id, None)
 
 
 class TrackingError(PfedlaError):
@@ -81,6 +102,28 @@ def _tag_filter(tags: dict[str, str]) -> str:
     return " and ".join(f"tags.`{key}` = '{value}'" for key, value in sorted(tags.items()))
 
 
+# How long the first request to a tracking server may take. MLflow's own client retries a refused
+# connection 7 times with a doubling backoff (minutes, a urllib3 warning line each), so a server
+# that does not answer is found by one direct request before any work starts.
+PROBE_SECONDS = 10.0
+
+
+def check_reachable(tracking_uri: str, timeout: float = PROBE_SECONDS) -> None:
+    """Raise ``TrackingError`` unless the tracking server at ``tracking_uri`` answers within ``timeout``
+    seconds; a local store (sqlite, file) needs no probe. Any HTTP answer will do: authentication and
+    everything else is MLflow's to check on its first call."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    where = without_credentials(tracking_uri)
+    try:
+        requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=timeout, allow_redirects=False)
+    except requests.RequestException as error:
+        reason = without_credentials((str(error) or repr(error)).splitlines()[0])
+        raise TrackingError(f"MLflow at {where} failed to answer: {reason[:500]}") from None
+
+
 class _GuardedClient:
     """An ``MlflowClient`` whose failures become one ``TrackingError`` naming the store without
     credentials: MLflow's own messages quote the full tracking URI, password included."""
@@ -106,6 +149,7 @@ class Tracker:
         import mlflow
 
         self.tracking_uri = tracking_uri
+        check_reachable(tracking_uri)
         if without_credentials(tracking_uri) != tracking_uri:
             # MLflow prints each finished run's link to stdout, password included
             os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"

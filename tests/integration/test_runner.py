@@ -3,6 +3,7 @@ segments, the real SeaweedFS and MLflow servers) held to the cluster launcher's 
 segment-by-segment submission to a KFP API."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +11,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import fault_injection
+from cli_errors import error_line, run_cli
 from launcher_contract import assert_launcher_accepts
 from pfedla import simulation
+from pfedla.cli import main
 from pfedla.config import config_from_dict, experiment_key
 from pfedla.dataplane import run_prefix
 from pfedla_pipelines.fl_pipeline import compile_pipeline, segment_config, segments
 from pfedla_pipelines.runner import run_local
+from planted_links import plant_file_link, snapshot
 
 FAULTS = "1:raise,2:slow,3:diverge"  # a lost GPU, a client past client_timeout, a diverging client
 
@@ -201,6 +205,55 @@ def test_a_round_in_which_every_client_fails_goes_on_with_launcher_safe_outputs(
     assert "train_loss" in simulated.history[1]
     # again into the same pipeline root: the summary counts this run's steps only, and nothing changed
     config = config_from_dict({**raw, "output_dir": str(tmp_path / "pipe")})
-    again = run_local(config, tmp_path / "root")["pfedla"]
+    again = run_local(config, tmp_path / "root", overwrite=True)["pfedla"]
     assert again["client_accuracies"] == summary["client_accuracies"]
     assert again["data_movement"] == summary["data_movement"]
+
+
+# -- run-local's output directory and errors -----------------------------------------------------------------
+
+LOCAL = ["--set", "clients=3", "--set", "rounds=1", "--set", "model=mlp", "--set", "device=cpu"]
+
+
+def test_run_local_replaces_links_at_its_names_and_writes_nothing_outside(tmp_path, monkeypatch, capsys,
+                                                                          restore_print):
+    """Issue 21's confinement for run-local: links planted at summary.json, the α files and their
+    temporary names are replaced, never written through; MLflow's artifacts stay in output_dir (on
+    42ac5ca they went to ./mlruns of the working directory, and summary.json was written through a
+    link)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out, outside, cwd = tmp_path / "out", tmp_path / "outside", tmp_path / "cwd"
+    out.mkdir()
+    cwd.mkdir()
+    names = ["summary.json", "layer_weights.npy", "layer_weights_raw.npy"]
+    for index, name in enumerate(names):
+        plant_file_link(out, outside, name, index)
+    before = snapshot(outside)
+    monkeypatch.chdir(cwd)
+    args = ["pipeline", "run-local", *LOCAL, "--set", f"output_dir={out}", "--pipeline-root",
+            str(tmp_path / "root")]
+    line = error_line(main(args), capsys.readouterr().err)  # the planted summary.json looks like a run
+    assert line.endswith("holds a finished run: choose another output_dir, or replace it with --overwrite")
+    assert main([*args, "--overwrite"]) == 0, capsys.readouterr().err
+    assert snapshot(outside) == before
+    assert list(cwd.iterdir()) == []
+    for name in ("summary.json", "layer_weights.npy"):  # pfedla without HeurpFedLA: no raw α
+        assert (out / name).is_file() and not (out / name).is_symlink(), name
+    assert not os.path.lexists(out / "layer_weights_raw.npy")
+    assert json.loads((out / "summary.json").read_text())["pfedla"]["rounds"] == 1
+    assert any((out / "mlartifacts").rglob("evaluation.json"))
+
+
+def test_a_failing_step_is_one_error_line_without_colour_codes(tmp_path):
+    """Issue 21, case 17: on 42ac5ca it ended with "Inner task failed" in ANSI colour codes after
+    kfp.local's warnings about every step."""
+    args = ["pipeline", "run-local", "--set", "clients=3", "--set", "rounds=2", "--set", "model=mlp",
+            "--set", "device=cpu", "--set", "pipeline.start_round=1", "--set",
+            f"pipeline.resume_from={tmp_path / 'nowhere'}", "--set", f"output_dir={tmp_path / 'out'}",
+            "--pipeline-root", str(tmp_path / "root")]
+    result = run_cli(*args, env={"MLFLOW_TRACKING_URI": ""})
+    line = error_line(result.returncode, result.stderr)
+    assert "\x1b" not in result.stderr
+    assert line.startswith("pfedla: error: local pipeline run failed in rounds 1..1: ")
+    assert "Inner task failed: 'server-init'." in line and "ends its log on stdout" in line
+    assert f"cannot read {tmp_path / 'nowhere'}/manifest.json" in result.stdout

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from pfedla import storage
+from pfedla.cli import main
 from pfedla.config import config_from_dict
 from pfedla.data.federated import class_overlap
 from pfedla.results import format_table
@@ -54,14 +56,22 @@ def wait_for(path_glob, root, timeout=240):
     raise AssertionError(f"{path_glob} never appeared under {root}")
 
 
-# Runs the CLI with an audit hook that SIGKILLs the process at the first matching event: the
-# checkpoint's .partial file about to be opened (write started, nothing on disk yet) or renamed
-# (all bytes written, not yet committed), so the kill provably lands inside a checkpoint write.
+# Runs the CLI with an audit hook that SIGKILLs the process at the first event whose path matches
+# the glob ``*<needle>*``: e.g. a checkpoint's temporary file ``<name>.<random>.partial`` about to be
+# opened (write started, nothing on disk yet) or renamed (all bytes written, not yet committed), so
+# the kill provably lands inside that write. pfedla opens and renames a temporary file relative to
+# its folder's descriptor: a rename's folder is read back from that descriptor, an open's is not
+# given (needles for an open name the file alone).
 KILL_AT_EVENT = """
-import os, signal, sys
+import fnmatch, os, signal, sys
 event_name, needle = sys.argv.pop(1), sys.argv.pop(1)
 def kill_at(event, args):
-    if event == event_name and needle in str(args[0]):
+    if event != event_name:
+        return
+    where = str(args[0])
+    if event == "os.rename" and isinstance(args[2], int) and args[2] >= 0:
+        where = os.readlink(f"/proc/self/fd/{args[2]}") + "/" + where
+    if fnmatch.fnmatchcase(where, f"*{needle}*"):
         os.kill(os.getpid(), signal.SIGKILL)
 sys.addaudithook(kill_at)
 from pfedla.cli import main
@@ -99,10 +109,12 @@ def test_sigkill_mid_round_and_inside_checkpoint_writes_then_resume_gives_the_un
         assert process.wait(timeout=30) == -signal.SIGKILL
 
     def kill_inside_write(event, file):
-        killed = subprocess.run([sys.executable, "-c", KILL_AT_EVENT, event, f"{file}.partial", *resume],
+        # an open does not name the folder: pfedla (first in algorithms) writes each round first
+        needle = f"{file if event == 'os.rename' else file.rpartition('/')[2]}.*.partial"
+        killed = subprocess.run([sys.executable, "-c", KILL_AT_EVENT, event, needle, *resume],
                                 env=env, capture_output=True, timeout=600)
         assert killed.returncode == -signal.SIGKILL
-        assert (rounds_dir / f"{file}.partial").is_file() == (event == "os.rename")
+        assert bool(list(rounds_dir.glob(f"{file}.*.partial"))) == (event == "os.rename")
         assert not (rounds_dir / file).exists() or file.endswith("LATEST")
 
     kill_when_written(["--config", str(tmp_path / "killed.yaml")], "pfedla/round_00002.safetensors")
@@ -354,11 +366,11 @@ def test_a_run_over_seeds_resumes_per_algorithm_and_seed_under_one_mlflow_parent
                 assert logged.value == entry[f"{key}{suffix}"]
 
 
-# Kills the CLI at the first `open` of a path containing the needle (see KILL_AT_EVENT).
+# Kills the CLI at the first `open` of a path matching the needle (see KILL_AT_EVENT).
 @pytest.mark.parametrize("needle", [
-    "round_00001.safetensors.partial",  # round 0 done and tracked, no checkpoint yet: an orphan run
+    "round_00001.safetensors.*.partial",  # round 0 done and tracked, no checkpoint yet: an orphan run
     "artifacts/models/.artifact.uploading",  # outputs being logged to MLflow, run not ended
-    "results/local.json.partial",  # MLflow run ended, result not yet written
+    "local.json.*.partial",  # results/local.json: MLflow run ended, result not yet written
 ])
 def test_mlflow_is_consistent_after_a_kill_at_any_point_of_the_finish(tmp_path, monkeypatch, needle):
     """On the old main results/<alg>.json was written before the MLflow run ended: a kill there left
@@ -583,3 +595,58 @@ def test_a_client_past_client_timeout_is_left_out_like_an_absent_one(tmp_path, m
     absent = run_experiment(config_from_dict(raw), progress=False, track=False,
                             overwrite=True).results["pfedla"]
     assert slow.client_accuracies == absent.client_accuracies  # tolerance: exact equality
+
+
+@pytest.mark.parametrize(("algorithm", "step_size"), [("ditto", "ditto.lam=1.0e+30"),
+                                                      ("pfedla", "pfedla.hn_lr=1.0e+30")])
+def test_a_diverging_run_stops_naming_algorithm_seed_and_round_and_keeps_no_diverged_checkpoint(
+        algorithm, step_size, tmp_path, capsys, monkeypatch):
+    """Issue 21, case 9: on 42ac5ca every personal model (Ditto) or personalized model (pFedLA) became
+    NaN, every accuracy was 0.0000 and the run ended with exit 0."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "out"
+    code = main(["run", "--quiet", "--set", "clients=3", "--set", "rounds=2", "--set", "model=mlp", "--set",
+                 "device=cpu", "--set", f"algorithms=[{algorithm}]", "--set", step_size, "--set",
+                 f"output_dir={out}"])
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("pfedla: error:")]
+    assert code == 2 and "Traceback" not in stderr and len(errors) == 1, stderr
+    assert re.fullmatch(rf"pfedla: error: {algorithm}, seed 0, round [01]: .+ became non-finite "
+                        r"\(NaN or Inf\), first at \S+: the run diverged; lower lr .*", errors[0]), errors[0]
+    assert not (out / "summary.json").exists() and not (out / "seed_0" / "results").exists()
+    for path in (out / "checkpoints").rglob("*.safetensors"):  # what a resume would continue from
+        tensors, _ = storage.load_tensors(path)
+        assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()), path
+
+
+@pytest.mark.parametrize("algorithm", ["fedper", "ditto", "fedbn"])
+def test_a_resume_never_continues_from_a_non_finite_or_absurd_client_state(algorithm, tiny_config, tmp_path,
+                                                                          caplog):
+    """Issue 21, case 8: on 42ac5ca a NaN in a client's checkpointed state (FedPer's head, Ditto's
+    personal model, FedBN's running variance), or a private layer x 1e30, resumed with exit 0 and that
+    client scored 0.0000. Now the newest checkpoint is skipped naming the tensor, and the resume from
+    the one before gives the uninterrupted run's numbers."""
+    config = tiny_config(algorithms=[algorithm], clients=3, rounds=2, model="mlp_bn")
+    finished = run_experiment(config, progress=False, track=False).results[algorithm]
+    out = Path(config.output_dir)
+    (newest,) = out.glob(f"checkpoints/rounds/*/seed_0/{algorithm}/round_00002.safetensors")
+    tensors, meta = storage.load_tensors(newest)
+    kept = {"fedper": ".layer.", "ditto": ".personal.", "fedbn": "running_var"}[algorithm]
+    name = next(key for key in sorted(tensors) if key.startswith("client.1.") and kept in key)
+    with_nan = tensors[name].clone()
+    with_nan.view(-1)[0] = float("nan")
+    for damaged, problem in [(with_nan, "holds NaN or Inf"),
+                             (tensors[name] * 1e30, "holds values beyond 1e+18 in magnitude")]:
+        (out / "summary.json").unlink(missing_ok=True)
+        (out / "seed_0" / "results" / f"{algorithm}.json").unlink()
+        storage.save_tensors(newest, {**tensors, name: damaged}, meta)
+        caplog.clear()
+        resumed = run_experiment(config, progress=False, track=False, resume=True).results[algorithm]
+        assert f"round_00002.safetensors is unusable (tensor '{name}' {problem}" in caplog.text
+        assert resumed.client_accuracies == finished.client_accuracies
+        assert [without_timing(entry) for entry in resumed.history] == \
+            [without_timing(entry) for entry in finished.history]
+
+
+def without_timing(entry: dict) -> dict:
+    return {key: value for key, value in entry.items() if key != "round_seconds"}

@@ -106,3 +106,20 @@ def test_s3_outage_saves_locally_and_says_so(tmp_path, monkeypatch):
     assert local.latest("pfedla").rounds_done == 4
 
 
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    (float("nan"), "holds NaN or Inf"), (float("inf"), "holds NaN or Inf"),
+    (1e30, "holds values beyond 1e+18 in magnitude"),
+])
+def test_a_checkpoint_holding_a_tensor_no_run_can_continue_from_is_skipped_naming_it(tmp_path, value, problem,
+                                                                                        caplog):
+    """Issue 21, case 8: on 42ac5ca only names, shapes and dtypes were checked."""
+    store = CheckpointStore(tmp_path, keep=3, run=RUN)
+    for rounds in (1, 2):
+        store.save("pfedla", rounds, state(rounds), meta(rounds))
+    tensors = {**state(3), "client.1.personal.0": torch.tensor([0.5, value])}
+    store.save("pfedla", 3, tensors, meta(3))
+    with caplog.at_level(logging.WARNING):
+        assert store.latest("pfedla").rounds_done == 2
+    assert f"round_00003.safetensors is unusable (tensor 'client.1.personal.0' {problem})" in caplog.text

@@ -99,6 +99,21 @@ def test_pipeline_compile_reports_size_and_the_segments(tmp_path, capsys):
     assert "is not a directory" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("key", ["parallelism", "client_retries", "gpus_per_client", "client_pod_timeout",
+                                 "segment_timeout"])
+def test_pipeline_compile_refuses_integers_kubernetes_cannot_hold(tmp_path, capsys, key):
+    """On the old main protobuf or the int32 check of activeDeadlineSeconds raised "Value out of range"
+    (a traceback) for 10**20, and 2**31 GPUs or a 2**31 s pod deadline compiled into a YAML."""
+    output = tmp_path / "p.yaml"
+    for value in (2**31, 10**20):
+        code = main(["pipeline", "compile", "--set", "pipeline.data_root=s3://pfedla", "--set",
+                     f"pipeline.{key}={value}", "-o", str(output)])
+        line = error_line(code, capsys.readouterr().err)
+        assert line.startswith(f"pfedla: error: config key 'pipeline.{key}': must be at most ")
+        assert line.endswith(f", got {value}")
+        assert not output.exists()
+
+
 @pytest.mark.parametrize(
     ("name", "problem"),
     [("pipeline", "the pipeline file's name must end in .yaml or .yml"),
@@ -119,3 +134,34 @@ def test_credentials_in_urls_are_masked():
     assert without_credentials("http://h:5000/api https://user@h/") == "http://h:5000/api https://user@h/"
 
 
+# SIGKILLs `pfedla pipeline compile` after half of the YAML has reached its file: kfp writes the
+# document with yaml.dump_all into the open file, so the kill lands inside that write.
+KILLED_MID_WRITE = """
+import os, signal, sys
+import yaml
+dump_all = yaml.dump_all
+def half_then_kill(documents, stream, **options):
+    text = dump_all(documents, None, **options)
+    stream.write(text[: len(text) // 2])
+    stream.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+yaml.dump_all = half_then_kill
+from pfedla.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_pipeline_compile_killed_mid_write_leaves_the_previous_yaml_whole(tmp_path):
+    """Issue 21, case 19: on main a compile killed mid-write left a truncated YAML under the final
+    name (and a truncated YAML of many rounds still parses)."""
+    import signal
+
+    output = tmp_path / "pipeline.yaml"
+    args = ["pipeline", "compile", "--set", "pipeline.data_root=s3://pfedla", "-o", str(output)]
+    assert main([*args, "--set", "rounds=2"]) == 0
+    previous = output.read_bytes()
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, *args, "--set", "rounds=8"],
+                            capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert output.read_bytes() == previous
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["pipeline.yaml"]  # nothing left beside it

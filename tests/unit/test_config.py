@@ -9,6 +9,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cli_errors import error_line
+from pfedla.cli import main
 from pfedla.config import (
     MAXIMA,
     ExperimentConfig,
@@ -110,6 +112,10 @@ def test_flat_params_cover_nested_keys():
         ({"synthetic": {"num_classes": 1001}}, "synthetic.num_classes", "must be at most 1000"),
         ({"synthetic": {"samples_per_client": 10**7}}, "synthetic.samples_per_client", "at most 1000000"),
         ({"pipeline": {"rounds_per_run": 1001}}, "pipeline.rounds_per_run", "must be at most 1000"),
+        *[({"pipeline": {key: value}}, f"pipeline.{key}", f"must be at most {maximum}, got {value}")
+          for key, maximum in [("parallelism", 10_000), ("client_retries", 100), ("gpus_per_client", 64),
+                               ("client_pod_timeout", 2**31 - 1), ("segment_timeout", 2**31 - 1)]
+          for value in (2**31, 10**20)],
         ({"seeds": []}, "seeds", "list at least one seed"),
         ({"seeds": 3}, "seeds", "expected a list of integers, got 3"),
         ({"seeds": [0, "1"]}, "seeds", "expected a list of integers"),
@@ -318,3 +324,30 @@ def test_each_algorithm_reads_its_own_section_and_sections_round_trip():
     assert config_from_dict(config.to_dict()) == config
     assert config.flat_params()["pfedhn.embedding_dim"] == "16"
     assert experiment_key(config) != experiment_key(load_config())
+
+
+@pytest.mark.parametrize(("overrides", "key", "fragment"), [
+    (["seed=4294967296"], "seed", "must be in [0, 4294967295], got 4294967296"),
+    (["seed=-1"], "seed", "must be in [0, 4294967295], got -1"),
+    (["pfedla.heur_k=100"], "pfedla.heur_k", "the model has 4 layers: keep at most 3 local, got 100"),
+    (["pfedla.heur_k=4"], "pfedla.heur_k", "the model has 4 layers: keep at most 3 local, got 4"),
+    (["pfedla_frozen.heur_k=3", "model=mlp"], "pfedla_frozen.heur_k",
+     "the model has 3 layers: keep at most 2 local, got 3"),
+])
+def test_a_seed_out_of_range_or_heur_k_past_the_models_layers_is_refused(overrides, key, fragment, tmp_path,
+                                                                         capsys):
+    """Issue 21, cases 10 and 11: on main seed=4294967296 ran seed 0's numbers, seed=-1 made a folder
+    seed_-1/, and heur_k=100 on a 4-layer model was clamped to 4, which is local training."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, overrides)
+    assert caught.value.key == key and fragment in str(caught.value)
+    out = tmp_path / "out"
+    code = main(["run", "--quiet", *(item for override in overrides for item in ("--set", override)),
+                 "--set", f"output_dir={out}"])
+    line = error_line(code, capsys.readouterr().err)
+    assert f"config key '{key}'" in line and not out.exists()
+
+
+def test_the_largest_seed_and_heur_k_are_accepted():
+    assert config_from_dict({"seed": 2**32 - 1, "pfedla": {"heur_k": 3}}).settings_of("pfedla").heur_k == 3
+    assert config_from_dict({"model": "cnn_bn", "pfedla": {"heur_k": 5}}).settings_of("pfedla").heur_k == 5

@@ -242,11 +242,11 @@ def test_a_directory_without_a_finished_run_or_with_an_old_summary_is_one_error_
     old = tmp_path / "old"
     old.mkdir()
     (old / "run.json").write_bytes((seeded_run / "run.json").read_bytes())
-    flat = {"local": {"mean_accuracy": 0.9, "client_accuracies": [0.9]}}  # before seed folders
-    (old / "summary.json").write_text(json.dumps(flat))
+    flat = {name: {"mean_accuracy": 0.9, "client_accuracies": [0.9]} for name in ("pfedla", "local")}
+    (old / "summary.json").write_text(json.dumps(flat))  # as written before seed folders
     assert main(["report", str(old)]) == 2
     (line,) = capsys.readouterr().err.splitlines()
-    assert "is damaged, or from an older pfedla without seed folders" in line
+    assert "summary.json is damaged or from an older pfedla: 'pfedla.client_mean_accuracy' must be" in line
     assert not (old / "report.md").exists()
 
 

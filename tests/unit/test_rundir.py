@@ -1,9 +1,11 @@
 """The run directory: identity, run.json checks, the writer lock, where a run may be written."""
 
+import json
 from pathlib import Path
 
 import pytest
 
+from cli_errors import error_line
 from pfedla import rundir
 from pfedla.cli import main
 from pfedla.config import config_from_dict, experiment_key
@@ -95,3 +97,24 @@ def test_each_seed_writes_into_a_folder_of_its_own():
     assert {f.split("/")[0] for f in files} == {"seed_0", "seed_12"}
     assert len(files) == len(set(files)) == 2 * (1 + 2 * 5)
     assert rundir.seed_dir(Path("out"), 12) == Path("out/seed_12")
+
+
+def test_a_run_json_without_a_valid_identity_gets_advice_that_works(tmp_path, capsys, monkeypatch):
+    """Issue 21, case 20: on main the advice was "start over with --overwrite", and --overwrite gave the
+    same error (it needs the record to know which files it replaces)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "out"
+    args = ["run", "--quiet", "--set", "clients=3", "--set", "rounds=1", "--set", "algorithms=[local]",
+            "--set", f"output_dir={out}"]
+    assert main(args) == 0
+    record = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**record, "identity": "not-an-identity"}))
+    capsys.readouterr()
+    attempts = (args, args + ["--overwrite"], ["run", "--quiet", "--resume", str(out)], ["report", str(out)])
+    for attempt in attempts:
+        line = error_line(main(attempt), capsys.readouterr().err)
+        assert "no valid 'identity'" in line and "--overwrite" not in line, attempt
+        assert f"to start over in {out}, delete {out / 'run.json'}" in line
+    (out / "run.json").unlink()  # the advice, followed
+    assert main(args) == 0
+    assert rundir.read_record(out).identity != record["identity"]

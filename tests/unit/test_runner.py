@@ -6,7 +6,9 @@ import socket
 import pytest
 
 from cli_errors import error_line, run_cli
+from pfedla.cli import main
 from pfedla.errors import PfedlaError
+from pfedla.simulation import run_experiment
 from pfedla_pipelines.fl_pipeline import ENDPOINT_KEYS, MLFLOW_AUTH_KEYS, S3_KEYS, PipelineError, segments
 from pfedla_pipelines.runner import (
     check_container_contract,
@@ -16,6 +18,7 @@ from pfedla_pipelines.runner import (
     step_container_args,
     submit,
 )
+from planted_links import snapshot
 
 # client_timeout leaves honest clients (18 batches, well under a second alone) room on a loaded
 # machine: at 3 s, two honest clients timed out while other test suites shared the 2 cores.
@@ -191,3 +194,78 @@ def test_the_cli_offers_the_docker_runner_and_reports_its_refusal_in_one_line(tm
     assert "config key 'pipeline.data_root': is not set" in error_line(done.returncode, done.stderr)
     wrong = run_cli("pipeline", "run-local", "--runner", "podman")
     assert wrong.returncode == 2 and "invalid choice: 'podman'" in wrong.stderr
+# -- run-local's output directory (checked before kfp.local starts: no step runs in these tests) ----------
+
+def local_run(out, root, *extra):
+    return ["pipeline", "run-local", "--set", "clients=3", "--set", "rounds=1", "--set", f"output_dir={out}",
+            "--pipeline-root", str(root), *extra]
+
+
+def test_run_local_leaves_a_finished_pfedla_run_exactly_as_it_was(tiny_config, tmp_path, capsys):
+    """Issue 21, case 4: on 42ac5ca run-local took no lock and needed no --overwrite; it replaced the
+    finished run's summary.json (3 algorithms x 2 seeds) with its one entry and report then failed."""
+    out, root = tmp_path / "out", tmp_path / "root"
+    finished = tiny_config(clients=3, rounds=1, seeds=[0, 1], model="mlp",
+                           algorithms=["pfedla", "fedavg", "local"])
+    run_experiment(finished, progress=False, track=False)
+    stored = snapshot(out)
+    for extra in ([], ["--overwrite"]):
+        line = error_line(main(local_run(out, root, *extra)), capsys.readouterr().err)
+        assert line == (f"pfedla: error: {out} holds a run of `pfedla run` (run.json), which "
+                        "`pfedla pipeline run-local` never replaces: choose another output_dir")
+        assert snapshot(out) == stored
+        assert not root.exists()
+    assert main(["report", str(out)]) == 0
+
+
+def test_run_local_replaces_an_earlier_run_locals_outputs_only_when_told(tmp_path, capsys):
+    out, root = tmp_path / "out", tmp_path / "root"
+    out.mkdir()
+    (out / "summary.json").write_text('{"pfedla": {}}')
+    line = error_line(main(local_run(out, root)), capsys.readouterr().err)
+    assert line == f"pfedla: error: {out} holds a finished run: choose another output_dir, or replace it " \
+                   "with --overwrite"
+    assert (out / "summary.json").read_text() == '{"pfedla": {}}' and not root.exists()
+
+
+def test_run_local_into_a_file_is_one_error_line_and_the_file_stays(tmp_path, capsys):
+    """Issue 21, case 16: on 42ac5ca output_dir.mkdir raised FileExistsError (a traceback)."""
+    taken = tmp_path / "taken"
+    taken.write_text("precious\n")
+    below = taken / "below"
+    for out, problem in [(taken, f"output_dir {taken} exists and is not a directory"),
+                         (below, f"output_dir {below} cannot be created: {taken} is not a directory")]:
+        line = error_line(main(local_run(out, tmp_path / "root")), capsys.readouterr().err)
+        assert line == f"pfedla: error: {problem}"
+        assert taken.read_text() == "precious\n"
+        assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.parametrize("where", ["--pipeline-root", "pipeline.data_root"])
+def test_run_local_checks_its_locations_before_any_step_runs(tmp_path, capsys, where):
+    """Issue 21, case 17: on 42ac5ca a file as the pipeline root or the data plane surfaced from inside
+    a step as "Inner task failed: 'partition'" in ANSI colours, the cause somewhere in stdout."""
+    taken = tmp_path / "taken"
+    taken.write_text("precious\n")
+    out, root = tmp_path / "out", tmp_path / "root"
+    args = local_run(out, taken if where == "--pipeline-root" else root)
+    if where == "pipeline.data_root":
+        args += ["--set", f"pipeline.data_root={taken}"]
+    code = main(args)
+    stderr = capsys.readouterr().err
+    assert error_line(code, stderr) == f"pfedla: error: {where} {taken} exists and is not a directory"
+    assert "\x1b" not in stderr
+    assert taken.read_text() == "precious\n" and not out.exists() and not root.exists()
+
+
+def test_run_local_finds_an_unreachable_mlflow_before_any_step_runs(tmp_path, capsys, monkeypatch):
+    """Issue 21, cases 17 and 18: on 42ac5ca the record step found it after all the training, after
+    MLflow's retries (minutes, a urllib3 warning each)."""
+    with socket.socket() as probe:  # a loopback port with nothing listening
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    out, root = tmp_path / "out", tmp_path / "root"
+    line = error_line(main(local_run(out, root)), capsys.readouterr().err)
+    assert line.startswith(f"pfedla: error: MLflow at http://127.0.0.1:{port} failed to answer: ")
+    assert not out.exists() and not root.exists()

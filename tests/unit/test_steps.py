@@ -3,6 +3,7 @@ instead of crashes for bad clients, checked objects, launcher-safe summaries, ch
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -103,14 +104,22 @@ def test_steps_reproduce_the_simulation_exactly(tiny_config, tmp_path):
     assert read(final_plan)["round"] == 2 and read(final_plan)["clients"] == {}
 
 
-def test_record_logs_both_final_means_and_both_alphas_to_mlflow(tiny_config, tmp_path):
+def test_record_logs_both_final_means_and_both_alphas_to_mlflow(tiny_config, tmp_path, monkeypatch):
+    """The artifacts of a local store go beside it in output_dir (on 42ac5ca: ./mlruns of wherever
+    run-local was started)."""
     from mlflow.tracking import MlflowClient
 
     cfg = published(tiny_config(STEPS))
     shards, final_plan, evaluation_manifest = run_steps(tmp_path, cfg)
     steps.checkpoint(cfg, final_plan, tmp_path / "checkpoint.json")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     run_id = steps.record(cfg, shards, tmp_path / "checkpoint.json", evaluation_manifest, uri)
+    assert list(elsewhere.iterdir()) == []
+    stored = (tmp_path / "out" / "mlartifacts").rglob("evaluation.json")
+    assert [path.parts[-3] for path in stored] == [run_id]
     evaluation, weights = steps.read_evaluation(steps.read_config(cfg), evaluation_manifest)
     client = MlflowClient(uri)
     for metric, key in (("final_accuracy_mean", "mean_accuracy"),
@@ -418,3 +427,41 @@ def test_pfedhn_through_the_steps_equals_the_simulation(tiny_config, tmp_path):
     assert evaluation["client_accuracies"] == simulated.client_accuracies
     assert [h["train_loss"] for h in evaluation["history"]] == [h["train_loss"] for h in simulated.history]
     assert weights is None  # no α: pFedHN generates whole models
+
+
+@pytest.mark.parametrize(("algorithm", "section"), [("ditto", {"ditto": {"lam": 1e30}}),
+                                                    ("pfedla", {"pfedla": {"hn_lr": 1e30}})])
+def test_a_diverging_pipeline_stops_naming_algorithm_seed_and_round(tiny_config, tmp_path, algorithm,
+                                                                    section):
+    """Issue 21, case 9 in the pipeline's steps: on 42ac5ca the evaluation step scored NaN models 0.0.
+    A step stops at the diverged state: its own check (algorithm, seed, round), or the next step's
+    refusal to load a stored tensor that is NaN, Inf or beyond 1e18 (naming object and tensor)."""
+    cfg = tiny_config(STEPS, section, algorithms=[algorithm], pipeline={"algorithm": algorithm}).to_json()
+    with pytest.raises(PfedlaError) as stopped:
+        run_steps(tmp_path, cfg)
+    message = str(stopped.value)
+    refused = r"state tensor '\S+' holds (NaN or Inf|values beyond 1e\+18 in magnitude)$"
+    assert re.match(rf"{algorithm}, seed 0, round [01]: .+ became non-finite", message) or \
+        re.search(refused, message), message
+
+
+def test_a_client_state_object_with_non_finite_values_leaves_that_client_out_naming_the_tensor(tiny_config,
+                                                                                               tmp_path):
+    """Issue 21, case 8 in the pipeline: a client's own state object is checked like a checkpoint's
+    tensors (on 42ac5ca a NaN in Ditto's personal model was trained and evaluated as accuracy 0)."""
+    cfg = tiny_config(STEPS, algorithms=["ditto"], pipeline={"algorithm": "ditto"}).to_json()
+    shards, plan = start(tmp_path, cfg)
+    reports = train_all(tmp_path, cfg, plan)
+    steps.server_round(cfg, 0, True, shards, plan, reports, tmp_path / "plan1.json")
+    plan1 = read(tmp_path / "plan1.json")
+    client, entry = next((c, e) for c, e in sorted(plan1["clients"].items()) if "state" in e)
+    plane = plane_of(cfg)
+    tensors, _ = plane.get_tensors(ObjectRef.from_dict(entry["state"], "state"))
+    tensors["personal.0"] = torch.full_like(tensors["personal.0"], math.nan)
+    tampered = plane.put_tensors(f"clients/client_{client}/tampered/state.safetensors", tensors)
+    entry["state"] = tampered.to_dict()
+    (tmp_path / "plan1.json").write_text(json.dumps(plan1))
+    summary = steps.client_train(cfg, client, tmp_path / "plan1.json", tmp_path / "u1.json")
+    assert summary["failed_clients"] == client
+    reason = read(tmp_path / "u1.json")["clients"][client]["failed"]
+    assert f"{tampered.uri}: state tensor 'personal.0' holds NaN or Inf" in reason

@@ -176,8 +176,24 @@ def stacked_deltas(updates: Sequence[ClientUpdate], num_layers: int) -> list[tor
     return [torch.stack([u.delta[layer] for u in updates]) for layer in range(num_layers)]
 
 
+# A trained model's values stay within a few hundred. Far beyond this bound a stored state was
+# tampered with or had diverged: its square overflows float32, so every norm of it is Inf.
+MAX_STATE_MAGNITUDE = 1e18
+
+
+def value_problem(tensor: torch.Tensor) -> str | None:
+    """Why a stored state tensor cannot be used (NaN, Inf, or absurdly large values), or None."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return None
+    if not bool(torch.isfinite(tensor).all()):
+        return "holds NaN or Inf"
+    if float(tensor.abs().max()) > MAX_STATE_MAGNITUDE:
+        return f"holds values beyond {MAX_STATE_MAGNITUDE:g} in magnitude"
+    return None
+
+
 def checked_tensor(state: dict[str, torch.Tensor], key: str, like: torch.Tensor) -> torch.Tensor:
-    """state[key], verified to have the shape and dtype of ``like``."""
+    """state[key], verified to have the shape and dtype of ``like`` and usable values (``value_problem``)."""
     if key not in state:
         raise ArtifactError(f"state has no tensor '{key}': it was saved by another model or algorithm")
     value = state[key]
@@ -186,6 +202,8 @@ def checked_tensor(state: dict[str, torch.Tensor], key: str, like: torch.Tensor)
             f"state tensor '{key}' has shape {tuple(value.shape)} {value.dtype}, "
             f"expected {tuple(like.shape)} {like.dtype}"
         )
+    if problem := value_problem(value):
+        raise ArtifactError(f"state tensor '{key}' {problem}")
     return value.to(like.device)
 
 

@@ -100,7 +100,7 @@ def heuristic_keep_mask(alpha: torch.Tensor, clients: torch.Tensor, k: int) -> t
     keep = torch.zeros(alpha.shape[:2], dtype=torch.bool, device=alpha.device)
     if k <= 0:
         return keep
-    top = self_weights(alpha, clients).topk(min(k, alpha.shape[1]), dim=1).indices
+    top = self_weights(alpha, clients).topk(k, dim=1).indices  # k < layers: validated with the config
     return keep.scatter(1, top, True)
 
 

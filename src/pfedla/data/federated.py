@@ -76,9 +76,9 @@ def _pooled(config: ExperimentConfig) -> sources.PooledDataset:
 def _local_data_dir(config: ExperimentConfig) -> Path:
     assert config.data_dir is not None  # validated
     if config.data_dir.startswith("s3://"):
-        from pfedla import storage
+        from pfedla import rundir, storage
 
-        cache = Path(config.output_dir) / "data-cache"
+        cache = Path(config.output_dir) / rundir.DATA_CACHE
         return storage.download_prefix(config.data_dir, cache)
     directory = Path(config.data_dir).expanduser()
     if not directory.is_dir() and not config.download:
