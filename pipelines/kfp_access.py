@@ -11,8 +11,10 @@ The token is never printed, logged or written: every error message is scrubbed o
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,9 +112,17 @@ def connect(host: str, namespace: str | None = None, token_file: str | Path | No
     path = Path(token_file) if token_file is not None else default_token_file()
     api = KfpApi(host, namespace, None, TokenFile(path) if path is not None else None)
     options = {"namespace": namespace} if namespace else {}
+    # The error line says what kfp's version warning and urllib3's retry lines would: keep them out.
+    retries = logging.getLogger("urllib3.connectionpool")
+    level = retries.level
+    retries.setLevel(logging.ERROR)
     try:
-        api.client = kfp.Client(host=host, credentials=api.token, **options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "only works with Kubeflow Pipeline v2.0.0-b..."
+            api.client = kfp.Client(host=host, credentials=api.token, **options)
     except Exception as error:  # connection refused, DNS, TLS, auth: all surface here
         raise AccessError(api.redact(f"cannot reach the Kubeflow Pipelines API at {host}: "
                                      f"{_one_line(error)}")) from None
+    finally:
+        retries.setLevel(level)
     return api

@@ -436,7 +436,7 @@ def test_a_diverging_pipeline_stops_naming_algorithm_seed_and_round(tiny_config,
     """Issue 21, case 9 in the pipeline's steps: on 42ac5ca the evaluation step scored NaN models 0.0.
     A step stops at the diverged state: its own check (algorithm, seed, round), or the next step's
     refusal to load a stored tensor that is NaN, Inf or beyond 1e18 (naming object and tensor)."""
-    cfg = tiny_config(STEPS, section, algorithms=[algorithm], pipeline={"algorithm": algorithm}).to_json()
+    cfg = published(tiny_config(STEPS, section, algorithms=[algorithm], pipeline={"algorithm": algorithm}))
     with pytest.raises(PfedlaError) as stopped:
         run_steps(tmp_path, cfg)
     message = str(stopped.value)
@@ -449,10 +449,10 @@ def test_a_client_state_object_with_non_finite_values_leaves_that_client_out_nam
                                                                                                tmp_path):
     """Issue 21, case 8 in the pipeline: a client's own state object is checked like a checkpoint's
     tensors (on 42ac5ca a NaN in Ditto's personal model was trained and evaluated as accuracy 0)."""
-    cfg = tiny_config(STEPS, algorithms=["ditto"], pipeline={"algorithm": "ditto"}).to_json()
+    cfg = published(tiny_config(STEPS, algorithms=["ditto"], pipeline={"algorithm": "ditto"}))
     shards, plan = start(tmp_path, cfg)
-    reports = train_all(tmp_path, cfg, plan)
-    steps.server_round(cfg, 0, True, shards, plan, reports, tmp_path / "plan1.json")
+    train_all(tmp_path, cfg, plan)
+    steps.server_round(cfg, 0, True, shards, plan, tmp_path / "plan1.json")
     plan1 = read(tmp_path / "plan1.json")
     client, entry = next((c, e) for c, e in sorted(plan1["clients"].items()) if "state" in e)
     plane = plane_of(cfg)
