@@ -10,6 +10,7 @@ asserts that both compute the same thing.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from common import PeakRss, Settings, log, measured_sizes, median_seconds, run_worker
@@ -58,7 +59,7 @@ class NaiveHyperNetwork(nn.Module):
         """Tensors in ``self.parameters()`` order -> the shapes of one row of ``HyperNetworks``."""
         embedding, w1, b1, w2, b2, *heads = tensors
         return {
-            "embeddings": embedding, "w1": w1.T, "b1": b1, "w2": w2.T, "b2": b2,
+            "embeddings": embedding, "hidden.0": w1.T, "hidden.1": b1, "hidden.2": w2.T, "hidden.3": b2,
             "head_w": torch.stack([w.T for w in heads[0::2]]), "head_b": torch.stack(heads[1::2]),
         }
 
@@ -66,10 +67,10 @@ class NaiveHyperNetwork(nn.Module):
     def load_row(self, row: dict[str, torch.Tensor]) -> None:
         """Copy client i's row of the batched hypernetworks into this module."""
         self.embedding.copy_(row["embeddings"])
-        self.fc1.weight.copy_(row["w1"].T)
-        self.fc1.bias.copy_(row["b1"])
-        self.fc2.weight.copy_(row["w2"].T)
-        self.fc2.bias.copy_(row["b2"])
+        self.fc1.weight.copy_(row["hidden.0"].T)
+        self.fc1.bias.copy_(row["hidden.1"])
+        self.fc2.weight.copy_(row["hidden.2"].T)
+        self.fc2.bias.copy_(row["hidden.3"])
         for layer, head in enumerate(self.heads):
             head.weight.copy_(row["head_w"][layer].T)
             head.bias.copy_(row["head_b"][layer])
@@ -98,11 +99,11 @@ class NaiveServer:
         ]
         layer_of = {slot.name: layer for layer, slots in enumerate(layout.slots) for slot in slots}
         batched = dict(strategy.hypernetworks.named_parameters())
-        embedding_dim, hidden_dim = batched["w1"].shape[1:]
+        embedding_dim, hidden_dim = batched["hidden.0"].shape[1:]
         hypernetworks = []
         for i in range(num_clients):
             hn = NaiveHyperNetwork(num_clients, layout.num_layers, embedding_dim, hidden_dim)
-            hn.to(batched["w1"].dtype).load_row({k: p.detach()[i] for k, p in batched.items()})
+            hn.to(batched["hidden.0"].dtype).load_row({k: p.detach()[i] for k, p in batched.items()})
             hypernetworks.append(hn)
         return cls(client_params, layer_of, hypernetworks, lr)
 
@@ -176,11 +177,8 @@ def make_server(num_clients: int, width: int, hidden: int, seed: int = 0
     torch.manual_seed(seed)
     model = CNN(3, 32, 10, width=width, hidden=hidden)
     layout = LayerLayout.of(model)
-    strategy = PFedLAStrategy(
-        initial_layers(model), num_clients, hn_lr=HN_DEFAULTS.hn_lr,
-        embedding_dim=HN_DEFAULTS.embedding_dim, hidden_dim=HN_DEFAULTS.hidden_dim, heur_k=0,
-        generator=torch_generator(seed, "hypernetworks"),
-    )
+    strategy = PFedLAStrategy(initial_layers(model), num_clients, replace(HN_DEFAULTS, heur_k=0),
+                              torch_generator(seed, "hypernetworks"))
     return strategy, layout, sum(layout.sizes)
 
 

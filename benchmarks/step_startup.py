@@ -92,8 +92,8 @@ def client_step_seconds(repeats: int, clients: int | None = None) -> float:
         config = config_from_dict({"device": "cpu", "output_dir": str(root / "out"),
                                    "pipeline": {"data_root": str(root / "plane")},
                                    **({"clients": clients} if clients else {})})
-        cfg = json.dumps(config.to_dict())
-        steps.partition(cfg, root / "shards")
+        cfg = steps.config_reference(config)  # what every step but partition gets
+        steps.partition(config.to_json(), cfg, root / "shards")
         steps.server_init(cfg, root / "shards", root / "plan")
         times = []
         for client in range(repeats):
