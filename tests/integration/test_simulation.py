@@ -539,12 +539,17 @@ def test_failing_and_hostile_clients_are_left_out_without_touching_honest_ones(t
     for name in raw["algorithms"]:  # tolerance: exact equality
         assert [hostile.results[name].client_accuracies[i] for i in honest] == \
             [absent.results[name].client_accuracies[i] for i in honest]
-    # With both norm limits off the huge update gets through and poisons every client's next round.
+    # With both norm limits off the huge update gets through and poisons the global model: the next
+    # round's clients diverge (their NaN updates are left out, or all of them and the run stops) or
+    # train from a ruined model; either way nothing better than chance is left.
     monkeypatch.setattr(simulation, "fit_client", misbehaving({3: "huge"}))
     unguarded = config_from_dict({**raw, "max_update_norm": None, "update_norm_ratio": None,
                                   "algorithms": ["fedavg"]})
-    with pytest.raises(RunAborted, match="round 1: 6 of 6 clients failed.*NaN or Inf"):
-        run_experiment(unguarded, progress=False, track=False, overwrite=True)
+    try:
+        poisoned = run_experiment(unguarded, progress=False, track=False, overwrite=True).results["fedavg"]
+        assert poisoned.client_mean_accuracy < 0.2
+    except RunAborted as aborted:
+        assert re.search(r"round 1: 6 of 6 clients failed.*NaN or Inf", str(aborted)), aborted
     # With the defaults (no absolute limit, the relative one on) it is left out every round and
     # the run ends as if client 3 had been absent.
     defaults = {k: v for k, v in raw.items() if k != "max_update_norm"} | {"algorithms": ["fedavg"]}
@@ -557,6 +562,7 @@ def test_failing_and_hostile_clients_are_left_out_without_touching_honest_ones(t
     without_3 = run_experiment(config_from_dict(defaults), progress=False, track=False,
                                overwrite=True).results["fedavg"]
     assert guarded.client_accuracies == without_3.client_accuracies  # tolerance: exact equality
+    assert guarded.client_mean_accuracy > 0.5  # the same run with the relative limit on learns
 
 
 def test_a_client_past_client_timeout_is_left_out_like_an_absent_one(tmp_path, monkeypatch, caplog):

@@ -48,4 +48,5 @@ def test_a_run_whose_stderr_is_a_log_file_writes_one_line_per_evaluation(tmp_pat
     run_experiment(config, progress=True, track=False)
     err = capsys.readouterr().err  # captured: not a terminal
     assert "\r" not in err
-    assert re.findall(r"^local: round (\d)/4  accuracy [01]\.\d{4}  \d+\.\d s$", err, re.MULTILINE) == ["2", "4"]
+    line = r"^local: round (\d)/4  accuracy [01]\.\d{4}  \d+\.\d s$"
+    assert re.findall(line, err, re.MULTILINE) == ["2", "4"]
