@@ -28,6 +28,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from common import SPLITS  # noqa: E402
 
 from pfedla.algorithms.pfedla import PFedLAStrategy  # noqa: E402
 from pfedla.config import load_config  # noqa: E402
@@ -35,12 +36,6 @@ from pfedla.data.federated import build_federated_data  # noqa: E402
 from pfedla.simulation import Simulation, accuracy_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SPLITS = {
-    "iid": ["partition.kind=iid"],
-    "dir0.5": ["partition.kind=dirichlet", "partition.alpha=0.5"],
-    "dir0.1": ["partition.kind=dirichlet", "partition.alpha=0.1"],
-    "path2": ["partition.kind=pathological", "partition.classes_per_client=2"],
-}
 BAR_POINTS = 0.5  # pfedla must reach max(fedavg, local) minus this many accuracy points
 FLOOR = 1e-9  # an α entry below this is at the floor: a ReLU head at or below zero
 

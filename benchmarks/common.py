@@ -16,6 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+# The four splits the studies compare on the MNIST comparison config, as config overrides.
+SPLITS = {
+    "iid": ["partition.kind=iid"],
+    "dir0.5": ["partition.kind=dirichlet", "partition.alpha=0.5"],
+    "dir0.1": ["partition.kind=dirichlet", "partition.alpha=0.1"],
+    "path2": ["partition.kind=pathological", "partition.classes_per_client=2"],
+}
+
 THREADS = 2
 RESULTS_DIR = Path(__file__).resolve().parent / "results"  # run.py --results chooses another
 ENTRY_POINT = Path(__file__).resolve().parent / "run.py"  # dispatches --worker specs to run.WORKERS

@@ -37,6 +37,7 @@ from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from common import SPLITS  # noqa: E402
 
 from pfedla.algorithms.pfedla import PFedLAStrategy  # noqa: E402
 from pfedla.config import ExperimentConfig, load_config  # noqa: E402
@@ -45,12 +46,6 @@ from pfedla.rounds import close_round, participants  # noqa: E402
 from pfedla.simulation import Simulation  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SPLITS = {
-    "iid": ["partition.kind=iid"],
-    "dir0.5": ["partition.kind=dirichlet", "partition.alpha=0.5"],
-    "dir0.1": ["partition.kind=dirichlet", "partition.alpha=0.1"],
-    "path2": ["partition.kind=pathological", "partition.classes_per_client=2"],
-}
 BAR = ("fedavg", "local")  # pFedLA >= max of these - 0.5 (sample mean)
 FRONTIER = ("fedrep", "fedper", "pfedhn", "ditto")  # pFedLA >= best of these - 0.3 (client mean)
 
